@@ -1,0 +1,53 @@
+# The two commands a new user runs are `make demo` and `make test`. Each
+# installs what it needs (Debian packages, the virtual environment) and is
+# safe to run twice: the second run installs nothing.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help deps host-deps venv demo test lint typecheck unit integration clean
+
+help:
+	@echo "make demo   bring up a local meshlab cluster, show it working, tear it down"
+	@echo "make test   ruff, mypy and the whole test suite (root runs the namespace tests)"
+
+deps: host-deps venv
+
+host-deps:
+	@scripts/host-deps.sh
+
+venv: $(STAMP)
+
+# The venv is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@echo "venv: installing the project and its Python dependencies into $(VENV)"
+	@$(VPY) -m pip install -q -e '.[dev]' > $(VENV)/pip.log 2>&1 \
+		|| { cat $(VENV)/pip.log; echo "venv: pip install failed (log above)"; exit 1; }
+	@touch $@
+
+demo: deps
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy mesh controlplane ztunnel waypoint ebpf meshlab tests
+
+unit: venv
+	$(VPY) -m pytest tests/unit
+
+integration: deps
+	$(VPY) -m pytest tests/integration
+
+test: deps lint typecheck
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

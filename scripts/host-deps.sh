@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install the Debian packages the project needs, only those that are missing,
+# so a second run changes nothing and takes a moment.
+set -euo pipefail
+
+PACKAGES=(
+    iproute2                    # ip, ip netns: nodes and pods are network namespaces
+    iptables                    # capture rules (later), the underlay FORWARD rule
+    containernetworking-plugins # the real CNI plugins: bridge, host-local, loopback
+    iperf3                      # pod apps and benchmarks
+    procps                      # ps, pkill, sysctl
+    psmisc                      # fuser, killall for diagnostics
+    python3-venv                # the project's virtual environment
+    curl                        # requests between pods in the demo
+    tcpdump                     # underlay captures in the demo and tests
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "host-deps: missing Debian packages: ${missing[*]}" >&2
+    echo "host-deps: run as root (or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+fi
+
+echo "host-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
