@@ -1,0 +1,602 @@
+"""The typed cluster model and its parsing from YAML/JSON documents.
+
+One shape serves two purposes: the ``cluster.yaml`` a user writes (intent
+only) and the state file of a running cluster (the same document with the
+runtime fields filled in: node IPs, pod IPs, network namespaces, process
+ids). Parsing validates everything at once and names the offending field, so
+a typo in a 200-line file is reported as ``pods[12].serviceAccount: ...``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
+from typing import Any
+
+from mesh.cluster.errors import ClusterSpecError
+from mesh.cluster.labels import is_dns_label, is_dns_subdomain, parse_labels, selector_matches
+
+API_VERSION = "meshlab/v1"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_SERVICE_ACCOUNT = "default"
+DEFAULT_POD_CIDR = IPv4Network("10.244.0.0/16")
+DEFAULT_SERVICE_CIDR = IPv4Network("10.96.0.0/16")
+# Kubernetes hands out service VIPs from the bottom of the range; .1 is the API
+# server's and .10 kube-dns's by convention, so ours start above them.
+_FIRST_AUTO_VIP_OFFSET = 16
+
+Labels = Mapping[str, str]
+
+
+def _frozen(labels: Mapping[str, str]) -> Labels:
+    return MappingProxyType(dict(labels))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Network:
+    """Address plan. ``underlay`` is picked by meshlab at ``up`` when not given."""
+
+    underlay: IPv4Network | None = None
+    pod_cidr: IPv4Network = DEFAULT_POD_CIDR
+    service_cidr: IPv4Network = DEFAULT_SERVICE_CIDR
+    bridge: str | None = None
+    gateway: IPv4Address | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Node:
+    name: str
+    pod_cidr: IPv4Network
+    ip: IPv4Address | None = None
+    netns: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Namespace:
+    name: str
+    labels: Labels = field(default_factory=lambda: _frozen({}))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceAccount:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pod:
+    name: str
+    namespace: str
+    node: str
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    labels: Labels = field(default_factory=lambda: _frozen({}))
+    command: tuple[str, ...] = ()
+    ip: IPv4Address | None = None
+    netns: str | None = None
+    container_id: str | None = None
+    pid: int | None = None
+
+    @property
+    def key(self) -> str:
+        """``namespace/name``, the way kubectl names a pod across namespaces."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServicePort:
+    port: int
+    target_port: int
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Service:
+    name: str
+    namespace: str
+    vip: IPv4Address
+    ports: tuple[ServicePort, ...]
+    selector: Labels = field(default_factory=lambda: _frozen({}))
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cluster:
+    """A whole cluster: the user's intent plus, once running, the runtime facts."""
+
+    name: str | None
+    network: Network
+    nodes: tuple[Node, ...]
+    namespaces: tuple[Namespace, ...]
+    service_accounts: tuple[ServiceAccount, ...]
+    pods: tuple[Pod, ...]
+    services: tuple[Service, ...]
+    resource_version: int = 0
+    phase: str | None = None
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def namespace(self, name: str) -> Namespace:
+        for ns in self.namespaces:
+            if ns.name == name:
+                return ns
+        raise KeyError(name)
+
+    def endpoints(self, service: Service) -> list[Pod]:
+        """Pods a service selects, in file order (Kubernetes' EndpointSlice contents)."""
+        return [
+            p
+            for p in self.pods
+            if p.namespace == service.namespace and selector_matches(service.selector, p.labels)
+        ]
+
+    def with_namespace_labels(self, name: str, labels: Mapping[str, str]) -> Cluster:
+        namespaces = tuple(
+            replace(ns, labels=_frozen(labels)) if ns.name == name else ns for ns in self.namespaces
+        )
+        return replace(self, namespaces=namespaces)
+
+    def with_pod_labels(self, key: str, labels: Mapping[str, str]) -> Cluster:
+        pods = tuple(replace(p, labels=_frozen(labels)) if p.key == key else p for p in self.pods)
+        return replace(self, pods=pods)
+
+    def with_pod(self, pod: Pod) -> Cluster:
+        pods = tuple(pod if p.key == pod.key else p for p in self.pods)
+        return replace(self, pods=pods)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The document form (camelCase, as in ``cluster.yaml``); runtime fields when set."""
+        net: dict[str, Any] = {
+            "podCIDR": str(self.network.pod_cidr),
+            "serviceCIDR": str(self.network.service_cidr),
+        }
+        if self.network.underlay is not None:
+            net["underlay"] = str(self.network.underlay)
+        if self.network.bridge is not None:
+            net["bridge"] = self.network.bridge
+        if self.network.gateway is not None:
+            net["gateway"] = str(self.network.gateway)
+        doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": "Cluster"}
+        if self.name is not None:
+            doc["name"] = self.name
+        if self.phase is not None:
+            doc["phase"] = self.phase
+        doc["resourceVersion"] = self.resource_version
+        doc["network"] = net
+        doc["nodes"] = [
+            _drop_none(
+                {
+                    "name": n.name,
+                    "podCIDR": str(n.pod_cidr),
+                    "ip": _str_or_none(n.ip),
+                    "netns": n.netns,
+                }
+            )
+            for n in self.nodes
+        ]
+        doc["namespaces"] = [{"name": ns.name, "labels": dict(ns.labels)} for ns in self.namespaces]
+        doc["serviceAccounts"] = [
+            {"namespace": sa.namespace, "name": sa.name} for sa in self.service_accounts
+        ]
+        doc["pods"] = [
+            _drop_none(
+                {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "node": p.node,
+                    "serviceAccount": p.service_account,
+                    "labels": dict(p.labels),
+                    "command": list(p.command),
+                    "ip": _str_or_none(p.ip),
+                    "netns": p.netns,
+                    "containerID": p.container_id,
+                    "pid": p.pid,
+                }
+            )
+            for p in self.pods
+        ]
+        doc["services"] = [
+            {
+                "name": s.name,
+                "namespace": s.namespace,
+                "vip": str(s.vip),
+                "ports": [
+                    {
+                        "name": sp.name,
+                        "port": sp.port,
+                        "targetPort": sp.target_port,
+                        "protocol": sp.protocol,
+                    }
+                    for sp in s.ports
+                ],
+                "selector": dict(s.selector),
+            }
+            for s in self.services
+        ]
+        return doc
+
+
+def _str_or_none(value: object | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# ---------------------------------------------------------------- parsing
+
+_TOP_KEYS = {
+    "apiVersion",
+    "kind",
+    "name",
+    "network",
+    "nodes",
+    "namespaces",
+    "serviceAccounts",
+    "pods",
+    "services",
+    "resourceVersion",
+    "phase",
+}
+
+
+class _Reader:
+    """Typed access to one mapping of the document, with field paths in errors."""
+
+    def __init__(self, raw: object, path: str, allowed: set[str]) -> None:
+        if not isinstance(raw, Mapping):
+            raise ClusterSpecError(path, f"must be a mapping, got {type(raw).__name__}")
+        unknown = sorted(str(k) for k in raw if k not in allowed)
+        if unknown:
+            raise ClusterSpecError(
+                f"{path}.{unknown[0]}" if path else unknown[0],
+                f"unknown field; known fields are {', '.join(sorted(allowed))}",
+            )
+        self.raw = raw
+        self.path = path
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.raw.get(key, default)
+        if value is None:
+            raise ClusterSpecError(self.at(key), "is required")
+        if not isinstance(value, str):
+            raise ClusterSpecError(self.at(key), f"must be a string, got {value!r}")
+        return value
+
+    def opt_str(self, key: str) -> str | None:
+        return None if self.raw.get(key) is None else self.text(key)
+
+    def items(self, key: str) -> Sequence[object]:
+        value = self.raw.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ClusterSpecError(self.at(key), f"must be a list, got {type(value).__name__}")
+        return value
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        value = self.raw.get(key, default)
+        if value is None:
+            raise ClusterSpecError(self.at(key), "is required")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ClusterSpecError(self.at(key), f"must be an integer, got {value!r}")
+        return value
+
+    def network(self, key: str, default: IPv4Network | None) -> IPv4Network | None:
+        value = self.raw.get(key)
+        if value is None:
+            return default
+        try:
+            return IPv4Network(str(value), strict=True)
+        except ValueError as e:
+            raise ClusterSpecError(self.at(key), f"not an IPv4 network in CIDR form: {e}") from e
+
+    def address(self, key: str) -> IPv4Address | None:
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        try:
+            return IPv4Address(str(value))
+        except ValueError as e:
+            raise ClusterSpecError(self.at(key), f"not an IPv4 address: {value!r}") from e
+
+
+def _name(r: _Reader, key: str, check: str = "subdomain") -> str:
+    value = r.text(key)
+    ok = is_dns_label(value) if check == "label" else is_dns_subdomain(value)
+    if not ok:
+        kind = "an RFC 1123 DNS label" if check == "label" else "an RFC 1123 DNS subdomain"
+        raise ClusterSpecError(
+            r.at(key), f"{value!r} is not a valid name: must be {kind} (lowercase a-z, 0-9, '-')"
+        )
+    return value
+
+
+def _unique(items: Sequence[str], path: str, what: str) -> None:
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise ClusterSpecError(path, f"{what} {item!r} is defined more than once")
+        seen.add(item)
+
+
+def parse_spec(raw: object) -> Cluster:
+    """Parse and validate a cluster document (``cluster.yaml`` or a state file).
+
+    Pods without a ``node`` are spread over the nodes in file order (a simple,
+    deterministic scheduler); services without a ``vip`` get one from the
+    service CIDR; namespace ``default`` and the ``default`` service account of
+    every namespace exist without being declared, as in Kubernetes.
+    """
+    top = _Reader(raw, "", _TOP_KEYS)
+    api = top.raw.get("apiVersion")
+    if api is not None and api != API_VERSION:
+        raise ClusterSpecError("apiVersion", f"expected {API_VERSION!r}, got {api!r}")
+    name = top.opt_str("name")
+    resource_version = top.integer("resourceVersion", 0)
+    phase = top.opt_str("phase")
+
+    network = _parse_network(top.raw.get("network"))
+    nodes = _parse_nodes(top, network)
+    namespaces = _parse_namespaces(top)
+    ns_names = {ns.name for ns in namespaces}
+    accounts = _parse_service_accounts(top, ns_names)
+    pods = _parse_pods(top, nodes, ns_names, accounts)
+    services = _parse_services(top, ns_names, network)
+    return Cluster(
+        name=name,
+        network=network,
+        nodes=nodes,
+        namespaces=namespaces,
+        service_accounts=accounts,
+        pods=pods,
+        services=services,
+        resource_version=resource_version,
+        phase=phase,
+    )
+
+
+def _parse_network(raw: object) -> Network:
+    if raw is None:
+        return Network()
+    r = _Reader(raw, "network", {"underlay", "podCIDR", "serviceCIDR", "bridge", "gateway"})
+    underlay = r.network("underlay", None)
+    pod_cidr = r.network("podCIDR", DEFAULT_POD_CIDR)
+    service_cidr = r.network("serviceCIDR", DEFAULT_SERVICE_CIDR)
+    assert pod_cidr is not None and service_cidr is not None
+    if pod_cidr.prefixlen > 16:
+        raise ClusterSpecError(
+            "network.podCIDR",
+            f"{pod_cidr} is too small: each node takes a /24, use a /16 or larger",
+        )
+    if underlay is not None and underlay.prefixlen > 28:
+        raise ClusterSpecError(
+            "network.underlay", f"{underlay} is too small for a bridge and nodes"
+        )
+    for a_name, a, b_name, b in (
+        ("podCIDR", pod_cidr, "serviceCIDR", service_cidr),
+        ("underlay", underlay, "podCIDR", pod_cidr),
+        ("underlay", underlay, "serviceCIDR", service_cidr),
+    ):
+        if a is not None and b is not None and a.overlaps(b):
+            raise ClusterSpecError(f"network.{a_name}", f"{a} overlaps {b_name} {b}")
+    return Network(
+        underlay=underlay,
+        pod_cidr=pod_cidr,
+        service_cidr=service_cidr,
+        bridge=r.opt_str("bridge"),
+        gateway=r.address("gateway"),
+    )
+
+
+def _parse_nodes(top: _Reader, network: Network) -> tuple[Node, ...]:
+    raw_nodes = top.items("nodes")
+    if not raw_nodes:
+        raise ClusterSpecError("nodes", "at least one node is required")
+    subnets = list(network.pod_cidr.subnets(new_prefix=24))
+    if len(raw_nodes) > min(len(subnets), 200):
+        raise ClusterSpecError("nodes", f"at most {min(len(subnets), 200)} nodes are supported")
+    nodes: list[Node] = []
+    for i, raw in enumerate(raw_nodes):
+        r = _Reader(raw, f"nodes[{i}]", {"name", "podCIDR", "ip", "netns"})
+        pod_cidr = r.network("podCIDR", subnets[i])
+        assert pod_cidr is not None
+        if not pod_cidr.subnet_of(network.pod_cidr):
+            raise ClusterSpecError(r.at("podCIDR"), f"{pod_cidr} is not inside {network.pod_cidr}")
+        nodes.append(
+            Node(
+                name=_name(r, "name"),
+                pod_cidr=pod_cidr,
+                ip=r.address("ip"),
+                netns=r.opt_str("netns"),
+            )
+        )
+    _unique([n.name for n in nodes], "nodes", "node")
+    _unique([str(n.pod_cidr) for n in nodes], "nodes", "pod CIDR")
+    return tuple(nodes)
+
+
+def _parse_namespaces(top: _Reader) -> tuple[Namespace, ...]:
+    namespaces: list[Namespace] = []
+    for i, raw in enumerate(top.items("namespaces")):
+        r = _Reader(raw, f"namespaces[{i}]", {"name", "labels"})
+        namespaces.append(
+            Namespace(
+                name=_name(r, "name", "label"),
+                labels=_frozen(parse_labels(r.raw.get("labels"), r.at("labels"))),
+            )
+        )
+    _unique([ns.name for ns in namespaces], "namespaces", "namespace")
+    if DEFAULT_NAMESPACE not in {ns.name for ns in namespaces}:
+        namespaces.insert(0, Namespace(name=DEFAULT_NAMESPACE))
+    return tuple(namespaces)
+
+
+def _parse_service_accounts(top: _Reader, ns_names: set[str]) -> tuple[ServiceAccount, ...]:
+    accounts: list[ServiceAccount] = []
+    for i, raw in enumerate(top.items("serviceAccounts")):
+        r = _Reader(raw, f"serviceAccounts[{i}]", {"name", "namespace"})
+        ns = r.text("namespace", DEFAULT_NAMESPACE)
+        if ns not in ns_names:
+            raise ClusterSpecError(r.at("namespace"), _unknown_namespace(ns, ns_names))
+        accounts.append(ServiceAccount(namespace=ns, name=_name(r, "name")))
+    _unique([f"{sa.namespace}/{sa.name}" for sa in accounts], "serviceAccounts", "service account")
+    declared = {(sa.namespace, sa.name) for sa in accounts}
+    for ns in sorted(ns_names):
+        if (ns, DEFAULT_SERVICE_ACCOUNT) not in declared:
+            accounts.append(ServiceAccount(namespace=ns, name=DEFAULT_SERVICE_ACCOUNT))
+    return tuple(accounts)
+
+
+def _unknown_namespace(ns: str, known: set[str]) -> str:
+    return f"namespace {ns!r} is not declared under namespaces: (known: {', '.join(sorted(known))})"
+
+
+def _parse_command(raw: object, path: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        try:
+            return tuple(shlex.split(raw))
+        except ValueError as e:
+            raise ClusterSpecError(path, f"cannot split the command line: {e}") from e
+    if isinstance(raw, list) and all(isinstance(a, str | int | float) for a in raw):
+        return tuple(str(a) for a in raw)
+    raise ClusterSpecError(path, "must be a command line string or a list of arguments")
+
+
+def _parse_pods(
+    top: _Reader,
+    nodes: tuple[Node, ...],
+    ns_names: set[str],
+    accounts: tuple[ServiceAccount, ...],
+) -> tuple[Pod, ...]:
+    node_names = [n.name for n in nodes]
+    account_keys = {(sa.namespace, sa.name) for sa in accounts}
+    pods: list[Pod] = []
+    allowed = {
+        "name",
+        "namespace",
+        "node",
+        "serviceAccount",
+        "labels",
+        "command",
+        "ip",
+        "netns",
+        "containerID",
+        "pid",
+    }
+    for i, raw in enumerate(top.items("pods")):
+        r = _Reader(raw, f"pods[{i}]", allowed)
+        ns = r.text("namespace", DEFAULT_NAMESPACE)
+        if ns not in ns_names:
+            raise ClusterSpecError(r.at("namespace"), _unknown_namespace(ns, ns_names))
+        node = r.text("node", node_names[i % len(node_names)])
+        if node not in node_names:
+            raise ClusterSpecError(
+                r.at("node"), f"node {node!r} is not defined (nodes: {', '.join(node_names)})"
+            )
+        sa = r.text("serviceAccount", DEFAULT_SERVICE_ACCOUNT)
+        if (ns, sa) not in account_keys:
+            raise ClusterSpecError(
+                r.at("serviceAccount"),
+                f"service account {sa!r} is not declared in namespace {ns!r} "
+                "(add it under serviceAccounts:)",
+            )
+        pid = r.raw.get("pid")
+        pods.append(
+            Pod(
+                name=_name(r, "name"),
+                namespace=ns,
+                node=node,
+                service_account=sa,
+                labels=_frozen(parse_labels(r.raw.get("labels"), r.at("labels"))),
+                command=_parse_command(r.raw.get("command"), r.at("command")),
+                ip=r.address("ip"),
+                netns=r.opt_str("netns"),
+                container_id=r.opt_str("containerID"),
+                pid=None if pid is None else r.integer("pid"),
+            )
+        )
+    _unique([p.key for p in pods], "pods", "pod")
+    return tuple(pods)
+
+
+def _parse_ports(r: _Reader) -> tuple[ServicePort, ...]:
+    raw_ports = r.items("ports")
+    if not raw_ports:
+        raise ClusterSpecError(r.at("ports"), "a service needs at least one port")
+    ports: list[ServicePort] = []
+    for j, raw in enumerate(raw_ports):
+        pr = _Reader(raw, f"{r.at('ports')}[{j}]", {"name", "port", "targetPort", "protocol"})
+        port = pr.integer("port")
+        target = pr.integer("targetPort", port)
+        for key, value in (("port", port), ("targetPort", target)):
+            if not 1 <= value <= 65535:
+                raise ClusterSpecError(pr.at(key), f"{value} is not a port number (1-65535)")
+        protocol = pr.text("protocol", "TCP").upper()
+        if protocol not in ("TCP", "UDP"):
+            raise ClusterSpecError(pr.at("protocol"), f"must be TCP or UDP, got {protocol!r}")
+        name = pr.text("name", "")
+        if name and not is_dns_label(name):
+            raise ClusterSpecError(pr.at("name"), f"{name!r} is not a valid port name")
+        ports.append(ServicePort(port=port, target_port=target, name=name, protocol=protocol))
+    if len(ports) > 1 and any(not p.name for p in ports):
+        raise ClusterSpecError(r.at("ports"), "every port needs a name when a service has several")
+    _unique([f"{p.port}/{p.protocol}" for p in ports], r.at("ports"), "port")
+    _unique([p.name for p in ports if p.name], r.at("ports"), "port name")
+    return tuple(ports)
+
+
+def _parse_services(top: _Reader, ns_names: set[str], network: Network) -> tuple[Service, ...]:
+    readers = [
+        _Reader(raw, f"services[{i}]", {"name", "namespace", "vip", "ports", "selector"})
+        for i, raw in enumerate(top.items("services"))
+    ]
+    taken = {r.address("vip") for r in readers} - {None}
+    auto = (
+        network.service_cidr.network_address + offset
+        for offset in range(_FIRST_AUTO_VIP_OFFSET, network.service_cidr.num_addresses - 1)
+    )
+    services: list[Service] = []
+    seen_vips: set[IPv4Address] = set()
+    for r in readers:
+        ns = r.text("namespace", DEFAULT_NAMESPACE)
+        if ns not in ns_names:
+            raise ClusterSpecError(r.at("namespace"), _unknown_namespace(ns, ns_names))
+        vip = r.address("vip")
+        if vip is None:
+            vip = next(a for a in auto if a not in taken)
+        elif vip not in network.service_cidr:
+            raise ClusterSpecError(
+                r.at("vip"), f"{vip} is outside the service CIDR {network.service_cidr}"
+            )
+        if vip in seen_vips:
+            raise ClusterSpecError(r.at("vip"), f"{vip} is already used by another service")
+        seen_vips.add(vip)
+        services.append(
+            Service(
+                name=_name(r, "name", "label"),
+                namespace=ns,
+                vip=ipaddress.IPv4Address(vip),
+                ports=_parse_ports(r),
+                selector=_frozen(parse_labels(r.raw.get("selector"), r.at("selector"))),
+            )
+        )
+    _unique([f"{s.namespace}/{s.name}" for s in services], "services", "service")
+    return tuple(services)
