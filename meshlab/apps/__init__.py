@@ -1,0 +1,1 @@
+"""Small programs pods run in meshlab (``meshlab app NAME``): standard library only."""

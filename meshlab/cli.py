@@ -1,0 +1,293 @@
+"""The ``meshlab`` command: a local cluster of network namespaces.
+
+meshlab up [-f cluster.yaml] [--name NAME] [--nodes N --pods-per-node M]
+meshlab down [--name NAME]
+meshlab status [--name NAME] [-o table|json|yaml]
+meshlab exec [--name NAME] POD|NODE -- CMD...
+meshlab label [--name NAME] namespace NS key=value|key- ... [--overwrite]
+meshlab label [--name NAME] pod POD [-n NS] key=value|key- ... [--overwrite]
+meshlab list
+meshlab app echo [--port PORT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.cluster import Cluster, apply_label_edits, parse_label_edits, parse_spec
+from mesh.cluster.errors import ClusterError
+from mesh.cluster.statefile import list_clusters, locked, read_state, write_state
+from meshlab import lifecycle, names, procs
+from meshlab.errors import ClusterNotFoundError, MeshlabError
+from meshlab.status import render, status_document
+
+
+def _err(message: str) -> None:
+    print(f"meshlab: error: {message}", file=sys.stderr)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_cluster_file(path: Path) -> Cluster:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise MeshlabError(f"cluster file {path} does not exist") from e
+    except yaml.YAMLError as e:
+        raise MeshlabError(f"cluster file {path} is not valid YAML: {e}") from e
+    try:
+        return parse_spec(raw)
+    except ClusterError as e:
+        raise MeshlabError(f"cluster file {path}: {e}") from e
+
+
+def generated_cluster(nodes: int, pods_per_node: int) -> Cluster:
+    """``--nodes N --pods-per-node M``: echo pods on every node behind one service."""
+    if not 1 <= nodes <= 200 or not 0 <= pods_per_node <= 250:
+        raise MeshlabError("--nodes must be 1-200 and --pods-per-node 0-250")
+    doc: dict[str, Any] = {
+        "nodes": [{"name": f"node{i + 1}"} for i in range(nodes)],
+        "pods": [
+            {
+                "name": f"echo-{i + 1}-{j + 1}",
+                "node": f"node{i + 1}",
+                "labels": {"app": "echo"},
+                "command": ["meshlab", "app", "echo", "--port", "8080"],
+            }
+            for i in range(nodes)
+            for j in range(pods_per_node)
+        ],
+        "services": [
+            {
+                "name": "echo",
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+                "selector": {"app": "echo"},
+            }
+        ],
+    }
+    return parse_spec(doc)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.file and (args.nodes or args.pods_per_node is not None):
+        raise MeshlabError("give either -f FILE or --nodes/--pods-per-node, not both")
+    if args.file:
+        spec = load_cluster_file(Path(args.file))
+    else:
+        ppn = 2 if args.pods_per_node is None else args.pods_per_node
+        spec = generated_cluster(args.nodes or 2, ppn)
+    name = names.validate_cluster_name(args.name or spec.name or names.DEFAULT_CLUSTER_NAME)
+    state = lifecycle.up(spec, name, log=_log)
+    _log(
+        f"cluster {name!r} is up: {len(state.nodes)} nodes, {len(state.pods)} pods, "
+        f"{len(state.services)} services. `meshlab status --name {name}` shows it; "
+        f"`meshlab down --name {name}` removes it."
+    )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if args.name is None:
+        running = list_clusters()
+        if len(running) != 1:
+            raise ClusterNotFoundError(
+                "no meshlab cluster is running (pass --name NAME to clean up after a crash)"
+                if not running
+                else f"{len(running)} clusters are running ({', '.join(running)}); "
+                "pick one with --name"
+            )
+        name = running[0]
+    else:
+        name = names.validate_cluster_name(args.name)
+    report = lifecycle.down(name, log=_log)
+    for warning in report.warnings:
+        _log(f"warning: {warning}")
+    _log(f"cluster {name!r}: nothing to remove" if report.empty else f"cluster {name!r} is down")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = read_state(lifecycle.resolve_name(args.name))
+    print(render(status_document(state), args.output))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in list_clusters():
+        print(name)
+    return 0
+
+
+def _resolve_target(
+    state: Cluster, target: str, namespace: str | None
+) -> tuple[str, dict[str, str]]:
+    """A pod (``ns/name``, ``name`` with ``-n``, or a unique ``name``) or a node (``node/name``)."""
+    env = dict(os.environ)
+    assert state.name
+    env[names.PROCESS_MARKER_ENV] = state.name
+    kind, _, rest = target.partition("/")
+    if kind == "node" and rest:
+        nodes = [n for n in state.nodes if n.name == rest]
+    elif "/" not in target and namespace is None:
+        nodes = [n for n in state.nodes if n.name == target]
+    else:
+        nodes = []
+    if "/" in target and kind != "node":
+        namespace, target = kind, rest
+    pods = [
+        p
+        for p in state.pods
+        if p.name == target and (namespace is None or p.namespace == namespace)
+    ]
+    if len(nodes) + len(pods) > 1:
+        choices = [f"node/{n.name}" for n in nodes] + [p.key for p in pods]
+        raise MeshlabError(f"{target!r} is ambiguous: {', '.join(choices)}")
+    if nodes:
+        assert nodes[0].netns
+        return nodes[0].netns, env
+    if pods:
+        assert pods[0].netns
+        env.update(lifecycle.pod_env(state, pods[0]))
+        return pods[0].netns, env
+    known = [p.key for p in state.pods] + [f"node/{n.name}" for n in state.nodes]
+    raise MeshlabError(
+        f"no pod or node {target!r} in cluster {state.name!r} (known: {', '.join(known)})"
+    )
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    lifecycle.require_root("meshlab exec")
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise MeshlabError("no command given: meshlab exec POD|NODE -- CMD...")
+    state = read_state(lifecycle.resolve_name(args.name))
+    netns, env = _resolve_target(state, args.target, args.namespace)
+    sys.stdout.flush()
+    procs.exec_in(netns, command, env)
+    return 127  # not reached: exec replaces this process
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    edits = parse_label_edits(args.labels)
+    if not edits:
+        raise MeshlabError("no labels given: key=value to set, key- to remove")
+    name = lifecycle.resolve_name(args.name)
+    kind = "namespace" if args.kind in ("namespace", "namespaces", "ns") else "pod"
+    outcome: dict[str, bool] = {}
+
+    def change(state: Cluster) -> Cluster:
+        if kind == "namespace":
+            try:
+                ns = state.namespace(args.object)
+            except KeyError:
+                raise MeshlabError(f'namespaces "{args.object}" not found') from None
+            labels = apply_label_edits(
+                ns.labels, edits, overwrite=args.overwrite, what=f"namespace/{ns.name}"
+            )
+            outcome["changed"] = labels != dict(ns.labels)
+            return state.with_namespace_labels(ns.name, labels)
+        pod_ns = args.namespace or "default"
+        target = args.object
+        if "/" in target:
+            pod_ns, target = target.split("/", 1)
+        matches = [p for p in state.pods if p.name == target and p.namespace == pod_ns]
+        if not matches:
+            raise MeshlabError(f'pods "{target}" not found in namespace "{pod_ns}"')
+        pod = matches[0]
+        labels = apply_label_edits(
+            pod.labels, edits, overwrite=args.overwrite, what=f"pod/{pod.name}"
+        )
+        outcome["changed"] = labels != dict(pod.labels)
+        return state.with_pod_labels(pod.key, labels)
+
+    with locked(name):
+        state = read_state(name)
+        changed = change(state)
+        # Only a real change bumps the resourceVersion that watchers follow.
+        if outcome["changed"]:
+            write_state(changed)
+    shown = f"{kind}/{args.object}"
+    print(f"{shown} labeled" if outcome["changed"] else f"{shown} not labeled")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    if args.app == "echo":
+        from meshlab.apps import echo
+
+        return echo.main(args.app_args)
+    raise MeshlabError(f"unknown app {args.app!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshlab",
+        description="A local cluster of Linux network namespaces: nodes and pods "
+        "built the way a Kubernetes node builds them, for running the mesh without Kubernetes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_name(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--name", help="cluster name (default: the only one running)")
+        return p
+
+    up = with_name(sub.add_parser("up", help="create a cluster"))
+    up.add_argument("-f", "--file", help="cluster description (YAML)")
+    up.add_argument("--nodes", type=int, help="generate N nodes (default 2)")
+    up.add_argument("--pods-per-node", type=int, help="echo pods per node (default 2)")
+    up.set_defaults(func=cmd_up)
+
+    down = with_name(sub.add_parser("down", help="remove a cluster and everything it made"))
+    down.set_defaults(func=cmd_down)
+
+    status = with_name(sub.add_parser("status", help="show a cluster"))
+    status.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    status.set_defaults(func=cmd_status)
+
+    lst = sub.add_parser("list", help="names of the running clusters")
+    lst.set_defaults(func=cmd_list)
+
+    ex = with_name(sub.add_parser("exec", help="run a command in a pod's or node's namespace"))
+    ex.add_argument("-n", "--namespace", help="the pod's namespace")
+    ex.add_argument("target", help="POD, NS/POD, NODE or node/NODE")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    ex.set_defaults(func=cmd_exec)
+
+    lab = with_name(sub.add_parser("label", help="set or remove labels, as kubectl label"))
+    lab.add_argument("kind", choices=["namespace", "namespaces", "ns", "pod", "pods"])
+    lab.add_argument("object", help="namespace or pod name (pods: NS/NAME or -n NS)")
+    lab.add_argument("labels", nargs="+", help="key=value to set, key- to remove")
+    lab.add_argument("-n", "--namespace", help="the pod's namespace (default: default)")
+    lab.add_argument("--overwrite", action="store_true", help="allow changing existing values")
+    lab.set_defaults(func=cmd_label)
+
+    app = sub.add_parser("app", help="run one of the small apps pods use")
+    app.add_argument("app", choices=["echo"])
+    app.add_argument("app_args", nargs=argparse.REMAINDER)
+    app.set_defaults(func=cmd_app)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (MeshlabError, ClusterError) as e:
+        _err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Launcher used by :func:`meshlab.procs.spawn`; not a public command.
+
+Reads ``{"netns", "argv", "env", "log"}`` as JSON on stdin, starts the command
+in its own session inside the namespace, prints its pid and exits at once, so
+the command is adopted by init instead of staying a child of meshlab.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+
+def main() -> int:
+    request = json.load(sys.stdin)
+    ip = shutil.which("ip")
+    if ip is None:
+        print("'ip' (iproute2) is not installed", file=sys.stderr)
+        return 1
+    with open(request["log"], "ab", buffering=0) as log:
+        # `ip netns exec` execs the command, so the child's pid is the app's pid.
+        child = subprocess.Popen(
+            [ip, "netns", "exec", request["netns"], *request["argv"]],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=request["env"],
+            start_new_session=True,
+            close_fds=True,
+        )
+    print(child.pid)
+    # Leave without waiting: the child is re-parented to init and reaped there.
+    child.returncode = 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
