@@ -23,7 +23,9 @@ host-deps:
 venv: $(STAMP)
 
 # The venv is rebuilt only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# host-deps is order-only: it must run first (python3-venv), but it does not
+# make the venv out of date.
+$(STAMP): pyproject.toml | host-deps
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	@echo "venv: installing the project and its Python dependencies into $(VENV)"
 	@$(VPY) -m pip install -q -e '.[dev]' > $(VENV)/pip.log 2>&1 \

@@ -210,6 +210,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         outcome["changed"] = labels != dict(pod.labels)
         return state.with_pod_labels(pod.key, labels)
 
+    read_state(name)  # a clear error for an unknown cluster, before taking its lock
     with locked(name):
         state = read_state(name)
         changed = change(state)

@@ -118,6 +118,7 @@ def up(spec: Cluster, name: str, *, log: Log = _quiet) -> Cluster:
         except BaseException:
             log(f"cluster {name!r}: setup failed, removing what was created")
             _teardown(name, _quiet)
+            lock_path(name).unlink(missing_ok=True)
             raise
     return state
 

@@ -117,7 +117,8 @@ def leftovers(name: str) -> dict[str, list[str]]:
                     procs.append(entry.name)
         except OSError:
             continue
-    state_dir = Path(os.environ.get("MESHLAB_STATE_DIR", "/run/meshlab")) / name
+    root = Path(os.environ.get("MESHLAB_STATE_DIR", "/run/meshlab"))
+    state = [str(p) for p in (root / name, root / f".{name}.lock") if p.exists()]
     return {
         "netns": [line.split()[0] for line in netns.splitlines() if line.startswith(prefix)],
         "links": [
@@ -127,7 +128,7 @@ def leftovers(name: str) -> dict[str, list[str]]:
         ],
         "iptables": [line for line in rules.splitlines() if f"meshlab:{name}" in line],
         "processes": procs,
-        "state": [str(state_dir)] if state_dir.exists() else [],
+        "state": state,
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh.cluster.statefile import cluster_dir
 from tests.integration.conftest import http_get, meshlab, status, unique_name
 
 ECHO = ["meshlab", "app", "echo", "--port", "8080"]
@@ -206,7 +207,7 @@ def test_nodes_are_wired_like_kind(lab: str) -> None:
     ).stdout
     assert forwarding.strip() == "1"
     # The CNI result of each pod is cached as libcni does, for DEL at teardown.
-    results = Path("/run/meshlab") / lab / "nodes" / "node1" / "cni" / "results"
+    results = cluster_dir(lab) / "nodes" / "node1" / "cni" / "results"
     cached = [json.loads(p.read_text()) for p in results.iterdir()]
     ips = {ip["address"].split("/")[0] for r in cached for ip in r.get("ips", [])}
     assert pods_by_name(doc)["a1"]["ip"] in ips
@@ -220,7 +221,7 @@ def test_a_second_up_with_the_same_name_is_refused(lab: str, tmp_path: Path) -> 
 
 
 def test_app_logs_are_kept_per_pod(lab: str) -> None:
-    log = Path("/run/meshlab") / lab / "logs" / "apps.a1.log"
+    log = cluster_dir(lab) / "logs" / "apps.a1.log"
     assert "echo: listening on 0.0.0.0:8080" in log.read_text()
 
 

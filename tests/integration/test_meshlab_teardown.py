@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from mesh.cluster.statefile import cluster_dir
 from tests.integration.conftest import (
     MESHLAB,
     assert_nothing_left,
@@ -40,7 +41,7 @@ def test_down_cleans_up_after_meshlab_is_killed_mid_up(cluster_name: str) -> Non
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    state = Path("/run/meshlab") / cluster_name / "state.json"
+    state = cluster_dir(cluster_name) / "state.json"
     deadline = time.monotonic() + 60
     started = 0
     while time.monotonic() < deadline and up.poll() is None:
@@ -65,7 +66,7 @@ def test_down_cleans_up_after_meshlab_is_killed_mid_up(cluster_name: str) -> Non
 
 def test_down_works_without_the_state_file(cluster_name: str) -> None:
     meshlab("up", "--name", cluster_name, "--nodes", "2", "--pods-per-node", "1")
-    shutil.rmtree(Path("/run/meshlab") / cluster_name)
+    shutil.rmtree(cluster_dir(cluster_name))
     assert leftovers(cluster_name)["processes"]
     meshlab("down", "--name", cluster_name)
     assert_nothing_left(cluster_name)
