@@ -1,0 +1,69 @@
+"""The request headers of an HBONE CONNECT and the ``:authority`` it targets.
+
+``:authority`` is ``ip:port`` of the final destination (``[v6]:port`` for
+IPv6); ``forwarded`` carries the original client as ``for="ip:port"``
+(RFC 7239, quoted because of the colon); ``baggage`` (W3C) names the source
+workload; ``traceparent`` (W3C trace context) continues or starts a trace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """``ip:port`` -> (ip, port); raises ValueError saying what is wrong."""
+    if not authority:
+        raise ValueError("empty :authority")
+    if authority.startswith("["):
+        host, sep, port_text = authority[1:].partition("]:")
+        if not sep:
+            raise ValueError(f":authority {authority!r} is not [ipv6]:port")
+    else:
+        host, sep, port_text = authority.rpartition(":")
+        if not sep:
+            raise ValueError(f":authority {authority!r} has no port")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f":authority {authority!r}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f":authority {authority!r}: {port_text!r} is not a port")
+    return str(ip), int(port_text)
+
+
+def format_authority(host: str, port: int) -> str:
+    ip = ipaddress.ip_address(host)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def forwarded_for(host: str, port: int) -> str:
+    return f'for="{format_authority(host, port)}"'
+
+
+def new_traceparent() -> str:
+    """A W3C ``traceparent`` starting a new, sampled-out trace."""
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+
+
+def baggage(fields: Mapping[str, str]) -> str:
+    """W3C baggage: ``k=v`` pairs, comma separated (values already URL-safe)."""
+    return ",".join(f"{k}={v}" for k, v in fields.items())
+
+
+def connect_headers(
+    *,
+    client: tuple[str, int] | None,
+    source_baggage: Mapping[str, str] | None = None,
+    traceparent: str | None = None,
+) -> list[tuple[str, str]]:
+    """The extra request headers ztunnel sends with a CONNECT."""
+    headers: list[tuple[str, str]] = []
+    if source_baggage:
+        headers.append(("baggage", baggage(source_baggage)))
+    if client is not None:
+        headers.append(("forwarded", forwarded_for(*client)))
+    headers.append(("traceparent", traceparent or new_traceparent()))
+    return headers
