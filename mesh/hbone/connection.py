@@ -264,9 +264,11 @@ class TunnelConnection:
         self._h2.send_headers(stream_id, fields, end_stream=final)
         if final:
             # RFC 9113 8.1: a complete response may be followed by RST_STREAM
-            # NO_ERROR, telling the client to stop sending without error.
-            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
-            self._streams.pop(stream_id, None)
+            # NO_ERROR, telling the client to stop sending without error
+            # (unless the client had already ended its side).
+            stream = self._streams.pop(stream_id)
+            if stream.recv_open:
+                self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
         self._pull_h2()
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
