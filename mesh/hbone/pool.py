@@ -151,6 +151,10 @@ class ClientTunnel(TunnelProtocol):
 
     def connection_ended(self, reason: str) -> None:
         self._cancel_idle()
+        if self.conn.stats.frames_received == 0 and "alert" not in reason:
+            # TLS 1.3 clients finish their handshake before the server has
+            # checked their certificate; a refusal then looks like a hang-up.
+            reason += " before HTTP/2 began (hint: did the peer refuse our certificate?)"
         error = self.failure or ConnectionLost(f"connection to {self.peer} ended: {reason}")
         for future in self._responses.values():
             if not future.done():
