@@ -15,11 +15,12 @@ ENVOY_DIR := .envoy
 ENVOY_VERSION := 1.40.*
 ENVOY_STAMP := $(ENVOY_DIR)/.installed-stamp
 
-.PHONY: help deps host-deps venv envoy demo test lint typecheck unit integration clean
+.PHONY: help deps host-deps venv envoy demo test bench lint typecheck unit integration clean
 
 help:
 	@echo "make demo   bring up a local meshlab cluster, show it working, tear it down"
 	@echo "make test   ruff, mypy and the whole test suite (root runs the namespace tests)"
+	@echo "make bench  HBONE throughput, latency, connection rate, CPU and memory beside Envoy"
 
 deps: host-deps venv
 
@@ -49,6 +50,11 @@ $(ENVOY_STAMP): | venv
 
 demo: deps
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
+
+# Benchmarks beside a real Envoy; appends the table to bench/RESULTS.md.
+bench: deps envoy
+	@scripts/host-deps.sh bench
+	$(VPY) -m bench.hbone_bench --json bench/results/hbone.json --record bench/RESULTS.md
 
 lint: venv
 	$(VENV)/bin/ruff check .

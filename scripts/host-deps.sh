@@ -15,6 +15,11 @@ PACKAGES=(
     tcpdump                     # underlay captures in the demo and tests
 )
 
+# `host-deps.sh bench` adds what the benchmarks drive.
+if [ "${1:-}" = "bench" ]; then
+    PACKAGES+=(wrk nginx-light)
+fi
+
 missing=()
 for p in "${PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

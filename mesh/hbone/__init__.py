@@ -3,12 +3,13 @@
 Owns the wire contract of ``../shared/DESIGN.md`` ("HBONE"): TLS 1.3 with
 ALPN ``h2`` and client certificates both ways, HTTP/2 CONNECT with
 ``:authority`` = ``ip:port``, Istio's windows and frame size, PING keepalive.
-``connection`` is the sans-I/O HTTP/2 core (h2 plus a fast path for DATA);
+``connection`` is the sans-I/O HTTP/2 core (our own framing, ``hpack`` for
+header decoding; ``h2`` is the reference peer of its tests);
 ``tunnel``, ``channel``, ``server`` and ``pool`` are the asyncio shell;
 ``python -m mesh.hbone`` is the operator's probe (``serve`` / ``forward``).
 
-May import: ``mesh.identity``, ``h2``, ``cryptography``, ``uvloop`` (optional)
-and the standard library.
+May import: ``mesh.identity``, ``hpack``, ``cryptography``, ``uvloop`` and the
+standard library.
 """
 
 from mesh.hbone.channel import Channel, PlainProtocol

@@ -21,13 +21,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from h2.errors import ErrorCodes
+from mesh.hbone.frames import ErrorCode, code_name
 
 if TYPE_CHECKING:
     from mesh.hbone.tunnel import TunnelProtocol
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-READ_BUFFER = 256 * 1024
+# One read buffer for every plaintext socket of the process: what is read is
+# encrypted (or copied aside) before the callback returns, so no two reads
+# ever need it at once, and a thousand idle connections cost no memory.
+_SHARED_READ_BUFFER = memoryview(bytearray(256 * 1024))
 
 
 def reset_transport(transport: asyncio.BaseTransport) -> None:
@@ -42,19 +45,18 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
 class PlainProtocol(asyncio.BufferedProtocol):
     """The plaintext socket of a tunnel.
 
-    The socket is read straight into one reused buffer (uvloop would
-    otherwise copy every read into a new ``bytes``): the bytes are encrypted
-    and consumed by the TLS layer before the next read, and whatever the
-    window cannot take yet is copied out first. Until a channel is attached
-    it holds what arrives (with reading paused), so a server that speaks
-    first loses nothing while the CONNECT is in flight.
+    The socket is read straight into a buffer shared by all plaintext
+    sockets (uvloop would otherwise copy every read into a new ``bytes``):
+    the bytes are encrypted and consumed by the TLS layer before the callback
+    returns, and whatever the window cannot take yet is copied out first.
+    Until a channel is attached it holds what arrives (with reading paused),
+    so a server that speaks first loses nothing while the CONNECT is in
+    flight.
     """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.channel: Channel | None = None
-        self._buffer = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buffer)
         self._early: list[bytes] = []
         self._early_eof = False
         self._lost: BaseException | bool | None = False  # False: still connected
@@ -79,14 +81,14 @@ class PlainProtocol(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        return _SHARED_READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
         channel = self.channel
         if channel is not None:
-            channel.plain_data(self._view[:nbytes])
+            channel.plain_data(_SHARED_READ_BUFFER[:nbytes])
         else:
-            self._early.append(bytes(self._view[:nbytes]))
+            self._early.append(bytes(_SHARED_READ_BUFFER[:nbytes]))
             assert self.transport is not None
             self.transport.pause_reading()
 
@@ -220,7 +222,7 @@ class Channel:
             # A reset socket, or one closed while the peer still sends: the
             # stream cannot complete (RFC 9113 8.5: CONNECT_ERROR).
             reason = f"socket closed: {exc}" if exc else "socket closed before the peer ended"
-            self._reset(ErrorCodes.CONNECT_ERROR if exc else ErrorCodes.CANCEL, reason)
+            self._reset(ErrorCode.CONNECT_ERROR if exc else ErrorCode.CANCEL, reason)
             return
         self._maybe_done()
 
@@ -315,7 +317,7 @@ class Channel:
         """RST_STREAM: the tunnelled connection is over, abruptly: reset the socket."""
         if self.closed:
             return
-        name = _code_name(error_code)
+        name = code_name(error_code)
         self.reason = f"stream reset by {'peer' if remote else 'us'}: {name}"
         self._close(reset_socket=True)
 
@@ -335,7 +337,7 @@ class Channel:
         self.reason = reason
         self.conn.reset_stream(self.stream_id, code)
         self.tunnel.flush()
-        self._close(reset_socket=code != ErrorCodes.CANCEL)
+        self._close(reset_socket=code != ErrorCode.CANCEL)
 
     def discard(self, reason: str) -> None:
         """Drop a channel that never got a socket (its CONNECT was refused)."""
@@ -343,7 +345,7 @@ class Channel:
             self.reason = reason
             self._close(reset_socket=False)
 
-    def reset(self, reason: str, code: int = ErrorCodes.CANCEL) -> None:
+    def reset(self, reason: str, code: int = ErrorCode.CANCEL) -> None:
         """Abort from our side: RST_STREAM to the peer, reset the socket."""
         if not self.closed:
             self.reason = reason
@@ -371,10 +373,3 @@ class Channel:
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             callback(self)
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return f"0x{code:x}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from h2.errors import ErrorCodes
+from mesh.hbone.frames import code_name
 
 
 class HboneError(Exception):
@@ -51,11 +51,7 @@ class ProtocolViolation(HboneError):
     def __init__(self, error_code: int, reason: str) -> None:
         self.error_code = error_code
         self.reason = reason
-        try:
-            name = ErrorCodes(error_code).name
-        except ValueError:
-            name = f"0x{error_code:x}"
-        super().__init__(f"{name}: {reason}")
+        super().__init__(f"{code_name(error_code)}: {reason}")
 
 
 class StreamReset(HboneError):
@@ -64,11 +60,8 @@ class StreamReset(HboneError):
     def __init__(self, error_code: int, remote: bool) -> None:
         self.error_code = error_code
         self.remote = remote
-        try:
-            name = ErrorCodes(error_code).name
-        except ValueError:
-            name = f"0x{error_code:x}"
-        super().__init__(f"stream reset by {'the peer' if remote else 'us'}: {name}")
+        who = "the peer" if remote else "us"
+        super().__init__(f"stream reset by {who}: {code_name(error_code)}")
 
 
 class ConnectionLost(HboneError):

@@ -19,8 +19,6 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from h2.exceptions import TooManyStreamsError
-
 from mesh.hbone import connection as core
 from mesh.hbone.channel import Channel, PlainProtocol
 from mesh.hbone.errors import (
@@ -29,6 +27,7 @@ from mesh.hbone.errors import (
     PoolClosed,
     StatusError,
 )
+from mesh.hbone.frames import code_name
 from mesh.hbone.settings import CLIENT_HTTP2, HboneConfig, Http2Settings
 from mesh.hbone.tls import TlsIdentity, describe_tls_error
 from mesh.hbone.tlsio import TlsTransport
@@ -85,12 +84,15 @@ class ClientTunnel(TunnelProtocol):
 
     @property
     def max_streams(self) -> int:
-        peer = self.conn.peer_max_concurrent_streams if self.settings_received else 100
+        peer = self.conn.peer_max_concurrent_streams if self.conn.peer_settings_received else 100
         return max(0, min(self.pool.config.pool_max_streams, peer))
 
     @property
     def usable(self) -> bool:
-        return not self.closed and not self.conn.goaway_received and not self.conn.closed
+        conn = self.conn
+        return not (self.closed or conn.goaway_received or conn.goaway_sent or conn.closed) and (
+            conn.stream_ids_left > 0
+        )
 
     @property
     def has_capacity(self) -> bool:
@@ -133,7 +135,7 @@ class ClientTunnel(TunnelProtocol):
         if future is not None and not future.done():
             future.set_exception(
                 ConnectionLost(
-                    f"CONNECT reset by {self.peer} before a response ({_code(ev.error_code)})"
+                    f"CONNECT reset by {self.peer} before a response ({code_name(ev.error_code)})"
                 )
             )
 
@@ -218,7 +220,7 @@ class HboneClientPool:
             tunnel = await self._tunnel(key)
             try:
                 channel, _ = await tunnel.open_stream(authority, headers)
-            except TooManyStreamsError:
+            except core.TooManyStreams:
                 continue  # the peer lowered its limit meanwhile: use another connection
             if plain is not None:
                 channel.attach(plain)
@@ -307,9 +309,3 @@ class HboneClientPool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 await asyncio.gather(*(t.done for t in tunnels), return_exceptions=True)
-
-
-def _code(code: int) -> str:
-    from mesh.hbone.tunnel import _code_name
-
-    return _code_name(code)

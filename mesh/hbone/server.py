@@ -17,11 +17,10 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from h2.errors import ErrorCodes
-
 from mesh.hbone import connection as core
 from mesh.hbone.channel import Channel, PlainProtocol
 from mesh.hbone.errors import ConnectionLost, Refused
+from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import parse_authority
 from mesh.hbone.settings import SERVER_HTTP2, HboneConfig, Http2Settings
 from mesh.hbone.tls import TlsIdentity
@@ -258,7 +257,7 @@ class HboneServer:
     def reset_all(self, reason: str) -> None:
         for tunnel in list(self.tunnels):
             for channel in list(tunnel.channels.values()):
-                channel.reset(reason, ErrorCodes.CANCEL)
+                channel.reset(reason, ErrorCode.CANCEL)
 
     @property
     def active_streams(self) -> Sequence[Channel]:

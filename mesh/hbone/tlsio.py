@@ -29,7 +29,9 @@ from typing import Any, cast
 
 from mesh.hbone.tls import describe_tls_error
 
-_RAW_READ = 256 * 1024
+# Ciphertext is read into one buffer for all TLS sockets of the process: it is
+# copied into the connection's memory BIO before the callback returns.
+_SHARED_RAW_BUFFER = memoryview(bytearray(256 * 1024))
 
 
 class TlsTransport(asyncio.BufferedProtocol):
@@ -55,8 +57,6 @@ class TlsTransport(asyncio.BufferedProtocol):
         self._timeout_s = handshake_timeout_s
         self._on_failed = on_handshake_failed
         self._raw: asyncio.Transport | None = None
-        self._raw_buffer = bytearray(_RAW_READ)
-        self._raw_view = memoryview(self._raw_buffer)
         self._timer: asyncio.TimerHandle | None = None
         self.handshake_done = False
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -78,10 +78,10 @@ class TlsTransport(asyncio.BufferedProtocol):
         self._do_handshake()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._raw_view
+        return _SHARED_RAW_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._incoming.write(self._raw_view[:nbytes])
+        self._incoming.write(_SHARED_RAW_BUFFER[:nbytes])
         if not self.handshake_done:
             self._do_handshake()
         if self.handshake_done:

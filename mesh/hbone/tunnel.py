@@ -20,11 +20,10 @@ import os
 import ssl
 from typing import Any, cast
 
-from h2.errors import ErrorCodes
-
 from mesh.hbone import connection as core
 from mesh.hbone.channel import Channel
 from mesh.hbone.errors import ConnectionLost, ProtocolViolation
+from mesh.hbone.frames import ErrorCode, code_name
 from mesh.hbone.settings import HboneConfig, Http2Settings, KiB, MiB
 from mesh.hbone.tls import describe_tls_error, peer_certificate_identity
 from mesh.identity import SpiffeId
@@ -87,6 +86,13 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         except Exception as e:
             self.refuse_connection(str(e), e)
             return
+        cipher = ssl_object.cipher()
+        self.log.debug(
+            "hbone: connection with %s (%s) established: cipher %s",
+            self.peer,
+            self.peer_identity,
+            cipher[0] if cipher else "?",
+        )
         self.conn.initiate()
         self.flush()
         self._last_received = self.loop.time()
@@ -258,12 +264,12 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         """Hook: a stream was reset."""
 
     def goaway_received(self, ev: core.GoAway) -> None:
-        if ev.error_code != ErrorCodes.NO_ERROR:
+        if ev.error_code != ErrorCode.NO_ERROR:
             self.log.warning(
                 "hbone: %s (%s) sent GOAWAY %s: %s",
                 self.peer,
                 self.peer_identity,
-                _code_name(ev.error_code),
+                code_name(ev.error_code),
                 ev.reason or "no reason given",
             )
 
@@ -307,7 +313,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
     def goaway(self, reason: str = "") -> None:
         """Graceful: no new streams; existing ones finish."""
         if not self.closed:
-            self.conn.goaway(ErrorCodes.NO_ERROR, reason)
+            self.conn.goaway(ErrorCode.NO_ERROR, reason)
             self.flush()
 
     def close(self) -> None:
@@ -329,13 +335,6 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             "streams": len(self.channels),
             "pings": self._ping_count,
         }
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCodes(code).name
-    except ValueError:
-        return f"0x{code:x}"
 
 
 def is_tls_error(exc: BaseException) -> bool:
