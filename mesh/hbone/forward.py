@@ -7,12 +7,10 @@ as the client end of a tunnel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
 from mesh.hbone.channel import Channel, PlainProtocol, reset_transport
-from mesh.hbone.errors import HboneError
 from mesh.hbone.headers import connect_headers, parse_authority
 from mesh.hbone.pool import HboneClientPool, PoolKey
 
@@ -37,9 +35,8 @@ class Forwarder:
         self.target = target
         self.extra_headers = list(extra_headers)
         self.log = logger
-        self.channels: list[Channel] = []
+        self.channels: set[Channel] = set()
         self.failures = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
     async def listen(
@@ -53,48 +50,51 @@ class Forwarder:
         return bound[0], bound[1]
 
     def _accepted(self) -> PlainProtocol:
-        plain = PlainProtocol()
-        task = asyncio.get_running_loop().create_task(self._tunnel(plain))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return plain
+        return _Accepted(self)
 
-    async def _tunnel(self, plain: PlainProtocol) -> None:
-        with contextlib.suppress(ConnectionError):
-            await plain.connected
+    def _start(self, plain: PlainProtocol) -> None:
         transport = plain.transport
-        if transport is None or transport.is_closing():
-            return
+        assert transport is not None
         transport.pause_reading()  # until the CONNECT is answered
         client = transport.get_extra_info("peername")
         headers = connect_headers(client=(client[0], client[1]) if client else None)
-        try:
-            channel = await self.pool.connect(
-                self.key, self.target, headers + self.extra_headers, plain=plain
-            )
-        except (HboneError, OSError) as e:
+
+        def done(channel: Channel | None, error: BaseException | None) -> None:
+            if channel is not None:
+                self.channels.add(channel)
+                channel.on_close(self.channels.discard)
+                return
             self.failures += 1
             self.log.warning(
                 "hbone forward: %s -> %s via %s:%d failed: %s",
                 client,
                 self.target,
                 *self.key.destination,
-                e,
+                error,
             )
-            reset_transport(transport)
-            return
-        self.channels.append(channel)
-        channel.on_close(self.channels.remove)
+            if not transport.is_closing():
+                reset_transport(transport)
+
+        self.pool.open_bound(self.key, self.target, headers + self.extra_headers, plain, done)
 
     async def close(self, *, close_pool: bool = False) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in list(self.channels):
             channel.reset("forwarder closing")
         if self._server is not None:
             await self._server.wait_closed()
         if close_pool:
             await self.pool.close()
+
+
+class _Accepted(PlainProtocol):
+    """An accepted plaintext connection: its tunnel starts as soon as it exists."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        super().__init__()
+        self._forwarder = forwarder
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._forwarder._start(self)

@@ -13,6 +13,8 @@ import enum
 import struct
 from collections.abc import Sequence
 
+from hpack.table import HeaderTable
+
 # Frame types (RFC 9113 section 6).
 DATA = 0x0
 HEADERS = 0x1
@@ -162,6 +164,81 @@ def encode_response(status: int, fields: Sequence[tuple[bytes, bytes]] = ()) -> 
 
 
 TABLE_SIZE_ZERO = _integer(0, 5, 0x20)  # "dynamic table size update: 0"
+
+
+# -------------------------------------------------------------- HPACK in
+
+_STATIC: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+
+
+def _read_integer(block: bytes, i: int, prefix_bits: int) -> tuple[int, int]:
+    limit = (1 << prefix_bits) - 1
+    value = block[i] & limit
+    i += 1
+    if value < limit:
+        return value, i
+    shift = 0
+    while True:
+        byte = block[i]  # IndexError on a truncated block: the caller falls back
+        i += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+        if shift > 28:
+            raise IndexError("integer too long")
+
+
+def decode_simple(block: bytes, max_list_size: int) -> list[tuple[bytes, bytes]] | None:
+    """Decode a header block that leaves the dynamic table alone, or return None.
+
+    Static-table references and literals without indexing, without Huffman
+    coding, are what our own peers send; decoding them needs no state, so
+    doing it here (and leaving everything else to ``hpack``) keeps the
+    decoder's table exactly as the library would have it. Any other
+    representation, or anything odd, returns None and goes to ``hpack``.
+    """
+    fields: list[tuple[bytes, bytes]] = []
+    size = 0
+    i = 0
+    n = len(block)
+    try:
+        while i < n:
+            byte = block[i]
+            if byte & 0x80:
+                index, i = _read_integer(block, i, 7)
+                if not 1 <= index <= len(_STATIC):
+                    return None
+                field = _STATIC[index - 1]
+            elif byte & 0xE0:
+                return None  # incremental indexing, or a table size update
+            else:
+                index, i = _read_integer(block, i, 4)
+                if index:
+                    if index > len(_STATIC):
+                        return None
+                    name = _STATIC[index - 1][0]
+                else:
+                    if block[i] & 0x80:
+                        return None  # Huffman
+                    length, i = _read_integer(block, i, 7)
+                    name = block[i : i + length]
+                    i += length
+                if block[i] & 0x80:
+                    return None
+                length, i = _read_integer(block, i, 7)
+                value = block[i : i + length]
+                i += length
+                if i > n:
+                    return None
+                field = (name, value)
+            size += len(field[0]) + len(field[1]) + 32
+            if size > max_list_size:
+                return None  # let hpack refuse it, with its error
+            fields.append(field)
+    except IndexError:
+        return None
+    return fields
 
 
 # ------------------------------------------------------ header validation

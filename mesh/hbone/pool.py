@@ -23,6 +23,7 @@ from mesh.hbone import connection as core
 from mesh.hbone.channel import Channel, PlainProtocol
 from mesh.hbone.errors import (
     ConnectionLost,
+    HboneError,
     PeerIdentityMismatch,
     PoolClosed,
     StatusError,
@@ -35,6 +36,7 @@ from mesh.hbone.tunnel import TunnelProtocol
 from mesh.identity import SpiffeId
 
 log = logging.getLogger("mesh.hbone.client")
+ResponseCallback = Callable[[core.ResponseReceived | None, BaseException | None], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,7 +62,9 @@ class ClientTunnel(TunnelProtocol):
         self.trust_domain = trust_domain
         self.failure: BaseException | None = None
         self.settings_received = False
-        self._responses: dict[int, asyncio.Future[core.ResponseReceived]] = {}
+        self._responses: dict[int, ResponseCallback] = {}
+        self._deadlines: dict[int, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
 
     # ---------------------------------------------------------- identity
@@ -100,51 +104,103 @@ class ClientTunnel(TunnelProtocol):
 
     # ----------------------------------------------------------- streams
 
-    async def open_stream(
-        self, authority: str, headers: Sequence[tuple[str, str]]
-    ) -> tuple[Channel, core.ResponseReceived]:
+    def start_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], done: ResponseCallback
+    ) -> Channel:
+        """Send a CONNECT; ``done(response, error)`` is called once with the outcome.
+
+        Callbacks rather than futures: a new tunnelled connection is the
+        busiest path of a ztunnel, and a task per connection was a visible
+        share of its cost.
+        """
         stream_id = self.conn.open_stream(authority, headers)
         self._cancel_idle()
-        future: asyncio.Future[core.ResponseReceived] = self.loop.create_future()
-        self._responses[stream_id] = future
+        self._responses[stream_id] = done
+        self._deadlines[stream_id] = self.loop.time() + self.config.connect_timeout_s
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
         channel = Channel(self, stream_id)
         self.channels[stream_id] = channel
         self.flush()
+        return channel
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]]
+    ) -> tuple[Channel, core.ResponseReceived]:
+        future: asyncio.Future[core.ResponseReceived] = self.loop.create_future()
+
+        def done(response: core.ResponseReceived | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                assert response is not None
+                future.set_result(response)
+
+        channel = self.start_stream(authority, headers, done)
         try:
-            async with asyncio.timeout(self.config.connect_timeout_s):
-                response = await future
+            response = await future
         except BaseException:
-            self._responses.pop(stream_id, None)
-            channel.reset("CONNECT abandoned")
+            self._abandon(channel)
             raise
         if response.status != 200:
             channel.discard(f"CONNECT answered {response.status}")
             raise StatusError(response.status, authority, self.peer)
         return channel, response
 
+    def _abandon(self, channel: Channel) -> None:
+        self._responses.pop(channel.stream_id, None)
+        self._deadlines.pop(channel.stream_id, None)
+        channel.reset("CONNECT abandoned")
+
+    def _settle(
+        self,
+        stream_id: int,
+        response: core.ResponseReceived | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        done = self._responses.pop(stream_id, None)
+        self._deadlines.pop(stream_id, None)
+        if done is not None:
+            done(response, error)
+
+    @property
+    def _sweep_every(self) -> float:
+        return max(0.05, self.config.connect_timeout_s / 4)
+
+    def _sweep(self) -> None:
+        """Fail CONNECTs unanswered past their deadline.
+
+        One timer per connection instead of one per stream: timers were a
+        measurable share of the cost of a new tunnelled connection.
+        """
+        self._sweeper = None
+        now = self.loop.time()
+        for stream_id, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                message = (
+                    f"no answer to CONNECT from {self.peer} within "
+                    f"{self.config.connect_timeout_s:g}s"
+                )
+                self._settle(stream_id, error=TimeoutError(message))
+        if self._deadlines and not self.closed:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
     def other_event(self, ev: core.Event) -> None:
-        if isinstance(ev, core.ResponseReceived):
-            future = self._responses.pop(ev.stream_id, None)
-            if future is not None and not future.done():
-                future.set_result(ev)
-        elif isinstance(ev, core.SettingsChanged):
-            self.settings_received = True
+        if type(ev) is core.ResponseReceived:
+            assert isinstance(ev, core.ResponseReceived)
+            self._settle(ev.stream_id, response=ev)
 
     def stream_reset(self, ev: core.StreamReset) -> None:
-        future = self._responses.pop(ev.stream_id, None)
-        if future is not None and not future.done():
-            future.set_exception(
-                ConnectionLost(
-                    f"CONNECT reset by {self.peer} before a response ({code_name(ev.error_code)})"
-                )
-            )
+        if ev.stream_id in self._responses:
+            reason = f"CONNECT reset by {self.peer} before a response ({code_name(ev.error_code)})"
+            self._settle(ev.stream_id, error=ConnectionLost(reason))
 
     def goaway_received(self, ev: core.GoAway) -> None:
         super().goaway_received(ev)
         for stream_id in [s for s in self._responses if s > ev.last_stream_id]:
-            future = self._responses.pop(stream_id)
-            if not future.done():
-                future.set_exception(ConnectionLost(f"{self.peer} sent GOAWAY: {ev.reason}"))
+            self._settle(stream_id, error=ConnectionLost(f"{self.peer} sent GOAWAY: {ev.reason}"))
         self.pool._forget(self)
 
     def stream_finished(self, channel: Channel) -> None:
@@ -153,15 +209,16 @@ class ClientTunnel(TunnelProtocol):
 
     def connection_ended(self, reason: str) -> None:
         self._cancel_idle()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.conn.stats.frames_received == 0 and "alert" not in reason:
             # TLS 1.3 clients finish their handshake before the server has
             # checked their certificate; a refusal then looks like a hang-up.
             reason += " before HTTP/2 began (hint: did the peer refuse our certificate?)"
         error = self.failure or ConnectionLost(f"connection to {self.peer} ended: {reason}")
-        for future in self._responses.values():
-            if not future.done():
-                future.set_exception(error)
-        self._responses.clear()
+        for stream_id in list(self._responses):
+            self._settle(stream_id, error=error)
         self.pool._forget(self)
 
     def _schedule_idle(self) -> None:
@@ -205,6 +262,7 @@ class HboneClientPool:
         self._contexts: dict[int, tuple[TlsIdentity, ssl.SSLContext]] = {}
         self.connections_opened = 0
         self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def connect(
         self,
@@ -225,6 +283,71 @@ class HboneClientPool:
             if plain is not None:
                 channel.attach(plain)
             return channel
+
+    def open_bound(
+        self,
+        key: PoolKey,
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        plain: PlainProtocol,
+        done: Callable[[Channel | None, BaseException | None], None],
+    ) -> None:
+        """Tunnel the socket of ``plain``; ``done(channel, error)`` says how it went.
+
+        When a pooled connection has room this runs without a task: the
+        CONNECT goes out now and the socket is attached when the 200 comes.
+        Otherwise a task dials first.
+        """
+        for tunnel in self._pools.get(key, ()):
+            if tunnel.has_capacity:
+                self._bind(tunnel, authority, headers, plain, done)
+                return
+        task = asyncio.get_running_loop().create_task(
+            self._open_bound_slowly(key, authority, headers, plain, done)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_bound_slowly(
+        self,
+        key: PoolKey,
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        plain: PlainProtocol,
+        done: Callable[[Channel | None, BaseException | None], None],
+    ) -> None:
+        try:
+            tunnel = await self._tunnel(key)
+        except (HboneError, OSError) as e:
+            done(None, e)
+            return
+        self._bind(tunnel, authority, headers, plain, done)
+
+    def _bind(
+        self,
+        tunnel: ClientTunnel,
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        plain: PlainProtocol,
+        done: Callable[[Channel | None, BaseException | None], None],
+    ) -> None:
+        channel: Channel
+
+        def answered(response: core.ResponseReceived | None, error: BaseException | None) -> None:
+            if error is not None:
+                channel.reset(str(error))
+                done(None, error)
+            elif response is not None and response.status != 200:
+                channel.discard(f"CONNECT answered {response.status}")
+                done(None, StatusError(response.status, authority, tunnel.peer))
+            else:
+                channel.attach(plain)
+                done(channel, None)
+
+        try:
+            channel = tunnel.start_stream(authority, headers, answered)
+        except core.TooManyStreams as e:
+            done(None, ConnectionLost(str(e)))
 
     async def _tunnel(self, key: PoolKey) -> ClientTunnel:
         while True:
@@ -301,6 +424,8 @@ class HboneClientPool:
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
         tunnels = self.connections()
         self._pools.clear()
         for tunnel in tunnels:
