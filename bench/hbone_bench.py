@@ -473,7 +473,7 @@ def machine() -> dict[str, str]:
         ).stdout
         match = re.search(r"/(\d+\.\d+\.\d+)/", out)
         envoy_version = match.group(1) if match else out.strip()[:60]
-    import uvloop
+    from importlib.metadata import version
 
     return {
         "cpu": cpu,
@@ -481,7 +481,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
-        "uvloop": uvloop.__version__,
+        "uvloop": version("uvloop"),
         "envoy": envoy_version,
     }
 

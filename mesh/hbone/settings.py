@@ -54,3 +54,7 @@ class HboneConfig:
     pool_idle_timeout_s: float = 300.0
     # Graceful shutdown: how long open streams may finish after GOAWAY.
     drain_timeout_s: float = 5.0
+    # A peer that stops reading while making us answer (PING, SETTINGS, RST
+    # floods) is cut off once this much is queued for it; DATA alone never
+    # gets near it, since windows bound it to 16 MiB.
+    max_write_buffer_bytes: int = 64 * MiB

@@ -211,6 +211,13 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         out = self.conn.take_output()
         if not out or self.transport is None or self.transport.is_closing():
             return
+        if self.transport.get_write_buffer_size() > self.config.max_write_buffer_bytes:
+            self.conn.closed = True
+            self._fail(
+                f"peer does not read: over {self.config.max_write_buffer_bytes} bytes queued",
+                goaway=False,
+            )
+            return
         if len(out) == 1:
             self.transport.write(out[0])
             return

@@ -4,6 +4,7 @@ with the right GOAWAY code, and the server goes on serving everyone else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 
@@ -151,3 +152,27 @@ def test_a_stalled_reader_does_not_stall_other_streams(pki: Pki) -> None:
                 assert await talk(port, b"fine") == b"finebye 4"
 
     run(body)
+
+
+def test_a_peer_that_floods_pings_without_reading_is_cut_off(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        config = HboneConfig(max_write_buffer_bytes=256 * 1024)
+        async with Upstream(echo) as up, mesh(pki, config=config) as m:
+            _, port = await m.forwarder(up.authority)
+            async with RawPeer(pki, m.address) as peer:
+                sock = peer.writer.get_extra_info("socket")
+                import socket as socketlib
+
+                sock.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+                flood = frame(0x6, 0, 0, b"12345678") * 2000
+                with contextlib.suppress(ConnectionError, OSError):
+                    for _ in range(200):  # ~3 MB of PINGs, never reading the ACKs
+                        peer.writer.write(flood)
+                        await asyncio.wait_for(peer.writer.drain(), 2)
+            assert await talk(port, b"ok") == b"okbye 2", "everyone else is still served"
+
+    with caplog.at_level(logging.WARNING, logger="mesh.hbone"):
+        run(body)
+    assert any("peer does not read" in r.getMessage() for r in caplog.records)
