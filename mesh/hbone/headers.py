@@ -9,7 +9,7 @@ workload; ``traceparent`` (W3C trace context) continues or starts a trace.
 from __future__ import annotations
 
 import ipaddress
-import os
+import random
 import socket
 from collections.abc import Mapping
 
@@ -51,8 +51,8 @@ def forwarded_for(host: str, port: int) -> str:
 
 def new_traceparent() -> str:
     """A W3C ``traceparent`` starting a new, sampled-out trace."""
-    ids = os.urandom(24).hex()
-    return f"00-{ids[:32]}-{ids[32:]}-00"
+    # Trace ids need to be unique, not secret: no syscall per connection.
+    return f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-00"
 
 
 def baggage(fields: Mapping[str, str]) -> str:

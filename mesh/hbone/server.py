@@ -51,16 +51,25 @@ async def open_upstream(
     host: str,
     port: int,
     *,
-    timeout_s: float = 10.0,
+    timeout_s: float | None = None,
     local_addr: tuple[str, int] | None = None,
 ) -> PlainProtocol:
-    """Connect a plaintext upstream socket for a tunnel; raises :class:`Refused` (503)."""
+    """Connect a plaintext upstream socket for a tunnel; raises :class:`Refused` (503).
+
+    Inside an :class:`HboneServer` handler no ``timeout_s`` is needed: the
+    server bounds the whole handler by ``HboneConfig.connect_timeout_s``.
+    """
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout_s):
+        if timeout_s is None:
             _, protocol = await loop.create_connection(
                 PlainProtocol, host, port, local_addr=local_addr
             )
+        else:
+            async with asyncio.timeout(timeout_s):
+                _, protocol = await loop.create_connection(
+                    PlainProtocol, host, port, local_addr=local_addr
+                )
     except TimeoutError as e:
         raise Refused(503, f"upstream {host}:{port} did not answer within {timeout_s}s") from e
     except OSError as e:
@@ -75,6 +84,9 @@ class ServerTunnel(TunnelProtocol):
         super().__init__(settings=server.http2, config=server.config, logger=server.log)
         self.server = server
         self._tasks: set[asyncio.Task[None]] = set()
+        self._deadlines: dict[asyncio.Task[None], float] = {}
+        self._timed_out: set[asyncio.Task[None] | None] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def check_peer(self, identity: SpiffeId) -> None:
         expected = self.server.trust_domain
@@ -89,6 +101,8 @@ class ServerTunnel(TunnelProtocol):
 
     def connection_ended(self, reason: str) -> None:
         self.server.tunnels.discard(self)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in self._tasks:
             task.cancel()
 
@@ -133,6 +147,30 @@ class ServerTunnel(TunnelProtocol):
         task = self.loop.create_task(self._serve(channel, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._deadlines[task] = self.loop.time() + self.config.connect_timeout_s
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
+    @property
+    def _sweep_every(self) -> float:
+        return max(0.05, self.config.connect_timeout_s / 4)
+
+    def _sweep(self) -> None:
+        """Cancel handlers that have not connected upstream within the timeout.
+
+        One timer per connection rather than one per stream, as on the client.
+        """
+        self._sweeper = None
+        now = self.loop.time()
+        for task, deadline in list(self._deadlines.items()):
+            if task.done():
+                del self._deadlines[task]
+            elif deadline <= now:
+                del self._deadlines[task]
+                self._timed_out.add(task)
+                task.cancel()
+        if self._deadlines and not self.closed:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
 
     def _refuse(self, stream_id: int, status: int, reason: str) -> None:
         self.log.info(
@@ -149,19 +187,32 @@ class ServerTunnel(TunnelProtocol):
     async def _serve(self, channel: Channel, request: ConnectRequest) -> None:
         try:
             upstream = await self.server.handler(request)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task not in self._timed_out:
+                raise
+            self._timed_out.discard(task)
+            reason = (
+                f"no upstream connection to {request.authority} within "
+                f"{self.config.connect_timeout_s:g}s"
+            )
+            if not channel.closed:
+                channel.discard(reason)
+                self._refuse(channel.stream_id, 503, reason)
+            return
         except Refused as e:
             if not channel.closed:
                 channel.discard(e.reason)
                 self._refuse(channel.stream_id, e.status, e.reason)
             return
-        except asyncio.CancelledError:
-            raise
         except Exception as e:
             self.log.exception("hbone: handler failed for %s", request.authority)
             if not channel.closed:
                 channel.discard(f"handler error: {e}")
                 self._refuse(channel.stream_id, 503, f"handler error: {e}")
             return
+        finally:
+            self._deadlines.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
         if channel.closed or self.closed:
             if upstream.transport is not None:
                 upstream.transport.close()

@@ -79,7 +79,7 @@ async def mesh(
         requests.append(request)
         if deny:
             raise Refused(401, "denied by policy")
-        return await open_upstream(request.host, request.port, timeout_s=2)
+        return await open_upstream(request.host, request.port)
 
     server = HboneServer(
         identity=server_identity or pki.server, handler=handler, config=config, http2=http2
@@ -441,3 +441,27 @@ def test_a_peer_that_vanishes_mid_stream_resets_the_upstream_and_others_go_on(
     with caplog.at_level(logging.WARNING, logger="mesh.hbone"):
         run(body)
     assert any("lost" in r.getMessage() and "127.0.0.1" in r.getMessage() for r in caplog.records)
+
+
+def test_a_handler_that_never_connects_is_answered_503_in_time(pki: Pki) -> None:
+    async def body() -> None:
+        async def stuck(request: ConnectRequest) -> PlainProtocol:
+            await asyncio.sleep(3600)
+            raise AssertionError("not reached")
+
+        config = HboneConfig(connect_timeout_s=0.3)
+        server = HboneServer(identity=pki.server, handler=stuck, config=config)
+        address = await server.listen()
+        pool = HboneClientPool(identities=pki.client, config=HboneConfig(connect_timeout_s=5))
+        key = PoolKey(source=pki.client.identity, destination=address)
+        started = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(StatusError) as info:
+                await pool.connect(key, "10.0.0.1:80")
+            assert info.value.status == 503
+            assert asyncio.get_running_loop().time() - started < 2
+        finally:
+            await pool.close()
+            await server.close(drain_timeout_s=0.1)
+
+    run(body)
