@@ -406,11 +406,13 @@ def measure(seconds: float, rounds: int, log: Any) -> dict[str, Any]:
                     f"p50 {keep.get('p50_ms', 0):.2f} ms p99 {keep.get('p99_ms', 0):.2f} ms; "
                     f"Connection: close {new['rps']:8.0f} conn/s"
                 )
-        for group in pairs.values():
+        for group_name, group in pairs.items():
             for name in ("ours", "envoy"):
                 for role, pid in group[name].pids.items():
                     key = f"{role}_rss_mb"
-                    rss[name][key] = max(rss[name].get(key, 0.0), peak_rss_mb(pid))
+                    peak = peak_rss_mb(pid)
+                    log(f"{name:6} {role} ({group_name} pair): peak RSS {peak:.1f} MB")
+                    rss[name][key] = max(rss[name].get(key, 0.0), peak)
         ciphers = {
             "ours": _our_cipher(work),
             "envoy": _envoy_cipher(pairs["iperf"]["envoy"]),

@@ -286,12 +286,20 @@ class Channel:
         if transport is None or transport.is_closing():
             self.conn.release(self.stream_id, n)
             return None
-        transport.write(data)
+        lent: asyncio.Transport | None = None
+        if transport.get_write_buffer_size():
+            # Bytes already wait in the socket's buffer: uvloop would queue a
+            # reference to ``data``. A copy keeps the read buffer free.
+            transport.write(bytes(data))
+        else:
+            transport.write(data)  # usually sent at once, no reference kept
+            if transport.get_write_buffer_size():
+                lent = transport
         if self.plain_write_paused:
             self._unreleased += n
         else:
             self.conn.release(self.stream_id, n)
-        return transport if transport.get_write_buffer_size() > 0 else None
+        return lent
 
     def plain_drained(self) -> None:
         """The socket took what we wrote: give that window back to the peer."""

@@ -29,6 +29,7 @@ from mesh.hbone.tls import describe_tls_error, peer_certificate_identity
 from mesh.identity import SpiffeId
 
 READ_BUFFER = 256 * KiB
+_MAX_LENT = 8
 # TLS socket write buffer: above HIGH the channels stop reading their sockets.
 WRITE_HIGH = 4 * MiB
 WRITE_LOW = 1 * MiB
@@ -161,7 +162,9 @@ class TunnelProtocol(asyncio.BufferedProtocol):
                 spare = buffer
             else:
                 still_lent.append((buffer, transports))
-        self._lent = still_lent
+        # Forgetting a lent buffer is always safe (the socket's reference
+        # keeps it alive); the list only lets us reuse it, so keep it short.
+        self._lent = still_lent[-_MAX_LENT:]
         self._buffer = spare if spare is not None else bytearray(READ_BUFFER)
         self._view = memoryview(self._buffer)
 

@@ -87,3 +87,20 @@ def test_check_fields_knows_a_connect_from_a_malformed_request() -> None:
             f.check_fields(fields, request=True)
     with pytest.raises(f.MalformedHeaders):
         f.check_fields([(b":status", b"20")], request=False)
+
+
+def test_connect_headers_are_what_ztunnel_sends() -> None:
+    from mesh.hbone.headers import connect_headers, parse_authority
+
+    headers = dict(
+        connect_headers(client=("10.0.0.7", 41000), source_baggage={"k8s.namespace.name": "client"})
+    )
+    assert headers["forwarded"] == 'for="10.0.0.7:41000"'
+    assert headers["baggage"] == "k8s.namespace.name=client"
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (version, flags) == ("00", "00") and len(trace_id) == 32 and len(span_id) == 16
+    assert dict(connect_headers(client=("fd00::1", 5)))["forwarded"] == 'for="[fd00::1]:5"'
+    assert parse_authority("[fd00:0::1]:80") == ("fd00::1", 80)
+    for bad in ("", "1.2.3.4", "1.2.3:80", "host:80", "1.2.3.4:0", "1.2.3.4:70000", "[::1]80"):
+        with pytest.raises(ValueError):
+            parse_authority(bad)
