@@ -73,7 +73,9 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        # Pause well before the flood limit, so the limit is checked in time.
+        high = min(WRITE_HIGH, self.config.max_write_buffer_bytes // 2)
+        self.transport.set_write_buffer_limits(high=high, low=min(WRITE_LOW, high // 4))
         ssl_object = transport.get_extra_info("ssl_object")
         try:
             if ssl_object is None:
@@ -214,7 +216,11 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         out = self.conn.take_output()
         if not out or self.transport is None or self.transport.is_closing():
             return
-        if self.transport.get_write_buffer_size() > self.config.max_write_buffer_bytes:
+        # Only a paused transport (above its high-water mark) can be near the limit.
+        if (
+            self.write_paused
+            and self.transport.get_write_buffer_size() > self.config.max_write_buffer_bytes
+        ):
             self.conn.closed = True
             self._fail(
                 f"peer does not read: over {self.config.max_write_buffer_bytes} bytes queued",
