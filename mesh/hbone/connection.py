@@ -43,7 +43,7 @@ from mesh.hbone.errors import ProtocolViolation
 from mesh.hbone.frames import ErrorCode, Setting
 from mesh.hbone.settings import Http2Settings
 
-# Kept so older imports keep working; the frame constants live in frames.
+# Re-exported for the tests' transcripts; the frame constants live in frames.
 DATA = f.DATA
 HEADERS = f.HEADERS
 WINDOW_UPDATE = f.WINDOW_UPDATE
@@ -264,9 +264,6 @@ class TunnelConnection:
     def stream_send_window(self, stream_id: int) -> int:
         stream = self._streams.get(stream_id)
         return 0 if stream is None else min(stream.send_window, self.send_window)
-
-    def stream_exists(self, stream_id: int) -> bool:
-        return stream_id in self._streams
 
     @property
     def stream_ids_left(self) -> int:

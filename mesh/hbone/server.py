@@ -14,13 +14,12 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mesh.hbone import connection as core
 from mesh.hbone.channel import Channel, PlainProtocol
 from mesh.hbone.errors import ConnectionLost, Refused
-from mesh.hbone.frames import ErrorCode
 from mesh.hbone.headers import parse_authority
 from mesh.hbone.settings import SERVER_HTTP2, HboneConfig, Http2Settings
 from mesh.hbone.tls import TlsIdentity
@@ -304,12 +303,3 @@ class HboneServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-
-    def reset_all(self, reason: str) -> None:
-        for tunnel in list(self.tunnels):
-            for channel in list(tunnel.channels.values()):
-                channel.reset(reason, ErrorCode.CANCEL)
-
-    @property
-    def active_streams(self) -> Sequence[Channel]:
-        return [c for t in self.tunnels for c in t.channels.values()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 from typing import Any, cast
 
 from mesh.hbone import connection as core
@@ -351,7 +350,3 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             "streams": len(self.channels),
             "pings": self._ping_count,
         }
-
-
-def is_tls_error(exc: BaseException) -> bool:
-    return isinstance(exc, ssl.SSLError)
