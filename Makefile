@@ -15,14 +15,14 @@ ENVOY_DIR := .envoy
 ENVOY_VERSION := 1.40.*
 ENVOY_STAMP := $(ENVOY_DIR)/.installed-stamp
 
-.PHONY: help deps host-deps venv envoy demo test bench lint typecheck unit integration clean
+.PHONY: help deps host-deps venv protos envoy demo test bench lint typecheck unit integration clean
 
 help:
 	@echo "make demo   bring up a local meshlab cluster, show it working, tear it down"
 	@echo "make test   ruff, mypy and the whole test suite (root runs the namespace tests)"
 	@echo "make bench  HBONE throughput, latency, connection rate, CPU and memory beside Envoy"
 
-deps: host-deps venv
+deps: host-deps venv protos
 
 host-deps:
 	@scripts/host-deps.sh
@@ -37,6 +37,17 @@ $(STAMP): pyproject.toml | host-deps
 	@echo "venv: installing the project and its Python dependencies into $(VENV)"
 	@$(VPY) -m pip install -q -e '.[dev]' > $(VENV)/pip.log 2>&1 \
 		|| { cat $(VENV)/pip.log; echo "venv: pip install failed (log above)"; exit 1; }
+	@touch $@
+
+# Our .proto files -> *_pb2.py, *_pb2.pyi, *_pb2_grpc.py beside them (not in git).
+PROTOS := $(shell find mesh/proto -name '*.proto' | sort)
+PROTO_STAMP := mesh/proto/.generated-stamp
+
+protos: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTOS) $(STAMP)
+	@echo "protos: generating Python modules from $(words $(PROTOS)) .proto files"
+	@$(VPY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	@touch $@
 
 envoy: $(ENVOY_STAMP)
@@ -56,14 +67,14 @@ bench: deps envoy
 	@scripts/host-deps.sh bench
 	$(VPY) -m bench.hbone_bench --json bench/results/hbone.json --record bench/RESULTS.md
 
-lint: venv
+lint: venv protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: venv
+typecheck: venv protos
 	$(VENV)/bin/mypy mesh controlplane ztunnel waypoint ebpf meshlab tests bench
 
-unit: venv
+unit: venv protos
 	$(VPY) -m pytest tests/unit
 
 integration: deps
@@ -74,3 +85,4 @@ test: deps envoy lint typecheck
 
 clean:
 	rm -rf $(VENV) $(ENVOY_DIR) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find mesh/proto \( -name '*_pb2*.py' -o -name '*_pb2.pyi' -o -name '.generated-stamp' \) -delete
