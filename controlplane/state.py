@@ -1,0 +1,107 @@
+"""What meshd knows of the world, whatever the source: the input of translation.
+
+Every source (a running meshlab cluster, a file, the Kubernetes API) turns
+its objects into one :class:`SourceState`, replaced whole on each change.
+The shapes are the few Kubernetes facts the mesh needs, nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from mesh.model import Rule
+
+Labels = Mapping[str, str]
+ROOT_NAMESPACE = "istio-system"
+DEFAULT_CLUSTER_ID = "Kubernetes"
+
+# Labels Istio's ambient mode reads.
+DATAPLANE_MODE = "istio.io/dataplane-mode"
+USE_WAYPOINT = "istio.io/use-waypoint"
+USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+
+
+def frozen_labels(labels: Mapping[str, str] | None = None) -> Labels:
+    return MappingProxyType(dict(labels or {}))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NamespaceInfo:
+    name: str
+    labels: Labels = field(default_factory=frozen_labels)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodInfo:
+    uid: str
+    name: str
+    namespace: str
+    node: str
+    ip: str | None
+    service_account: str = "default"
+    labels: Labels = field(default_factory=frozen_labels)
+    ready: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServicePortInfo:
+    port: int
+    target_port: int
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceInfo:
+    name: str
+    namespace: str
+    cluster_ips: tuple[str, ...]
+    ports: tuple[ServicePortInfo, ...]
+    selector: Labels = field(default_factory=frozen_labels)
+    labels: Labels = field(default_factory=frozen_labels)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizationPolicyInfo:
+    """An Istio AuthorizationPolicy, parsed (see :mod:`controlplane.authz_yaml`)."""
+
+    name: str
+    namespace: str
+    action: str  # "ALLOW" or "DENY"
+    selector: Labels | None  # None: the whole namespace (or mesh, in the root namespace)
+    rules: tuple[Rule, ...] | None  # None: no rules at all (ALLOW: nothing; DENY: nothing)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointInfo:
+    """A Gateway of class istio-waypoint, and where it listens."""
+
+    name: str
+    namespace: str
+    address: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointSliceInfo:
+    """The addresses an EndpointSlice lists for a service (used when it has no selector)."""
+
+    service: str
+    namespace: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceState:
+    namespaces: tuple[NamespaceInfo, ...] = ()
+    pods: tuple[PodInfo, ...] = ()
+    services: tuple[ServiceInfo, ...] = ()
+    policies: tuple[AuthorizationPolicyInfo, ...] = ()
+    waypoints: tuple[WaypointInfo, ...] = ()
+    endpoint_slices: tuple[EndpointSliceInfo, ...] = ()
+    trust_domain: str = "cluster.local"
+    cluster_id: str = DEFAULT_CLUSTER_ID
+    root_namespace: str = ROOT_NAMESPACE
+    # Objects the source refused, one line each, for meshd's status.
+    rejected: tuple[str, ...] = ()
