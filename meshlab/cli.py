@@ -22,6 +22,7 @@ import yaml
 
 from mesh.cluster import Cluster, apply_label_edits, parse_label_edits, parse_spec
 from mesh.cluster.errors import ClusterError
+from mesh.cluster.model import parse_policy
 from mesh.cluster.statefile import list_clusters, locked, read_state, write_state
 from meshlab import lifecycle, names, procs
 from meshlab.errors import ClusterNotFoundError, MeshlabError
@@ -222,6 +223,56 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except FileNotFoundError as e:
+        raise MeshlabError(f"{path} does not exist") from e
+    except yaml.YAMLError as e:
+        raise MeshlabError(f"{path} is not valid YAML: {e}") from e
+    policies = []
+    for i, doc in enumerate(documents):
+        try:
+            policies.append(parse_policy(doc))
+        except ClusterError as e:
+            raise MeshlabError(f"{path}, document {i + 1}: {e}") from e
+    name = lifecycle.resolve_name(args.name)
+    with locked(name):
+        state = read_state(name)
+        existing = {(_ns(p), _pname(p)) for p in state.policies}
+        for policy in policies:
+            state = state.with_policy(policy)
+        write_state(state)
+    for policy in policies:
+        verb = "configured" if (_ns(policy), _pname(policy)) in existing else "created"
+        print(f"authorizationpolicy.security.istio.io/{_pname(policy)} {verb}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    name = lifecycle.resolve_name(args.name)
+    namespace = args.namespace or "default"
+    with locked(name):
+        state = read_state(name)
+        if not any((_ns(p), _pname(p)) == (namespace, args.object) for p in state.policies):
+            raise MeshlabError(
+                f'authorizationpolicies.security.istio.io "{args.object}" not found '
+                f'in namespace "{namespace}"'
+            )
+        write_state(state.without_policy(namespace, args.object))
+    print(f'authorizationpolicy.security.istio.io "{args.object}" deleted')
+    return 0
+
+
+def _ns(policy: Any) -> str:
+    return str((policy.get("metadata") or {}).get("namespace") or "default")
+
+
+def _pname(policy: Any) -> str:
+    return str((policy.get("metadata") or {}).get("name") or "")
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     if args.app == "echo":
         from meshlab.apps import echo
@@ -271,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("-n", "--namespace", help="the pod's namespace (default: default)")
     lab.add_argument("--overwrite", action="store_true", help="allow changing existing values")
     lab.set_defaults(func=cmd_label)
+
+    apply = with_name(sub.add_parser("apply", help="apply AuthorizationPolicy objects, as kubectl"))
+    apply.add_argument("-f", "--file", required=True, help="YAML, one or more documents")
+    apply.set_defaults(func=cmd_apply)
+
+    delete = with_name(sub.add_parser("delete", help="delete an AuthorizationPolicy"))
+    delete.add_argument("kind", choices=["authorizationpolicy", "authorizationpolicies", "ap"])
+    delete.add_argument("object", help="the policy's name")
+    delete.add_argument("-n", "--namespace", help="its namespace (default: default)")
+    delete.set_defaults(func=cmd_delete)
 
     app = sub.add_parser("app", help="run one of the small apps pods use")
     app.add_argument("app", choices=["echo"])

@@ -25,6 +25,7 @@ from pathlib import Path
 from mesh.cluster import Cluster, Network, Node, Pod
 from mesh.cluster.errors import StateFileError
 from mesh.cluster.statefile import (
+    TOKEN_FILE,
     cluster_dir,
     list_clusters,
     lock_path,
@@ -191,6 +192,7 @@ def _build_nodes(state: Cluster, log: Log) -> Cluster:
         )
         procs.sysctl(node.netns, "net.ipv4.ip_forward", "1")
         ndir = node_dir(state.name, node.name)
+        issue_node_token(ndir)
         cni.write_conflist(
             ndir / "cni" / "net.d",
             cni.node_conflist(node.pod_cidr, ndir / "cni" / "ipam"),
@@ -203,6 +205,21 @@ def _build_nodes(state: Cluster, log: Log) -> Cluster:
                 assert node.netns and other.ip
                 netlink.add_route(node.netns, other.pod_cidr, other.ip)
     return state
+
+
+def issue_node_token(ndir: Path) -> str:
+    """The node agent's credential for meshd's CA: a random token, readable by root only.
+
+    meshd reads these files to know which token belongs to which node, the
+    way the API server's TokenReview binds a Kubernetes token to a node.
+    """
+    ndir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    path = ndir / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
 
 
 def pod_env(state: Cluster, pod: Pod) -> dict[str, str]:

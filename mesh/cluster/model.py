@@ -118,6 +118,11 @@ class Cluster:
     service_accounts: tuple[ServiceAccount, ...]
     pods: tuple[Pod, ...]
     services: tuple[Service, ...]
+    # Istio AuthorizationPolicy objects, as written (apiVersion, kind,
+    # metadata, spec); meshd parses and validates them like the API server's.
+    policies: tuple[Mapping[str, Any], ...] = ()
+    # Waypoints (Gateways of class istio-waypoint): name, namespace, address.
+    waypoints: tuple[Mapping[str, Any], ...] = ()
     resource_version: int = 0
     phase: str | None = None
 
@@ -224,7 +229,27 @@ class Cluster:
             }
             for s in self.services
         ]
+        if self.policies:
+            doc["authorizationPolicies"] = [dict(p) for p in self.policies]
+        if self.waypoints:
+            doc["waypoints"] = [dict(w) for w in self.waypoints]
         return doc
+
+    def with_policy(self, policy: Mapping[str, Any]) -> Cluster:
+        """Add ``policy``, or replace the one of the same namespace and name."""
+        key = _policy_key(policy)
+        kept = tuple(p for p in self.policies if _policy_key(p) != key)
+        return replace(self, policies=(*kept, policy))
+
+    def without_policy(self, namespace: str, name: str) -> Cluster:
+        return replace(
+            self, policies=tuple(p for p in self.policies if _policy_key(p) != (namespace, name))
+        )
+
+
+def _policy_key(policy: Mapping[str, Any]) -> tuple[str, str]:
+    meta = policy.get("metadata") or {}
+    return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
 
 
 def _str_or_none(value: object | None) -> str | None:
@@ -249,6 +274,8 @@ _TOP_KEYS = {
     "services",
     "resourceVersion",
     "phase",
+    "authorizationPolicies",
+    "waypoints",
 }
 
 
@@ -358,6 +385,14 @@ def parse_spec(raw: object) -> Cluster:
     accounts = _parse_service_accounts(top, ns_names)
     pods = _parse_pods(top, nodes, ns_names, accounts)
     services = _parse_services(top, ns_names, network)
+    policies = tuple(
+        _parse_policy(raw, f"authorizationPolicies[{i}]")
+        for i, raw in enumerate(top.items("authorizationPolicies"))
+    )
+    waypoints = tuple(
+        _parse_waypoint(raw, f"waypoints[{i}]", ns_names)
+        for i, raw in enumerate(top.items("waypoints"))
+    )
     return Cluster(
         name=name,
         network=network,
@@ -366,8 +401,44 @@ def parse_spec(raw: object) -> Cluster:
         service_accounts=accounts,
         pods=pods,
         services=services,
+        policies=policies,
+        waypoints=waypoints,
         resource_version=resource_version,
         phase=phase,
+    )
+
+
+def parse_policy(raw: object) -> Mapping[str, Any]:
+    """Check the envelope of an AuthorizationPolicy object; meshd checks its spec."""
+    return _parse_policy(raw, "")
+
+
+def _parse_policy(raw: object, path: str) -> Mapping[str, Any]:
+    r = _Reader(raw, path, {"apiVersion", "kind", "metadata", "spec"})
+    if r.raw.get("kind") != "AuthorizationPolicy":
+        raise ClusterSpecError(r.at("kind"), "must be AuthorizationPolicy")
+    api = r.raw.get("apiVersion", "security.istio.io/v1")
+    if api not in ("security.istio.io/v1", "security.istio.io/v1beta1"):
+        raise ClusterSpecError(r.at("apiVersion"), f"{api!r} is not security.istio.io/v1")
+    meta = _Reader(
+        r.raw.get("metadata"), r.at("metadata"), {"name", "namespace", "labels", "annotations"}
+    )
+    _name(meta, "name")
+    if meta.raw.get("namespace") is not None:
+        _name(meta, "namespace", "label")
+    spec = r.raw.get("spec", {})
+    if spec is not None and not isinstance(spec, Mapping):
+        raise ClusterSpecError(r.at("spec"), "must be a mapping")
+    return MappingProxyType(dict(r.raw))
+
+
+def _parse_waypoint(raw: object, path: str, ns_names: set[str]) -> Mapping[str, Any]:
+    r = _Reader(raw, path, {"name", "namespace", "address"})
+    ns = r.text("namespace", DEFAULT_NAMESPACE)
+    if ns not in ns_names:
+        raise ClusterSpecError(r.at("namespace"), _unknown_namespace(ns, ns_names))
+    return MappingProxyType(
+        {"name": _name(r, "name"), "namespace": ns, "address": str(r.address("address") or "")}
     )
 
 

@@ -105,3 +105,22 @@ def locked(name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+TOKEN_FILE = "token"
+
+
+def node_token_path(name: str, node: str) -> Path:
+    """Where meshlab keeps the CA token of node ``node``'s agent (mode 0600)."""
+    return cluster_dir(name) / "nodes" / node / TOKEN_FILE
+
+
+def node_tokens(name: str) -> dict[str, str]:
+    """token -> node name, for every node agent of cluster ``name``."""
+    tokens: dict[str, str] = {}
+    for path in (cluster_dir(name) / "nodes").glob(f"*/{TOKEN_FILE}"):
+        with contextlib.suppress(OSError):
+            token = path.read_text().strip()
+            if token:
+                tokens[token] = path.parent.name
+    return tokens

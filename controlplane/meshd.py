@@ -1,0 +1,283 @@
+"""``meshd``: a source of truth in, one Delta ADS feed (and the CA) out.
+
+    meshd --source meshlab:NAME | file:PATH | kubernetes [--kubeconfig PATH]
+          [--listen 127.0.0.1:15010] [--status-listen 127.0.0.1:15014]
+          [--ca-dir DIR] [--trust-domain cluster.local]
+
+Every change at the source is translated whole (a pure function) and handed
+to the snapshot cache, which works out per subscriber what to send. Objects
+the source or the translation refused are logged once and listed in the
+status document (``GET /debug/status`` on the status port), beside every
+subscriber's state; ``GET /ready`` answers 200 once the first state is
+served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from controlplane.ads.cache import SnapshotCache
+from controlplane.ads.feed import TYPE_URLS, Feed
+from controlplane.ads.server import AdsServer
+from controlplane.state import SourceState
+from controlplane.translate import Resources, translate
+
+log = logging.getLogger("meshd")
+
+
+class Source(Protocol):
+    latest: SourceState | None
+
+    def describe(self) -> str: ...
+
+    async def run(self) -> None: ...
+
+
+class Meshd:
+    """The control plane's core wiring, independent of how it is started."""
+
+    def __init__(self, *, logger: logging.Logger = log) -> None:
+        self.log = logger
+        self.cache = SnapshotCache(TYPE_URLS)
+        self.ads = AdsServer(self.cache)
+        self.feed = Feed()
+        self.state: SourceState | None = None
+        self.resources = Resources()
+        self.rejected: tuple[str, ...] = ()
+        self.updates = 0
+        self.last_update_ms = 0.0
+        self.ready = asyncio.Event()
+
+    def on_source(self, state: SourceState) -> None:
+        """A new state at the source: translate it and publish the result."""
+        started = time.perf_counter()
+        resources = translate(state)
+        entries = self.feed.entries(resources)
+        changed = self.cache.update(entries)
+        self.state = state
+        self.resources = resources
+        for line in sorted(set(resources.rejected) - set(self.rejected)):
+            self.log.warning("meshd: refused %s", line)
+        self.rejected = resources.rejected
+        self.updates += 1
+        self.last_update_ms = (time.perf_counter() - started) * 1000
+        self.ready.set()
+        if changed:
+            self.log.info(
+                "meshd: generation %d: %d workloads, %d services, %d policies "
+                "(%s changed, %.1f ms)",
+                self.cache.snapshot.generation,
+                len(resources.workloads),
+                len(resources.services),
+                len(resources.policies),
+                ", ".join(f"{len(n)} {t.rsplit('.', 1)[-1]}" for t, n in changed.items()),
+                self.last_update_ms,
+            )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "generation": self.cache.snapshot.generation,
+            "workloads": len(self.resources.workloads),
+            "services": len(self.resources.services),
+            "policies": len(self.resources.policies),
+            "rejected": list(self.rejected),
+            "updates": self.updates,
+            "lastUpdateMs": round(self.last_update_ms, 2),
+            "subscribers": self.ads.status(),
+        }
+
+
+async def serve_status(meshd: Meshd, host: str, port: int) -> asyncio.Server:
+    """A tiny HTTP endpoint: ``/debug/status`` (JSON) and ``/ready``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)).strip():
+                pass
+            path = request.split()[1].decode() if len(request.split()) > 1 else "/"
+            if path.startswith("/ready"):
+                code, body = (200, b"ready\n") if meshd.ready.is_set() else (503, b"not ready\n")
+            elif path.startswith("/debug/status"):
+                code, body = 200, json.dumps(meshd.status(), indent=1).encode() + b"\n"
+            else:
+                code, body = 404, b"try /debug/status or /ready\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
+            writer.write(
+                f"HTTP/1.1 {code} {reason}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", required=True, help="meshlab:NAME, file:PATH or kubernetes")
+    parser.add_argument("--kubeconfig", help="with --source kubernetes (default: in-cluster)")
+    parser.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 15010),
+        help="plaintext gRPC: xDS and CA (default 127.0.0.1:15010)",
+    )
+    parser.add_argument("--status-listen", type=_address, default=("127.0.0.1", 15014))
+    parser.add_argument(
+        "--ca-dir",
+        type=Path,
+        help="where the CA root persists (meshlab: in the cluster's state dir)",
+    )
+    parser.add_argument("--trust-domain", default="cluster.local")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+SourceFactory = Callable[[Callable[[SourceState], None]], Source]
+
+
+def make_source(args: argparse.Namespace) -> tuple[SourceFactory, Path | None]:
+    """The source named by ``--source`` and the default CA directory for it."""
+    kind, _, value = args.source.partition(":")
+    if kind == "meshlab" and value:
+        from controlplane.sources.local import MeshlabSource
+        from mesh.cluster.statefile import cluster_dir
+
+        return (
+            lambda cb: MeshlabSource(value, on_change=cb, trust_domain=args.trust_domain),
+            cluster_dir(value) / "ca",
+        )
+    if kind == "file" and value:
+        from controlplane.sources.local import FileSource
+
+        path = Path(value)
+        return (lambda cb: FileSource(path, on_change=cb, trust_domain=args.trust_domain), None)
+    if kind == "kubernetes":
+        from controlplane.sources import kubernetes as k8s
+
+        client = k8s.api_client_from(args.kubeconfig)
+        return (
+            lambda cb: k8s.KubernetesSource(client, on_change=cb, trust_domain=args.trust_domain),
+            None,
+        )
+    raise SystemExit(
+        f"meshd: error: --source {args.source!r}: use meshlab:NAME, file:PATH or kubernetes"
+    )
+
+
+async def run(
+    args: argparse.Namespace,
+    *,
+    started: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    meshd = Meshd()
+    factory, default_ca_dir = make_source(args)
+    source = factory(meshd.on_source)
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    meshd.ads.add_to(server)
+    ca_dir = args.ca_dir or default_ca_dir
+    _add_ca(server, meshd, args, ca_dir)
+    host, port = args.listen
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    status = await serve_status(meshd, *args.status_listen)
+    log.info(
+        "meshd: serving xDS on %s:%d, status on %s:%d, source %s",
+        host,
+        bound,
+        *args.status_listen,
+        source.describe(),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    source_task = asyncio.ensure_future(source.run())
+    if started is not None:
+        await started()
+    try:
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({source_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if source_task in done and source_task.exception() is not None:
+            log.error("meshd: the source failed: %s", source_task.exception())
+    finally:
+        source_task.cancel()
+        with contextlib.suppress(BaseException):
+            await source_task
+        status.close()
+        await server.stop(grace=1.0)
+
+
+def _add_ca(
+    server: grpc.aio.Server, meshd: Meshd, args: argparse.Namespace, ca_dir: Path | None
+) -> None:
+    """Serve the CA beside xDS when this build has it and a root directory is known."""
+    try:
+        from controlplane import ca_service
+    except ImportError:  # pragma: no cover - the CA is part of every build
+        return
+    if ca_dir is None:
+        log.info("meshd: no --ca-dir: the CA is not served")
+        return
+    from mesh.identity import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(ca_dir, args.trust_domain)
+    kind, _, value = args.source.partition(":")
+    if kind == "meshlab":
+        from mesh.cluster.statefile import node_tokens
+
+        authenticator: Any = ca_service.NodeTokenAuthenticator(lambda: node_tokens(value))
+    else:
+        log.info("meshd: no authenticator for source %s yet: the CA is not served", kind)
+        return
+
+    def state() -> SourceState:
+        return meshd.state or SourceState()
+
+    ca_service.add_to_server(server, ca_service.CaService(ca, authenticator, state))
+    log.info("meshd: CA root %s (trust domain %s)", ca_dir, args.trust_domain)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

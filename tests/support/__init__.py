@@ -1,0 +1,1 @@
+"""Test support that stands in where the real thing cannot run on this machine."""
