@@ -1,0 +1,299 @@
+"""Translation from the source's world to the feed: Istio's ambient rules."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
+from controlplane.state import (
+    AuthorizationPolicyInfo,
+    NamespaceInfo,
+    PodInfo,
+    ServiceInfo,
+    ServicePortInfo,
+    SourceState,
+    WaypointInfo,
+    frozen_labels,
+)
+from controlplane.translate import Resources, translate, workload_uid
+from mesh.model import Action, MatchKind, Scope, TunnelProtocol, Workload, WorkloadStatus
+
+
+def ns(name: str, **labels: str) -> NamespaceInfo:
+    return NamespaceInfo(name=name, labels=frozen_labels(labels))
+
+
+def pod(
+    name: str,
+    ip: str | None,
+    namespace: str = "apps",
+    node: str = "n1",
+    sa: str = "default",
+    ready: bool = True,
+    labels: dict[str, str] | None = None,
+    **more: str,
+) -> PodInfo:
+    return PodInfo(
+        uid=name,
+        name=name,
+        namespace=namespace,
+        node=node,
+        ip=ip,
+        service_account=sa,
+        labels=frozen_labels({**(labels or {}), **more}),
+        ready=ready,
+    )
+
+
+def svc(
+    name: str,
+    vip: str,
+    namespace: str = "apps",
+    selector: dict[str, str] | None = None,
+    **labels: str,
+) -> ServiceInfo:
+    return ServiceInfo(
+        name=name,
+        namespace=namespace,
+        cluster_ips=(vip,),
+        ports=(
+            ServicePortInfo(port=80, target_port=8080),
+            ServicePortInfo(port=53, target_port=53, protocol="UDP"),
+        ),
+        selector=frozen_labels(selector or {}),
+        labels=frozen_labels(labels),
+    )
+
+
+def by_name(resources: Resources) -> dict[str, Workload]:
+    return {w.name: w for w in resources.workloads.values()}
+
+
+def test_ambient_namespaces_get_hbone_and_pods_can_opt_out() -> None:
+    state = SourceState(
+        namespaces=(ns("apps", **{"istio.io/dataplane-mode": "ambient"}), ns("legacy")),
+        pods=(
+            pod("a", "10.0.0.1"),
+            pod("b", "10.0.0.2", labels={"istio.io/dataplane-mode": "none"}),
+            pod("c", "10.0.0.3", namespace="legacy"),
+            pod("d", "10.0.0.4", namespace="legacy", labels={"istio.io/dataplane-mode": "ambient"}),
+            pod("pending", None),
+        ),
+    )
+    w = by_name(translate(state))
+    assert sorted(w) == ["a", "b", "c", "d"], "a pod without an IP is not a workload yet"
+    assert w["a"].tunnel_protocol is TunnelProtocol.HBONE
+    assert w["b"].tunnel_protocol is TunnelProtocol.NONE
+    assert w["c"].tunnel_protocol is TunnelProtocol.NONE
+    assert w["d"].tunnel_protocol is TunnelProtocol.HBONE
+
+
+def test_workload_identity_uid_and_health() -> None:
+    state = SourceState(
+        namespaces=(ns("apps"),),
+        pods=(pod("a", "10.0.0.1", sa="web", ready=False, app="shop", version="v2"),),
+        trust_domain="example.org",
+        cluster_id="c1",
+    )
+    (w,) = translate(state).workloads.values()
+    assert w.uid == workload_uid("c1", "apps", "a") == "c1//Pod/apps/a"
+    assert str(w.identity) == "spiffe://example.org/ns/apps/sa/web"
+    assert w.status is WorkloadStatus.UNHEALTHY
+    assert (w.canonical_name, w.canonical_revision) == ("shop", "v2")
+    assert w.node == "n1"
+
+
+def test_services_map_to_their_endpoints_tcp_ports_only() -> None:
+    state = SourceState(
+        namespaces=(ns("apps"), ns("other")),
+        pods=(
+            pod("a", "10.0.0.1", app="web"),
+            pod("b", "10.0.0.2", app="db"),
+            pod("c", "10.0.0.3", namespace="other", app="web"),
+        ),
+        services=(svc("web", "10.96.0.1", selector={"app": "web"}),),
+    )
+    r = translate(state)
+    (service,) = r.services.values()
+    assert service.resource_name == "apps/web.apps.svc.cluster.local"
+    assert [(p.service_port, p.target_port) for p in service.ports] == [(80, 8080)]
+    w = by_name(r)
+    assert w["a"].services == {service.resource_name: service.ports}
+    assert w["b"].services == {}
+    assert w["c"].services == {}, "selectors never cross namespaces"
+
+
+def test_use_waypoint_precedence_pod_then_service_then_namespace() -> None:
+    state = SourceState(
+        namespaces=(ns("apps", **{"istio.io/use-waypoint": "ns-wp"}),),
+        pods=(
+            pod("a", "10.0.0.1", app="web"),
+            pod("b", "10.0.0.2", app="web", labels={"istio.io/use-waypoint": "pod-wp"}),
+            pod("c", "10.0.0.3", labels={"istio.io/use-waypoint": "none"}),
+        ),
+        services=(
+            svc("web", "10.96.0.1", selector={"app": "web"}, **{"istio.io/use-waypoint": "svc-wp"}),
+        ),
+        waypoints=(
+            WaypointInfo(name="ns-wp", namespace="apps", address="10.0.9.1"),
+            WaypointInfo(name="pod-wp", namespace="apps", address="10.0.9.2"),
+            WaypointInfo(name="svc-wp", namespace="apps", address="10.0.9.3"),
+        ),
+    )
+    r = translate(state)
+    w = by_name(r)
+    waypoints = {n: str(wl.waypoint.address) if wl.waypoint else None for n, wl in w.items()}
+    assert waypoints == {"a": "10.0.9.1", "b": "10.0.9.2", "c": None}
+    assert w["c"].waypoint is None
+    (service,) = r.services.values()
+    assert service.waypoint is not None and str(service.waypoint.address) == "10.0.9.3"
+    assert service.waypoint.port == 15008
+
+
+def test_a_missing_waypoint_is_reported_not_invented() -> None:
+    state = SourceState(
+        namespaces=(ns("apps"),),
+        pods=(pod("a", "10.0.0.1", labels={"istio.io/use-waypoint": "ghost"}),),
+    )
+    r = translate(state)
+    assert next(iter(r.workloads.values())).waypoint is None
+    assert any("ghost" in line for line in r.rejected)
+
+
+def test_bad_objects_are_rejected_alone() -> None:
+    state = SourceState(
+        namespaces=(ns("apps"),),
+        pods=(
+            pod("a", "10.0.0.1"),
+            pod("twin", "10.0.0.1"),
+            pod("junk", "10.0.0.300"),
+            pod("ok", "10.0.0.2"),
+        ),
+        services=(svc("s1", "10.96.0.1"), svc("s2", "10.96.0.1"), svc("s3", "not-an-ip")),
+    )
+    r = translate(state)
+    assert sorted(by_name(r)) == ["a", "ok"]
+    assert [s.name for s in r.services.values()] == ["s1"]
+    assert len(r.rejected) == 4
+    assert any("10.0.0.1 already used by pod apps/a" in line for line in r.rejected)
+
+
+def policy(name: str, namespace: str = "apps", **spec: object) -> AuthorizationPolicyInfo:
+    return parse_authorization_policy(
+        {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    )
+
+
+def test_policy_scopes_and_selection() -> None:
+    state = SourceState(
+        namespaces=(ns("apps"), ns("istio-system")),
+        pods=(pod("a", "10.0.0.1", app="web"), pod("b", "10.0.0.2", app="db")),
+        policies=(
+            policy(
+                "only-web",
+                selector={"matchLabels": {"app": "web"}},
+                action="DENY",
+                rules=[{}],
+            ),
+            policy("whole-ns", rules=[{"from": [{"source": {"namespaces": ["apps"]}}]}]),
+            policy("mesh", namespace="istio-system", action="DENY"),
+        ),
+    )
+    r = translate(state)
+    scopes = {p.name: p.scope for p in r.policies.values()}
+    assert scopes == {
+        "only-web": Scope.WORKLOAD_SELECTOR,
+        "whole-ns": Scope.NAMESPACE,
+        "mesh": Scope.GLOBAL,
+    }
+    w = by_name(r)
+    assert w["a"].authorization_policies == ("apps/only-web",)
+    assert w["b"].authorization_policies == ()
+    assert r.policies["apps/only-web"].action is Action.DENY
+
+
+def test_authorization_policy_yaml_to_l4_rules() -> None:
+    info = parse_authorization_policy(
+        {
+            "metadata": {"name": "p", "namespace": "apps"},
+            "spec": {
+                "action": "ALLOW",
+                "rules": [
+                    {
+                        "from": [
+                            {
+                                "source": {
+                                    "principals": ["cluster.local/ns/a/sa/x", "*/sa/y"],
+                                    "notNamespaces": ["kube-*"],
+                                }
+                            },
+                            {"source": {"ipBlocks": ["10.0.0.0/8"]}},
+                        ],
+                        "to": [{"operation": {"ports": ["80", 443]}}],
+                    },
+                ],
+            },
+        }
+    )
+    assert info.action == "ALLOW" and info.selector is None
+    assert info.rules is not None
+    (rule,) = info.rules
+    sources, ports = rule.clauses
+    first, second = sources.matches
+    assert [(m.kind, m.value) for m in first.principals] == [
+        (MatchKind.EXACT, "cluster.local/ns/a/sa/x"),
+        (MatchKind.SUFFIX, "/sa/y"),
+    ]
+    assert [(m.kind, m.value) for m in first.not_namespaces] == [(MatchKind.PREFIX, "kube-")]
+    assert [str(n) for n in second.source_ips] == ["10.0.0.0/8"]
+    assert ports.matches[0].destination_ports == (80, 443)
+    empty = parse_authorization_policy({"metadata": {"name": "e"}, "spec": {}})
+    assert empty.rules is None and empty.namespace == "default"
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        ({"action": "AUDIT"}, "spec.action"),
+        (
+            {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]},
+            "spec.rules[0].to[0].operation.methods",
+        ),
+        (
+            {"rules": [{"when": [{"key": "request.headers[x]", "values": ["1"]}]}]},
+            "spec.rules[0].when",
+        ),
+        (
+            {"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]},
+            "spec.rules[0].from[0].source.ipBlocks[0]",
+        ),
+        (
+            {"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]},
+            "spec.rules[0].to[0].operation.ports[0]",
+        ),
+        ({"selector": {"matchExpressions": []}}, "spec.selector"),
+        ({"rulez": []}, "spec.rulez"),
+        (
+            {"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]},
+            "spec.rules[0].from[0].source.requestPrincipals",
+        ),
+    ],
+)
+def test_policies_ztunnel_cannot_enforce_are_refused_naming_the_field(
+    spec: dict[str, object], path: str
+) -> None:
+    with pytest.raises(InvalidPolicy) as info:
+        parse_authorization_policy({"metadata": {"name": "p", "namespace": "apps"}, "spec": spec})
+    assert info.value.path == path
+    assert "apps/p" in str(info.value)
+
+
+def test_translation_is_deterministic_and_pure() -> None:
+    state = SourceState(
+        namespaces=(ns("apps"),),
+        pods=(pod("a", "10.0.0.1", app="x"),),
+        services=(svc("s", "10.96.0.9", selector={"app": "x"}),),
+    )
+    assert translate(state) == translate(replace(state))
