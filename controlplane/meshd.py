@@ -32,7 +32,7 @@ from controlplane.ads.cache import SnapshotCache
 from controlplane.ads.feed import TYPE_URLS, Feed
 from controlplane.ads.server import AdsServer
 from controlplane.state import SourceState
-from controlplane.translate import Resources, translate
+from controlplane.translate import Resources, Translator
 
 log = logging.getLogger("meshd")
 
@@ -53,6 +53,7 @@ class Meshd:
         self.cache = SnapshotCache(TYPE_URLS)
         self.ads = AdsServer(self.cache)
         self.feed = Feed()
+        self.translator = Translator()
         self.state: SourceState | None = None
         self.resources = Resources()
         self.rejected: tuple[str, ...] = ()
@@ -63,7 +64,7 @@ class Meshd:
     def on_source(self, state: SourceState) -> None:
         """A new state at the source: translate it and publish the result."""
         started = time.perf_counter()
-        resources = translate(state)
+        resources = self.translator.translate(state)
         entries = self.feed.entries(resources)
         changed = self.cache.update(entries)
         self.state = state

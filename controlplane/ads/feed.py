@@ -31,7 +31,9 @@ class Feed:
 
         def keep(key: str, value: Workload | Service | Policy, type_url: str) -> Entry:
             old = self._values.get(key)
-            entry = self._entries.get(key) if old == value else None
+            # Identity first: the translator hands back the same object when
+            # nothing changed, which makes the common case a pointer check.
+            entry = self._entries.get(key) if (old is value or old == value) else None
             if entry is None:
                 entry = pack(value.to_proto(), type_url)
             values[key] = value
