@@ -1,0 +1,768 @@
+"""The Kubernetes source: list+watch the API server into one :class:`SourceState`.
+
+One informer thread per kind, as client-go's reflector does it: list (in
+pages), then watch from the list's resourceVersion with bookmarks; on
+``410 Gone`` list again and replace that kind's store; on any other error
+back off (0.1 s doubling to 30 s, with jitter) and retry, saying why in one
+log line. Threads, because the official client blocks; everything they
+learn is converted at once (so a bad object is refused alone, and logged
+once per resourceVersion) and handed to the asyncio loop, which publishes a
+whole new state at most once per ``publish_interval_s``, and only after
+every kind has been listed once, so meshd never serves a half-listed world.
+
+Objects are read as raw JSON (``_preload_content=False``), never as the
+client's models: the custom resources have no models, and decoding pods
+into models is the slowest part of the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import kubernetes.client
+import kubernetes.config
+from kubernetes.client.exceptions import ApiException
+
+from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
+from controlplane.state import (
+    AuthorizationPolicyInfo,
+    EndpointSliceInfo,
+    NamespaceInfo,
+    PodInfo,
+    ServiceInfo,
+    ServicePortInfo,
+    SourceState,
+    WaypointInfo,
+    frozen_labels,
+)
+
+log = logging.getLogger(__name__)
+
+Obj = Mapping[str, Any]
+Key = tuple[str, str]  # (namespace or "", name)
+_T = TypeVar("_T")
+
+WAYPOINT_CLASS = "istio-waypoint"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+
+
+# kubernetes.config is not annotated; its two loaders, typed.
+_load_kube_config: Callable[..., None] = kubernetes.config.load_kube_config
+_load_incluster_config: Callable[..., None] = kubernetes.config.load_incluster_config
+
+
+class KubernetesConfigError(RuntimeError):
+    """No way to reach an API server was found; the message says what was tried."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceAccountInfo:
+    name: str
+    namespace: str
+    labels: Mapping[str, str] = field(default_factory=frozen_labels)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One object, converted once: its value (None: left out), why it was refused, notes."""
+
+    rv: str
+    value: object | None
+    rejected: str = ""
+    notes: tuple[str, ...] = ()
+
+
+# -- conversion: one Kubernetes object (raw JSON) -> one SourceState value ------------------
+
+
+def _meta(obj: Obj) -> tuple[str, str, Mapping[str, str]]:
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ValueError("metadata.labels must map strings to strings")
+    return str(meta.get("namespace") or ""), str(meta["name"]), frozen_labels(labels)
+
+
+def convert_namespace(obj: Obj) -> NamespaceInfo:
+    _, name, labels = _meta(obj)
+    return NamespaceInfo(name=name, labels=labels)
+
+
+def convert_pod(obj: Obj) -> PodInfo | None:
+    """None for pods the mesh does not carry: host-network (they share the node's IP,
+    as Istio leaves them out of ambient) and finished ones (their IP may be reused)."""
+    namespace, name, labels = _meta(obj)
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    phase = status.get("phase")
+    if spec.get("hostNetwork") or phase in ("Succeeded", "Failed"):
+        return None
+    ip = status.get("podIP") or None
+    if ip is not None:
+        try:
+            ip = str(ipaddress.ip_address(ip))
+        except ValueError:
+            raise ValueError(f"status.podIP {ip!r} is not an IP address") from None
+    ready = (
+        phase == "Running"
+        and not (obj.get("metadata") or {}).get("deletionTimestamp")  # terminating
+        and any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or ()
+        )
+    )
+    return PodInfo(
+        uid=str(obj["metadata"].get("uid") or ""),
+        name=name,
+        namespace=namespace,
+        node=spec.get("nodeName") or "",
+        ip=ip,
+        service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
+        labels=labels,
+        ready=ready,
+    )
+
+
+def convert_service(obj: Obj) -> tuple[ServiceInfo, tuple[str, ...]]:
+    """The service, and notes: a named targetPort is resolved per pod by Kubernetes,
+    but ServicePortInfo holds one number, so the service port stands in for it."""
+    namespace, name, labels = _meta(obj)
+    spec = obj.get("spec") or {}
+    ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    cluster_ips = tuple(str(ipaddress.ip_address(ip)) for ip in ips if ip and ip != "None")
+    ports, notes = [], []
+    for raw in spec.get("ports") or ():
+        port = int(raw["port"])
+        target = raw.get("targetPort", port)
+        if isinstance(target, str) and not target.isdigit():
+            notes.append(
+                f"service {namespace}/{name}: port {port} has the named targetPort {target!r}; "
+                f"using {port} (named ports are not resolved per pod)"
+            )
+            target = port
+        ports.append(
+            ServicePortInfo(
+                port=port,
+                target_port=int(target),
+                name=str(raw.get("name") or ""),
+                protocol=str(raw.get("protocol") or "TCP"),
+            )
+        )
+    info = ServiceInfo(
+        name=name,
+        namespace=namespace,
+        cluster_ips=cluster_ips,
+        ports=tuple(ports),
+        selector=frozen_labels(spec.get("selector") or {}),
+        labels=labels,
+    )
+    return info, tuple(notes)
+
+
+def convert_endpoint_slice(obj: Obj) -> EndpointSliceInfo | None:
+    """The ready addresses (a missing ``ready`` means ready, per the API); None for slices
+    that belong to no service or list FQDNs."""
+    namespace, _, labels = _meta(obj)
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service or obj.get("addressType") not in ("IPv4", "IPv6"):
+        return None
+    addresses = []
+    for endpoint in obj.get("endpoints") or ():
+        if (endpoint.get("conditions") or {}).get("ready") is False:
+            continue
+        # Only the first address has a meaning (the API says so; kube-proxy reads only it).
+        first = (endpoint.get("addresses") or [None])[0]
+        if first:
+            addresses.append(str(ipaddress.ip_address(first)))
+    return EndpointSliceInfo(service=service, namespace=namespace, addresses=tuple(addresses))
+
+
+def convert_gateway(obj: Obj) -> WaypointInfo | None:
+    """A Gateway of class istio-waypoint; others are not ours. The address is the first
+    IP address in status (Gateway API addresses without a type are IP addresses)."""
+    namespace, name, _ = _meta(obj)
+    if (obj.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+        return None
+    addresses = [a for a in (obj.get("status") or {}).get("addresses") or () if a.get("value")]
+    ips = [a for a in addresses if a.get("type", "IPAddress") == "IPAddress"]
+    chosen = (ips or addresses or [{}])[0].get("value")
+    return WaypointInfo(name=name, namespace=namespace, address=chosen)
+
+
+def convert_service_account(obj: Obj) -> ServiceAccountInfo:
+    namespace, name, labels = _meta(obj)
+    return ServiceAccountInfo(name=name, namespace=namespace, labels=labels)
+
+
+def _entry(kind: _Kind, obj: Obj) -> _Entry:
+    """Convert one object; a malformed one becomes a line in ``rejected``, never an error."""
+    meta = obj.get("metadata") or {}
+    rv = str(meta.get("resourceVersion") or "")
+    namespace, name = meta.get("namespace"), meta.get("name")
+    where = f"{kind.singular} {namespace}/{name}" if namespace else f"{kind.singular} {name}"
+    try:
+        converted = kind.convert(obj)
+    except InvalidPolicy as e:
+        return _Entry(rv, None, rejected=str(e))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        reason = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        return _Entry(rv, None, rejected=f"{where}: {reason}")
+    if isinstance(converted, tuple):
+        return _Entry(rv, converted[0], notes=converted[1])
+    return _Entry(rv, converted)
+
+
+# -- the kinds ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    name: str  # the resource, as in the URL
+    singular: str  # for log lines and rejected entries
+    api: str  # the client API class
+    method: str  # its list method
+    convert: Callable[[Obj], Any]
+    args: tuple[str, ...] = ()  # group, version, plural for custom objects
+    optional: bool = False  # a CRD that may not be installed: 404 means none
+
+
+_CORE, _CUSTOM = "CoreV1Api", "CustomObjectsApi"
+_EVERYWHERE = "_for_all_namespaces"
+KINDS = (
+    _Kind("namespaces", "namespace", _CORE, "list_namespace", convert_namespace),
+    _Kind("pods", "pod", _CORE, f"list_pod{_EVERYWHERE}", convert_pod),
+    _Kind("services", "service", _CORE, f"list_service{_EVERYWHERE}", convert_service),
+    _Kind("serviceaccounts", "serviceaccount", _CORE, f"list_service_account{_EVERYWHERE}",
+          convert_service_account),
+    _Kind("endpointslices", "endpointslice", "DiscoveryV1Api",
+          f"list_endpoint_slice{_EVERYWHERE}", convert_endpoint_slice),
+    _Kind("authorizationpolicies", "AuthorizationPolicy", _CUSTOM, "list_cluster_custom_object",
+          parse_authorization_policy, ("security.istio.io", "v1", "authorizationpolicies"), True),
+    _Kind("gateways", "gateway", _CUSTOM, "list_cluster_custom_object", convert_gateway,
+          ("gateway.networking.k8s.io", "v1", "gateways"), True),
+)  # fmt: skip
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old (410): list again."""
+
+
+class _WatchError(Exception):
+    """An ERROR event other than 410: the watch is retried after a backoff."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Backoff:
+    """Exponential backoff with jitter, so informers of many meshds do not retry in step."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s, self.max_s, self.attempts = initial_s, max_s, 0
+
+    def next(self) -> float:
+        delay = min(self.max_s, self.initial_s * 2 ** min(self.attempts, 30))
+        self.attempts += 1
+        return float(delay * random.uniform(0.5, 1.0))
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+# What a healthy request may take: connect, then read a page of a list.
+CONNECT_TIMEOUT_S = 10.0
+LIST_READ_TIMEOUT_S = 60.0
+
+
+class _Informer:
+    """List+watch of one kind in its own thread; what it learns goes to the source."""
+
+    def __init__(self, source: KubernetesSource, kind: _Kind) -> None:
+        self._source = source
+        self._kind = kind
+        self._lock = threading.Lock()
+        self._response: Any = None  # the open urllib3 response, to interrupt
+        self.resource_version = ""
+        self.events = 0  # a watch that ends without any, within a second, is suspect
+        self.missing = False  # the CRD is not installed (said once)
+        self.thread = threading.Thread(target=self._run, name=f"kube-{kind.name}", daemon=True)
+
+    def interrupt(self) -> None:
+        """Unblock the thread's read: shut its socket down (run() is stopping)."""
+        with self._lock:
+            response = self._response
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        kind, source = self._kind, self._source
+        # Here, not on the loop: the client's first API object takes a second to build.
+        api = getattr(kubernetes.client, kind.api)(source.api_client)
+        self._call: Callable[..., Any] = getattr(api, kind.method)
+        backoff = _Backoff(source.backoff_initial_s, source.backoff_max_s)
+        gone_in_a_row = 0
+        while not source.stopping.is_set():
+            started, events = time.monotonic(), self.events
+            error: Exception | None = None
+            try:
+                if not self.resource_version:
+                    self._list()
+                self._watch()
+            except _Stopped:
+                return
+            except Exception as e:
+                if source.stopping.is_set():
+                    return  # the error is the interrupted read
+                error = e
+            progressed = self.events > events or time.monotonic() - started >= 1.0
+            if error is None and progressed:
+                backoff.reset()
+                gone_in_a_row = 0
+                continue
+            reason = _reason(error) if error else "the watch ended within a second, empty"
+            if _status(error) == 410:
+                self.resource_version = ""
+                gone_in_a_row = 1 if progressed else gone_in_a_row + 1
+                if gone_in_a_row == 1:
+                    source.log.info(
+                        "kubernetes source: %s: watch expired (410 Gone: %s); listing again",
+                        kind.name,
+                        reason,
+                    )
+                    continue
+                reason = f"410 Gone again right after listing ({reason})"  # do not spin
+            level = logging.WARNING
+            if _status(error) == 404 and kind.optional:
+                source._replace(kind, {})  # no CRD, no objects: the mesh works without them
+                group, version, plural = kind.args
+                reason = (
+                    f"the API server does not serve {group}/{version} {plural} "
+                    "(is the CRD installed?); treating as none"
+                )
+                backoff.attempts = 30  # check again, at the slowest pace
+                level = logging.DEBUG if self.missing else logging.WARNING
+                self.missing = True
+            delay = backoff.next()
+            source.log.log(
+                level, "kubernetes source: %s: %s; retrying in %.1fs", kind.name, reason, delay
+            )
+            if source.stopping.wait(delay):
+                return
+
+    def _open(self, **kwargs: Any) -> Any:
+        response = self._call(*self._kind.args, _preload_content=False, **kwargs)
+        with self._lock:
+            if self._source.stopping.is_set():
+                response.close()
+                response.release_conn()
+                raise _Stopped
+            self._response = response
+        return response
+
+    def _done(self, response: Any, clean: bool) -> None:
+        with self._lock:
+            self._response = None
+        if not clean:
+            response.close()  # mid-stream: the connection cannot be reused
+        response.release_conn()
+
+    def _list(self) -> None:
+        """List every page, then replace the kind's store at once (deletions included)."""
+        entries: dict[Key, _Entry] = {}
+        token = ""
+        while True:
+            pages: dict[str, Any] = {"_continue": token} if token else {}
+            response = self._open(
+                limit=self._source.list_page_size,
+                _request_timeout=(CONNECT_TIMEOUT_S, LIST_READ_TIMEOUT_S),
+                **pages,
+            )
+            clean = False
+            try:
+                body = json.loads(response.read())
+                clean = True
+            finally:
+                self._done(response, clean)
+            for obj in body.get("items") or ():
+                key = _key(obj)
+                if key is not None:
+                    entries[key] = _entry(self._kind, obj)
+            meta = body.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                break
+        version = str(meta.get("resourceVersion") or "")
+        if not version:
+            raise ValueError("the list has no metadata.resourceVersion to watch from")
+        self._source._replace(self._kind, entries)
+        self.resource_version = version
+
+    def _watch(self) -> None:
+        """Watch from ``resource_version`` until the server ends the stream."""
+        timeout = random.randint(self._source.watch_timeout_s, 2 * self._source.watch_timeout_s)
+        response = self._open(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            # A read blocks while the watch is quiet; the server ends it after `timeout`.
+            _request_timeout=(CONNECT_TIMEOUT_S, timeout + 30.0),
+        )
+        clean = False
+        try:
+            for line in _lines(response):
+                self._apply(json.loads(line))
+            clean = True
+        finally:
+            self._done(response, clean)
+
+    def _apply(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            code, message = obj.get("code"), obj.get("message") or obj.get("reason") or ""
+            if code == 410:
+                raise _Gone(message)
+            raise _WatchError(f"watch error {code}: {message}")
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        key = _key(obj)
+        if kind in ("ADDED", "MODIFIED") and key is not None:
+            self._source._put(self._kind, key, _entry(self._kind, obj))
+        elif kind == "DELETED" and key is not None:
+            self._source._remove(self._kind, key)
+        elif kind != "BOOKMARK":  # a bookmark only moves the version on
+            self._source.log.debug("kubernetes source: %s: ignored %s event", self._kind.name, kind)
+        if version:
+            self.resource_version = version
+        self.events += 1
+
+
+def _key(obj: Obj) -> Key | None:
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    return (str(meta.get("namespace") or ""), str(name)) if name else None
+
+
+def _lines(response: Any) -> Iterator[bytes]:
+    """The watch stream's lines, as chunks arrive (one event may span chunks)."""
+    buffer = b""
+    for chunk in response.stream(amt=None, decode_content=False):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from (line for line in lines if line.strip())
+    if buffer.strip():
+        yield buffer
+
+
+def _status(e: Exception | None) -> int | None:
+    """The HTTP status an error stands for: 410 for an expired watch, however it came."""
+    if isinstance(e, _Gone):
+        return 410
+    if isinstance(e, ApiException):
+        return int(e.status) if e.status else None
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying what went wrong, with a hint where one helps."""
+    if isinstance(e, ApiException):
+        message = ""
+        with contextlib.suppress(ValueError, AttributeError):
+            message = str(json.loads(e.body or "{}").get("message", ""))
+        text = f"HTTP {e.status} {e.reason}" + (f": {message}" if message else "")
+        if e.status in (401, 403):
+            text += " (are meshd's credentials valid, and does its ClusterRole allow list+watch?)"
+        return text
+    if isinstance(e, _Gone | _WatchError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+# -- the source -----------------------------------------------------------------------------
+
+
+class KubernetesSource:
+    """Follows the API server; publishes a whole :class:`SourceState` on every change.
+
+    ``on_change`` is called on the event loop that runs :meth:`run`, with bursts
+    of changes coalesced into one publication per ``publish_interval_s``.
+    """
+
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        *,
+        on_change: Callable[[SourceState], None],
+        trust_domain: str = "cluster.local",
+        cluster_id: str = "Kubernetes",
+        root_namespace: str = "istio-system",
+        logger: logging.Logger = log,
+        publish_interval_s: float = 0.05,
+        watch_timeout_s: int = 300,
+        list_page_size: int = 500,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 30.0,
+        stop_timeout_s: float = 2.0,
+    ) -> None:
+        self.api_client = api_client
+        self.log = logger
+        self.publish_interval_s = publish_interval_s
+        self.watch_timeout_s = watch_timeout_s
+        self.list_page_size = list_page_size
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.stop_timeout_s = stop_timeout_s
+        self.stopping = threading.Event()
+        self._on_change = on_change
+        self._empty = SourceState(
+            trust_domain=trust_domain, cluster_id=cluster_id, root_namespace=root_namespace
+        )
+        self._state = self._empty
+        self.latest: SourceState | None = None  # None until every kind has been listed
+        # Written by the informer threads, read by the loop: all under _lock.
+        self._lock = threading.Lock()
+        self._stores: dict[str, dict[Key, _Entry]] = {kind.name: {} for kind in KINDS}
+        self._synced: set[str] = set()
+        self._dirty = False
+        self._wake_pending = False
+        # Loop side.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._publish_handle: asyncio.TimerHandle | None = None
+
+    def state(self) -> SourceState:
+        """The latest published state (empty until every kind has been listed once)."""
+        return self._state
+
+    def describe(self) -> str:
+        return f"Kubernetes API server {self.api_client.configuration.host}"
+
+    @property
+    def synced(self) -> bool:
+        with self._lock:
+            return len(self._synced) == len(KINDS)
+
+    def service_accounts(self) -> tuple[ServiceAccountInfo, ...]:
+        with self._lock:
+            return _values(self._stores["serviceaccounts"], ServiceAccountInfo)
+
+    async def run(self) -> None:
+        """Follow the API server until cancelled; then stop and join every informer thread."""
+        if self._loop is not None:
+            raise RuntimeError("KubernetesSource.run() is already running")
+        self._loop = asyncio.get_running_loop()
+        self.stopping.clear()
+        informers = [_Informer(self, kind) for kind in KINDS]
+        try:
+            for informer in informers:
+                informer.thread.start()
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self.stopping.set()
+            for informer in informers:
+                informer.interrupt()
+            if self._publish_handle is not None:
+                self._publish_handle.cancel()
+                self._publish_handle = None
+            deadline = time.monotonic() + self.stop_timeout_s
+            for informer in informers:
+                if informer.thread.ident is not None:
+                    informer.thread.join(max(0.0, deadline - time.monotonic()))
+            stuck = [i.thread.name for i in informers if i.thread.is_alive()]
+            if stuck:
+                # Blocked before the response headers: they end with their request timeout.
+                self.log.warning("kubernetes source: threads still stopping: %s", ", ".join(stuck))
+            self._loop = None
+
+    # -- called by the informer threads ----------------------------------------------------
+
+    def _replace(self, kind: _Kind, entries: dict[Key, _Entry]) -> None:
+        """A fresh list: the kind's whole store, replaced at once."""
+        with self._lock:
+            old = self._stores[kind.name]
+            for key, entry in entries.items():
+                self._note(entry, old.get(key))
+            changed = old.keys() != entries.keys() or any(
+                _differs(old[key], entry) for key, entry in entries.items()
+            )
+            self._stores[kind.name] = entries
+            if kind.name not in self._synced:
+                self._synced.add(kind.name)
+                changed = True  # the last kind listed triggers the first publication
+            if changed:
+                self._changed()
+
+    def _put(self, kind: _Kind, key: Key, entry: _Entry) -> None:
+        with self._lock:
+            store = self._stores[kind.name]
+            old = store.get(key)
+            self._note(entry, old)
+            store[key] = entry
+            if old is None or _differs(old, entry):
+                self._changed()
+
+    def _remove(self, kind: _Kind, key: Key) -> None:
+        with self._lock:
+            if self._stores[kind.name].pop(key, None) is not None:
+                self._changed()
+
+    def _note(self, entry: _Entry, old: _Entry | None) -> None:
+        """Log a refusal or a note once per resourceVersion, not on every publication."""
+        if old is not None and old.rv == entry.rv:
+            return
+        if entry.rejected:
+            self.log.warning("kubernetes source: refused %s", entry.rejected)
+        for note in entry.notes:
+            self.log.info("kubernetes source: %s", note)
+
+    def _changed(self) -> None:
+        """Under _lock: wake the loop once, however many events arrive before it runs."""
+        self._dirty = True
+        if self._wake_pending or self._loop is None or self.stopping.is_set():
+            return
+        self._wake_pending = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: run() is over
+            self._loop.call_soon_threadsafe(self._wake)
+
+    # -- on the loop -------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+            due = self._dirty and len(self._synced) == len(KINDS)
+        if due and self._publish_handle is None and self._loop is not None:
+            self._publish_handle = self._loop.call_later(self.publish_interval_s, self._publish)
+
+    def _publish(self) -> None:
+        self._publish_handle = None
+        with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            stores = self._stores
+            rejected = sorted(e.rejected for s in stores.values() for e in s.values() if e.rejected)
+            state = SourceState(
+                namespaces=_values(stores["namespaces"], NamespaceInfo),
+                pods=_values(stores["pods"], PodInfo),
+                services=_values(stores["services"], ServiceInfo),
+                policies=_values(stores["authorizationpolicies"], AuthorizationPolicyInfo),
+                waypoints=_values(stores["gateways"], WaypointInfo),
+                endpoint_slices=_values(stores["endpointslices"], EndpointSliceInfo),
+                trust_domain=self._empty.trust_domain,
+                cluster_id=self._empty.cluster_id,
+                root_namespace=self._empty.root_namespace,
+                rejected=tuple(rejected),
+            )
+        self._state = self.latest = state
+        try:
+            self._on_change(state)
+        except Exception:
+            self.log.exception("kubernetes source: on_change failed")
+
+
+def _differs(a: _Entry, b: _Entry) -> bool:
+    return a.value != b.value or a.rejected != b.rejected
+
+
+def _values(store: Mapping[Key, _Entry], cls: type[_T]) -> tuple[_T, ...]:
+    return tuple(e.value for _, e in sorted(store.items()) if isinstance(e.value, cls))
+
+
+# -- the API server as an authenticator, and how to reach it ---------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenReviewResult:
+    """What the API server says of a bearer token (``authenticated=False``: refuse it)."""
+
+    authenticated: bool
+    username: str = ""
+    service_account: tuple[str, str] | None = None  # (namespace, name)
+    node_name: str | None = None  # bound tokens name the node their pod runs on
+    error: str = ""
+
+
+def review_token(
+    api_client: kubernetes.client.ApiClient, token: str, audiences: list[str] | None = None
+) -> TokenReviewResult:
+    """Ask the API server (TokenReview) who ``token`` belongs to. Blocking: call it from a
+    thread. Fails closed: any error, or an answer that does not confirm one of
+    ``audiences``, is ``authenticated=False`` with the reason in ``error``."""
+    body = kubernetes.client.V1TokenReview(
+        spec=kubernetes.client.V1TokenReviewSpec(token=token, audiences=audiences)
+    )
+    try:
+        review = kubernetes.client.AuthenticationV1Api(api_client).create_token_review(body)
+    except Exception as e:
+        return TokenReviewResult(authenticated=False, error=f"TokenReview failed: {_reason(e)}")
+    status = review.status
+    if status is None or not status.authenticated:
+        error = (status.error if status is not None else "") or "not authenticated"
+        return TokenReviewResult(authenticated=False, error=error)
+    if audiences and not set(status.audiences or ()) & set(audiences):
+        # The API says: a client that sets spec.audiences must check status.audiences.
+        return TokenReviewResult(
+            authenticated=False,
+            error=f"the API server did not confirm an audience of {audiences}",
+        )
+    user = status.user
+    username = (user.username if user is not None else "") or ""
+    extra = (user.extra if user is not None else None) or {}
+    service_account = None
+    if username.startswith(SERVICE_ACCOUNT_PREFIX):
+        namespace, _, name = username.removeprefix(SERVICE_ACCOUNT_PREFIX).partition(":")
+        if namespace and name and ":" not in name:
+            service_account = (namespace, name)
+    nodes = extra.get(NODE_NAME_EXTRA) or []
+    return TokenReviewResult(
+        authenticated=True,
+        username=username,
+        service_account=service_account,
+        node_name=nodes[0] if nodes else None,
+    )
+
+
+def api_client_from(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
+    """A client for ``kubeconfig`` if given; else the pod's service account (in-cluster);
+    else ``$KUBECONFIG`` or ``~/.kube/config``."""
+    configuration = kubernetes.client.Configuration()
+    tried = []
+    if kubeconfig:
+        try:
+            _load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        except Exception as e:
+            raise KubernetesConfigError(f"cannot use kubeconfig {kubeconfig}: {e}") from e
+    else:
+        try:
+            _load_incluster_config(client_configuration=configuration)
+        except Exception as e:
+            tried.append(f"in-cluster config: {e}")
+            try:
+                _load_kube_config(client_configuration=configuration)
+            except Exception as e2:
+                tried.append(f"kubeconfig ($KUBECONFIG or ~/.kube/config): {e2}")
+                raise KubernetesConfigError(
+                    "no Kubernetes API server configured; tried "
+                    + "; ".join(tried)
+                    + " (pass --kubeconfig, or run meshd in a pod)"
+                ) from e2
+    # One connection per informer's watch, plus lists and token reviews, without
+    # urllib3 discarding connections ("Connection pool is full").
+    configuration.connection_pool_maxsize = max(
+        configuration.connection_pool_maxsize or 0, 2 * len(KINDS) + 4
+    )
+    return kubernetes.client.ApiClient(configuration)

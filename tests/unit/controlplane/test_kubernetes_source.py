@@ -1,0 +1,569 @@
+"""The Kubernetes source, through the official client, against a local API server.
+
+``tests.support.fake_kube`` speaks the API's list and watch wire format with
+objects shaped as a kind cluster returns them; each test drives it the way a
+cluster would (objects change, watches expire, requests fail) and checks what
+meshd would see: the published SourceState.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+import pytest
+from kubernetes import watch
+from kubernetes.client.exceptions import ApiException
+
+from controlplane.sources.kubernetes import (
+    KubernetesConfigError,
+    KubernetesSource,
+    ServiceAccountInfo,
+    api_client_from,
+    review_token,
+)
+from controlplane.state import (
+    EndpointSliceInfo,
+    NamespaceInfo,
+    PodInfo,
+    ServiceInfo,
+    ServicePortInfo,
+    SourceState,
+    WaypointInfo,
+    frozen_labels,
+)
+from tests.support import fake_kube as k
+from tests.support.fake_kube import FakeKube
+
+# kubernetes.watch is not annotated.
+new_watch: Callable[[], Any] = watch.Watch
+LOGGER = "test.kubernetes-source"
+STARTUP_S = 5.0
+ApiClient = kubernetes.client.ApiClient
+
+ALLOW_REVIEWS = {
+    "selector": {"matchLabels": {"app": "reviews"}},
+    "action": "ALLOW",
+    "rules": [
+        {
+            "from": [{"source": {"principals": ["cluster.local/ns/default/sa/productpage"]}}],
+            "to": [{"operation": {"ports": ["9080"]}}],
+        }
+    ],
+}
+# Methods are HTTP: ztunnel cannot enforce them, so the policy is refused.
+L7_POLICY = {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    with FakeKube() as server:
+        yield server
+
+
+@pytest.fixture
+def client(kube: FakeKube, tmp_path: Path) -> Iterator[ApiClient]:
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    with contextlib.closing(api_client_from(str(kubeconfig))) as api:
+        yield api
+
+
+def bookinfo(kube: FakeKube) -> None:
+    """A small cluster: an ambient namespace with a waypoint, two apps, a policy."""
+    kube.add("namespaces", k.namespace("istio-system"))
+    kube.add("namespaces", k.namespace("default", {"istio.io/dataplane-mode": "ambient"}))
+    kube.add("serviceaccounts", k.service_account("default"))
+    kube.add("serviceaccounts", k.service_account("bookinfo-reviews"))
+    reviews = {"app": "reviews", "version": "v1"}
+    kube.add(
+        "pods",
+        k.pod(
+            "reviews-v1-7d9c4", ip="10.244.1.5", labels=reviews, service_account="bookinfo-reviews"
+        ),
+    )
+    kube.add(
+        "pods",
+        k.pod(
+            "ratings-v1-5fd8b",
+            ip="10.244.2.7",
+            node="kind-control-plane",
+            labels={"app": "ratings"},
+            ready=False,
+        ),
+    )
+    kube.add("pods", k.pod("details-v1-6b8f9", ip=None, phase="Pending"))
+    kube.add(
+        "services",
+        k.service(
+            "reviews",
+            cluster_ip="10.96.14.2",
+            ports=[(9080, 9080)],
+            selector={"app": "reviews"},
+            labels={"app": "reviews"},
+        ),
+    )
+    kube.add(
+        "services",
+        k.service(
+            "ratings", cluster_ip="10.96.14.3", ports=[(9080, "http")], selector={"app": "ratings"}
+        ),
+    )
+    kube.add(
+        "endpointslices",
+        k.endpoint_slice(
+            "reviews-x2x9q", "default", "reviews", ["10.244.1.5"], not_ready=["10.244.1.6"]
+        ),
+    )
+    kube.add("authorizationpolicies", k.authorization_policy("reviews", "default", ALLOW_REVIEWS))
+    kube.add("gateways", k.gateway("waypoint", "default", "10.96.200.10"))
+    kube.add(
+        "gateways", k.gateway("ingress", "istio-system", "172.18.0.100", gateway_class="istio")
+    )
+
+
+class Recorder:
+    """The on_change callback: every published state, and a way to wait for one."""
+
+    def __init__(self) -> None:
+        self.states: list[SourceState] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, state: SourceState) -> None:
+        self.states.append(state)
+        self._changed.set()
+
+    async def until(
+        self, predicate: Callable[[SourceState], bool] = lambda s: True, within_s: float = 1.0
+    ) -> SourceState:
+        deadline = time.monotonic() + within_s
+        while not (self.states and predicate(self.states[-1])):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                last = self.states[-1] if self.states else None
+                raise AssertionError(f"no such state within {within_s}s; last: {last}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return self.states[-1]
+
+    async def first(self) -> SourceState:
+        # Generous: the client builds its API classes on first use (about a second).
+        return await self.until(within_s=STARTUP_S)
+
+
+@contextlib.asynccontextmanager
+async def running(client: ApiClient, **options: Any) -> AsyncIterator[Recorder]:
+    """Run a source until the block ends, then cancel it as meshd does on shutdown."""
+    recorder = Recorder()
+    options.setdefault("logger", logging.getLogger(LOGGER))
+    source = KubernetesSource(client, on_change=recorder, **options)
+    task = asyncio.create_task(source.run())
+    try:
+        yield recorder
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def eventually(condition: Callable[[], bool], within_s: float = 1.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def pods(state: SourceState) -> dict[str, PodInfo]:
+    return {p.name: p for p in state.pods}
+
+
+def warning_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_initial_state_converts_every_kind(kube: FakeKube, client: ApiClient) -> None:
+    bookinfo(kube)
+
+    async def scenario() -> SourceState:
+        # Pages of two: the lists follow their continue tokens.
+        async with running(client, list_page_size=2) as recorder:
+            state = await recorder.first()
+            await asyncio.sleep(0.1)
+            assert len(recorder.states) == 1, "one publication, after every kind was listed"
+            return state
+
+    state = asyncio.run(scenario())
+    assert any("continue" in r.query for r in kube.list_requests("pods"))
+    assert state.namespaces == (
+        NamespaceInfo(
+            name="default",
+            labels=frozen_labels(
+                {"kubernetes.io/metadata.name": "default", "istio.io/dataplane-mode": "ambient"}
+            ),
+        ),
+        NamespaceInfo(
+            name="istio-system",
+            labels=frozen_labels({"kubernetes.io/metadata.name": "istio-system"}),
+        ),
+    )
+    uid = kube.get("pods", "reviews-v1-7d9c4", "default")["metadata"]["uid"]
+    assert pods(state)["reviews-v1-7d9c4"] == PodInfo(
+        uid=uid,
+        name="reviews-v1-7d9c4",
+        namespace="default",
+        node="kind-worker",
+        ip="10.244.1.5",
+        service_account="bookinfo-reviews",
+        labels=frozen_labels({"app": "reviews", "version": "v1"}),
+        ready=True,
+    )
+    ratings = pods(state)["ratings-v1-5fd8b"]
+    assert (ratings.ready, ratings.node, ratings.service_account) == (
+        False,
+        "kind-control-plane",
+        "default",
+    )
+    assert (pods(state)["details-v1-6b8f9"].ip, pods(state)["details-v1-6b8f9"].ready) == (
+        None,
+        False,
+    )
+    assert state.services == (
+        ServiceInfo(
+            name="ratings",
+            namespace="default",
+            cluster_ips=("10.96.14.3",),
+            ports=(ServicePortInfo(port=9080, target_port=9080, name="tcp-9080"),),
+            selector=frozen_labels({"app": "ratings"}),
+        ),
+        ServiceInfo(
+            name="reviews",
+            namespace="default",
+            cluster_ips=("10.96.14.2",),
+            ports=(ServicePortInfo(port=9080, target_port=9080, name="tcp-9080"),),
+            selector=frozen_labels({"app": "reviews"}),
+            labels=frozen_labels({"app": "reviews"}),
+        ),
+    )
+    assert state.endpoint_slices == (
+        EndpointSliceInfo(service="reviews", namespace="default", addresses=("10.244.1.5",)),
+    )
+    assert state.waypoints == (
+        WaypointInfo(name="waypoint", namespace="default", address="10.96.200.10"),
+    )
+    [policy] = state.policies
+    assert (policy.name, policy.namespace, policy.action) == ("reviews", "default", "ALLOW")
+    assert policy.selector == frozen_labels({"app": "reviews"})
+    assert policy.rules is not None and len(policy.rules) == 1
+    assert (state.trust_domain, state.cluster_id, state.root_namespace, state.rejected) == (
+        "cluster.local",
+        "Kubernetes",
+        "istio-system",
+        (),
+    )
+
+
+def test_changes_are_published_within_a_second(kube: FakeKube, client: ApiClient) -> None:
+    bookinfo(kube)
+
+    async def scenario() -> None:
+        async with running(client) as recorder:
+            await recorder.first()
+            kube.add("pods", k.pod("productpage-v1-8f6d", ip="10.244.1.9"))
+            state = await recorder.until(lambda s: "productpage-v1-8f6d" in pods(s))
+            assert pods(state)["productpage-v1-8f6d"].ip == "10.244.1.9"
+
+            ns = kube.get("namespaces", "default")
+            ns["metadata"]["labels"]["istio.io/use-waypoint"] = "waypoint"
+            kube.update("namespaces", ns)
+            await recorder.until(
+                lambda s: any(n.labels.get("istio.io/use-waypoint") for n in s.namespaces)
+            )
+
+            kube.delete("services", kube.get("services", "reviews", "default"))
+            state = await recorder.until(lambda s: [x.name for x in s.services] == ["ratings"])
+            assert "reviews-v1-7d9c4" in pods(state)
+
+    asyncio.run(scenario())
+
+
+def test_a_bookmark_moves_the_watch_on_without_a_relist(kube: FakeKube, client: ApiClient) -> None:
+    bookinfo(kube)
+
+    async def scenario() -> None:
+        async with running(client) as recorder:
+            await recorder.first()
+            # Other kinds move the cluster's version on; only a bookmark tells the pod watch.
+            kube.add("namespaces", k.namespace("other"))
+            await recorder.until(lambda s: len(s.namespaces) == 3)
+            version = kube.send_bookmark()
+            watches = len(kube.watch_requests("pods"))
+            kube.close_watches()  # as when timeoutSeconds elapse
+            await eventually(lambda: len(kube.watch_requests("pods")) > watches)
+            assert kube.watch_requests("pods")[-1].query["resourceVersion"] == version
+            kube.add("pods", k.pod("late-1", ip="10.244.1.50"))
+            await recorder.until(lambda s: "late-1" in pods(s))
+
+    asyncio.run(scenario())
+    assert len(kube.list_requests("pods")) == 1
+
+
+@pytest.mark.parametrize("how", ["event", "http"])
+def test_410_gone_relists_and_converges(
+    kube: FakeKube, client: ApiClient, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API server forgot the watch's version while pods changed: list again."""
+    bookinfo(kube)
+
+    def converged(state: SourceState) -> bool:
+        reviews = pods(state).get("reviews-v1-7d9c4")
+        return (
+            reviews is not None
+            and reviews.labels.get("version") == "v2"
+            and "ratings-v1-5fd8b" not in pods(state)
+            and "new-1" in pods(state)
+        )
+
+    async def scenario() -> None:
+        async with running(client) as recorder:
+            await recorder.first()
+            with kube.held():  # none of this reaches the open watch
+                changed = kube.get("pods", "reviews-v1-7d9c4", "default")
+                changed["metadata"]["labels"]["version"] = "v2"
+                kube.update("pods", changed)
+                kube.delete("pods", kube.get("pods", "ratings-v1-5fd8b", "default"))
+                kube.add("pods", k.pod("new-1", ip="10.244.1.77"))
+                kube.expire("pods", how=how)
+            await recorder.until(converged, within_s=2.0)
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        asyncio.run(scenario())
+    assert len(kube.list_requests("pods")) == 2
+    assert len(kube.list_requests("services")) == 1, "only the expired kind is listed again"
+    assert any("pods: watch expired (410 Gone" in r.getMessage() for r in caplog.records)
+
+
+def test_a_burst_of_pods_is_published_a_few_times(kube: FakeKube, client: ApiClient) -> None:
+    bookinfo(kube)
+
+    def all_loaded(state: SourceState) -> bool:
+        return sum(p.name.startswith("load-") for p in state.pods) == 500
+
+    async def scenario() -> tuple[int, SourceState]:
+        async with running(client) as recorder:
+            await recorder.first()
+            before = len(recorder.states)
+            for i in range(500):
+                kube.add("pods", k.pod(f"load-{i}", ip=f"10.245.{i // 200}.{i % 200 + 1}"))
+            state = await recorder.until(all_loaded, within_s=5.0)
+            await asyncio.sleep(0.2)  # nothing more is coming
+            return len(recorder.states) - before, state
+
+    publications, state = asyncio.run(scenario())
+    assert 1 <= publications <= 20, publications
+    assert len(state.pods) == 503
+    assert pods(state)["load-499"].ip == "10.245.2.100"
+
+
+def test_server_errors_are_ridden_out_with_backoff(
+    kube: FakeKube, client: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    bookinfo(kube)
+    kube.fail_next(3)
+
+    async def scenario() -> SourceState:
+        async with running(client) as recorder:
+            await recorder.first()
+            kube.add("pods", k.pod("after-1", ip="10.244.1.60"))
+            return await recorder.until(lambda s: "after-1" in pods(s))
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        state = asyncio.run(scenario())
+    assert len(state.services) == 2 and len(state.waypoints) == 1
+    lines = warning_lines(caplog)
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert "HTTP 500" in line and "etcdserver: request timed out" in line, line
+        assert "retrying in" in line, line
+
+
+def test_an_invalid_policy_is_rejected_and_the_valid_ones_kept(
+    kube: FakeKube, client: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    bookinfo(kube)
+    kube.add("authorizationpolicies", k.authorization_policy("get-only", "default", L7_POLICY))
+
+    async def scenario() -> SourceState:
+        async with running(client) as recorder:
+            state = await recorder.first()
+            # Publications and a relist later, the refusal is still logged once.
+            kube.add("pods", k.pod("another-1", ip="10.244.1.61"))
+            await recorder.until(lambda s: "another-1" in pods(s))
+            kube.expire("authorizationpolicies")
+            await eventually(lambda: len(kube.list_requests("authorizationpolicies")) == 2)
+            kube.add("pods", k.pod("another-2", ip="10.244.1.62"))
+            await recorder.until(lambda s: "another-2" in pods(s))
+            return state
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        state = asyncio.run(scenario())
+    assert [p.name for p in state.policies] == ["reviews"]
+    assert state.rejected == (
+        "AuthorizationPolicy default/get-only: spec.rules[0].to[0].operation.methods: "
+        "HTTP attributes need a waypoint",
+    )
+    assert sum("get-only" in line for line in warning_lines(caplog)) == 1
+
+
+def test_pods_the_mesh_does_not_carry_are_left_out(kube: FakeKube, client: ApiClient) -> None:
+    kube.add("namespaces", k.namespace("default"))
+    kube.add("pods", k.pod("web-1", ip="10.244.1.5"))
+    kube.add("pods", k.pod("kube-proxy-x7", "kube-system", host_network=True))
+    kube.add("pods", k.pod("migrate-1", ip="10.244.1.8", phase="Succeeded", ready=False))
+    kube.add("pods", k.pod("broken-1", ip="10.244.1.300"))
+
+    async def scenario() -> SourceState:
+        async with running(client) as recorder:
+            return await recorder.first()
+
+    state = asyncio.run(scenario())
+    assert list(pods(state)) == ["web-1"]
+    assert state.rejected == (
+        "pod default/broken-1: status.podIP '10.244.1.300' is not an IP address",
+    )
+
+
+def test_a_missing_crd_counts_as_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without the Gateway API CRDs the mesh still works (no waypoints), and says why, once."""
+    with FakeKube(missing=["gateways"]) as kube:
+        kube.add("namespaces", k.namespace("default"))
+        kubeconfig = str(kube.write_kubeconfig(tmp_path / "kubeconfig"))
+        with contextlib.closing(api_client_from(kubeconfig)) as client:
+
+            async def scenario() -> SourceState:
+                async with running(client) as recorder:
+                    return await recorder.first()
+
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                state = asyncio.run(scenario())
+    assert state.waypoints == () and [n.name for n in state.namespaces] == ["default"]
+    [line] = warning_lines(caplog)
+    assert "gateways: the API server does not serve gateway.networking.k8s.io/v1" in line
+
+
+def test_service_accounts_are_kept(kube: FakeKube, client: ApiClient) -> None:
+    bookinfo(kube)
+
+    async def scenario() -> tuple[ServiceAccountInfo, ...]:
+        recorder = Recorder()
+        source = KubernetesSource(client, on_change=recorder)
+        task = asyncio.create_task(source.run())
+        await recorder.first()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return source.service_accounts()
+
+    accounts = asyncio.run(scenario())
+    assert [(a.namespace, a.name) for a in accounts] == [
+        ("default", "bookinfo-reviews"),
+        ("default", "default"),
+    ]
+
+
+def test_review_token(kube: FakeKube, client: ApiClient) -> None:
+    kube.add_token(
+        "bound-token",
+        namespace="default",
+        service_account="bookinfo-reviews",
+        node="kind-worker",
+        pod="reviews-v1-7d9c4",
+        audiences=["istio-ca"],
+    )
+
+    known = review_token(client, "bound-token", ["istio-ca"])
+    assert known.authenticated and not known.error
+    assert known.username == "system:serviceaccount:default:bookinfo-reviews"
+    assert known.service_account == ("default", "bookinfo-reviews")
+    assert known.node_name == "kind-worker"
+
+    unknown = review_token(client, "not-a-token", ["istio-ca"])
+    assert not unknown.authenticated and "invalid bearer token" in unknown.error
+    assert unknown.service_account is None and unknown.node_name is None
+
+    wrong_audience = review_token(client, "bound-token", ["someone-else"])
+    assert not wrong_audience.authenticated
+
+
+def test_cancelling_run_stops_promptly(
+    kube: FakeKube, client: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    bookinfo(kube)
+
+    async def scenario() -> float:
+        recorder = Recorder()
+        source = KubernetesSource(client, on_change=recorder, logger=logging.getLogger(LOGGER))
+        task = asyncio.create_task(source.run())
+        await recorder.first()  # every informer is blocked reading its watch
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        elapsed = asyncio.run(scenario())
+    assert elapsed < 0.5
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("kube-")]
+    assert warning_lines(caplog) == []
+
+
+def test_api_client_from_names_what_it_tried(tmp_path: Path) -> None:
+    with pytest.raises(KubernetesConfigError, match=r"cannot use kubeconfig .*missing"):
+        api_client_from(str(tmp_path / "missing"))
+
+
+def test_the_fake_speaks_what_the_official_watch_helper_reads(
+    kube: FakeKube, client: ApiClient
+) -> None:
+    """Keeps the fake honest: kubernetes.watch decodes its streams into the client's models."""
+    start = kube.resource_version
+    kube.add("pods", k.pod("reviews-v1-7d9c4", ip="10.244.1.5"))
+    kube.add("gateways", k.gateway("waypoint", "default", "10.96.200.10"))
+    core = kubernetes.client.CoreV1Api(client)
+    custom = kubernetes.client.CustomObjectsApi(client)
+
+    w = new_watch()
+    for event in w.stream(core.list_namespaced_pod, "default", resource_version=start):
+        assert event["type"] == "ADDED"
+        pod = event["object"]
+        assert isinstance(pod, kubernetes.client.V1Pod) and pod.status is not None
+        assert pod.status.pod_ip == "10.244.1.5"
+        w.stop()
+    for event in w.stream(
+        custom.list_cluster_custom_object,
+        "gateway.networking.k8s.io",
+        "v1",
+        "gateways",
+        resource_version=start,
+    ):
+        assert event["object"]["status"]["addresses"][0]["value"] == "10.96.200.10"
+        w.stop()
+
+    kube.expire("pods")
+    with pytest.raises(ApiException) as gone:
+        # With timeout_seconds the helper does not retry: the 410 event is raised.
+        next(
+            iter(
+                w.stream(
+                    core.list_pod_for_all_namespaces, resource_version=start, timeout_seconds=5
+                )
+            )
+        )
+    assert gone.value.status == 410
