@@ -253,12 +253,20 @@ def _add_ca(
 
     ca = CertificateAuthority.load_or_create(ca_dir, args.trust_domain)
     kind, _, value = args.source.partition(":")
+    authenticator: Any
     if kind == "meshlab":
         from mesh.cluster.statefile import node_tokens
 
-        authenticator: Any = ca_service.NodeTokenAuthenticator(lambda: node_tokens(value))
+        authenticator = ca_service.NodeTokenAuthenticator(lambda: node_tokens(value))
+    elif kind == "kubernetes":
+        from controlplane.sources import kubernetes as k8s
+
+        client = k8s.api_client_from(args.kubeconfig)
+        authenticator = ca_service.TokenReviewAuthenticator(
+            lambda token: k8s.review_token(client, token), trust_domain=args.trust_domain
+        )
     else:
-        log.info("meshd: no authenticator for source %s yet: the CA is not served", kind)
+        log.info("meshd: a file source has no callers to authenticate: the CA is not served")
         return
 
     def state() -> SourceState:

@@ -54,6 +54,9 @@ class SnapshotCache:
             0, MappingProxyType({t: MappingProxyType({}) for t in self.type_urls})
         )
         self._listeners: set[Listener] = set()
+        # No response goes out before the first state from the source: a proxy
+        # must never take an empty world for the whole one and call itself synced.
+        self.ready = False
 
     @property
     def snapshot(self) -> Snapshot:
@@ -68,6 +71,8 @@ class SnapshotCache:
     def update(self, types: Mapping[str, Mapping[str, Entry]]) -> Mapping[str, frozenset[str]]:
         """Replace the whole state; return (and announce) the changed names per type."""
         old = self._snapshot
+        became_ready = not self.ready
+        self.ready = True
         changed: dict[str, frozenset[str]] = {}
         for type_url in self.type_urls:
             before = old.entries(type_url)
@@ -81,6 +86,9 @@ class SnapshotCache:
             if names:
                 changed[type_url] = frozenset(names)
         if not changed:
+            if became_ready:
+                for listener in list(self._listeners):
+                    listener(self._snapshot, {})
             return {}
         self._snapshot = Snapshot(
             old.generation + 1,

@@ -91,6 +91,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     # The subscriber ended its side; flush nothing more.
                     return
                 wake.clear()
+                if not self.cache.ready:
+                    continue  # requests are recorded; answers wait for the first state
                 while (response := subscription.next_response(self.cache.snapshot)) is not None:
                     await context.write(response)
         finally:

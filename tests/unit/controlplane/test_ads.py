@@ -342,3 +342,16 @@ def test_the_proxy_keeps_serving_while_meshd_is_away_and_resyncs() -> None:
 
     run(body)
     assert all(len(s.workloads) >= 2 for s in seen)
+
+
+def test_no_answer_before_the_first_state_from_the_source() -> None:
+    async def body() -> None:
+        async with meshd() as m, client(m.target) as c:
+            await eventually(lambda: len(m.ads.subscriptions) == 1)
+            await asyncio.sleep(0.3)
+            assert not c.state.synced, "an empty world must not pass for the whole one"
+            m.publish(world(2))
+            state = await c.wait_synced(5)
+            assert len(state.workloads) == 2
+
+    run(body)
