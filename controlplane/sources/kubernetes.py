@@ -522,6 +522,7 @@ class KubernetesSource:
         self.api_client = api_client
         self.log = logger
         self.publish_interval_s = publish_interval_s
+        self._last_publish = float("-inf")
         self.watch_timeout_s = watch_timeout_s
         self.list_page_size = list_page_size
         self.backoff_initial_s = backoff_initial_s
@@ -542,7 +543,7 @@ class KubernetesSource:
         self._wake_pending = False
         # Loop side.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._publish_handle: asyncio.TimerHandle | None = None
+        self._publish_handle: asyncio.TimerHandle | asyncio.Handle | None = None
 
     def state(self) -> SourceState:
         """The latest published state (empty until every kind has been listed once)."""
@@ -645,10 +646,18 @@ class KubernetesSource:
             self._wake_pending = False
             due = self._dirty and len(self._synced) == len(KINDS)
         if due and self._publish_handle is None and self._loop is not None:
-            self._publish_handle = self._loop.call_later(self.publish_interval_s, self._publish)
+            # Leading edge: a change after a quiet spell goes out at once; a
+            # burst is folded into one publication per interval after that.
+            wait = self._last_publish + self.publish_interval_s - self._loop.time()
+            if wait <= 0:
+                self._publish_handle = self._loop.call_soon(self._publish)
+            else:
+                self._publish_handle = self._loop.call_later(wait, self._publish)
 
     def _publish(self) -> None:
         self._publish_handle = None
+        if self._loop is not None:
+            self._last_publish = self._loop.time()
         with self._lock:
             if not self._dirty:
                 return
