@@ -4,7 +4,8 @@
           [--listen 127.0.0.1:15010] [--status-listen 127.0.0.1:15014]
           [--ca-dir DIR] [--trust-domain cluster.local]
 
-Every change at the source is translated whole (a pure function) and handed
+Every change at the source is translated (incrementally: only what the
+change touches is redone, see :mod:`controlplane.incremental`) and handed
 to the snapshot cache, which works out per subscriber what to send. Objects
 the source or the translation refused are logged once and listed in the
 status document (``GET /debug/status`` on the status port), beside every
@@ -31,8 +32,9 @@ import grpc
 from controlplane.ads.cache import SnapshotCache
 from controlplane.ads.feed import TYPE_URLS, Feed
 from controlplane.ads.server import AdsServer
+from controlplane.incremental import IncrementalTranslator
 from controlplane.state import SourceState
-from controlplane.translate import Resources, Translator
+from controlplane.translate import Resources
 
 log = logging.getLogger("meshd")
 
@@ -53,7 +55,7 @@ class Meshd:
         self.cache = SnapshotCache(TYPE_URLS)
         self.ads = AdsServer(self.cache)
         self.feed = Feed()
-        self.translator = Translator()
+        self.translator = IncrementalTranslator()
         self.state: SourceState | None = None
         self.resources = Resources()
         self.rejected: tuple[str, ...] = ()
