@@ -32,6 +32,7 @@ import grpc
 from controlplane.ads.cache import SnapshotCache
 from controlplane.ads.feed import TYPE_URLS, Feed
 from controlplane.ads.server import AdsServer
+from controlplane.gcpause import QuietCollector
 from controlplane.incremental import IncrementalTranslator
 from controlplane.state import SourceState
 from controlplane.translate import Resources
@@ -62,6 +63,8 @@ class Meshd:
         self.updates = 0
         self.last_update_ms = 0.0
         self.ready = asyncio.Event()
+        # The daemon keeps full GC pauses out of updates (see gcpause); off in-process.
+        self.collector: QuietCollector | None = None
 
     def on_source(self, state: SourceState) -> None:
         """A new state at the source: translate it and publish the result."""
@@ -77,6 +80,8 @@ class Meshd:
         self.updates += 1
         self.last_update_ms = (time.perf_counter() - started) * 1000
         self.ready.set()
+        if self.collector is not None:
+            self.collector.after_update()
         if changed:
             self.log.info(
                 "meshd: generation %d: %d workloads, %d services, %d policies "
@@ -99,6 +104,11 @@ class Meshd:
             "updates": self.updates,
             "lastUpdateMs": round(self.last_update_ms, 2),
             "subscribers": self.ads.status(),
+            "translation": {
+                "fullPasses": self.translator.full_passes,
+                "partialPasses": self.translator.partial_passes,
+            },
+            "gc": self.collector.status() if self.collector is not None else None,
         }
 
 
@@ -202,6 +212,7 @@ async def run(
     started: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     meshd = Meshd()
+    meshd.collector = QuietCollector()
     factory, default_ca_dir = make_source(args)
     source = factory(meshd.on_source)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
@@ -238,6 +249,7 @@ async def run(
             await source_task
         status.close()
         await server.stop(grace=1.0)
+        meshd.collector.close()
 
 
 def _add_ca(

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import kubernetes.client
 import kubernetes.config
@@ -540,6 +540,9 @@ class KubernetesSource:
         self._stores: dict[str, dict[Key, _Entry]] = {kind.name: {} for kind in KINDS}
         self._synced: set[str] = set()
         self._dirty = False
+        # Each kind's values as last published, redone only for the kinds that changed.
+        self._published: dict[str, tuple[tuple[Any, ...], tuple[str, ...]]] = {}
+        self._dirty_kinds: set[str] = set()
         self._wake_pending = False
         # Loop side.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -559,7 +562,10 @@ class KubernetesSource:
 
     def service_accounts(self) -> tuple[ServiceAccountInfo, ...]:
         with self._lock:
-            return _values(self._stores["serviceaccounts"], ServiceAccountInfo)
+            store = self._stores["serviceaccounts"]
+            return tuple(
+                e.value for _, e in sorted(store.items()) if isinstance(e.value, ServiceAccountInfo)
+            )
 
     async def run(self) -> None:
         """Follow the API server until cancelled; then stop and join every informer thread."""
@@ -605,7 +611,7 @@ class KubernetesSource:
                 self._synced.add(kind.name)
                 changed = True  # the last kind listed triggers the first publication
             if changed:
-                self._changed()
+                self._changed(kind)
 
     def _put(self, kind: _Kind, key: Key, entry: _Entry) -> None:
         with self._lock:
@@ -614,12 +620,12 @@ class KubernetesSource:
             self._note(entry, old)
             store[key] = entry
             if old is None or _differs(old, entry):
-                self._changed()
+                self._changed(kind)
 
     def _remove(self, kind: _Kind, key: Key) -> None:
         with self._lock:
             if self._stores[kind.name].pop(key, None) is not None:
-                self._changed()
+                self._changed(kind)
 
     def _note(self, entry: _Entry, old: _Entry | None) -> None:
         """Log a refusal or a note once per resourceVersion, not on every publication."""
@@ -630,9 +636,10 @@ class KubernetesSource:
         for note in entry.notes:
             self.log.info("kubernetes source: %s", note)
 
-    def _changed(self) -> None:
+    def _changed(self, kind: _Kind) -> None:
         """Under _lock: wake the loop once, however many events arrive before it runs."""
         self._dirty = True
+        self._dirty_kinds.add(kind.name)
         if self._wake_pending or self._loop is None or self.stopping.is_set():
             return
         self._wake_pending = True
@@ -662,19 +669,27 @@ class KubernetesSource:
             if not self._dirty:
                 return
             self._dirty = False
-            stores = self._stores
-            rejected = sorted(e.rejected for s in stores.values() for e in s.values() if e.rejected)
+            for name in self._dirty_kinds:
+                store = self._stores[name]
+                # In the API server's order: by key at each list, new objects last.
+                # (Sorting 10,000 keys on every change was a third of an update.)
+                self._published[name] = (
+                    tuple(e.value for e in store.values() if e.value is not None),
+                    tuple(e.rejected for e in store.values() if e.rejected),
+                )
+            self._dirty_kinds.clear()
+            published = self._published
             state = SourceState(
-                namespaces=_values(stores["namespaces"], NamespaceInfo),
-                pods=_values(stores["pods"], PodInfo),
-                services=_values(stores["services"], ServiceInfo),
-                policies=_values(stores["authorizationpolicies"], AuthorizationPolicyInfo),
-                waypoints=_values(stores["gateways"], WaypointInfo),
-                endpoint_slices=_values(stores["endpointslices"], EndpointSliceInfo),
+                namespaces=_values(published, "namespaces", NamespaceInfo),
+                pods=_values(published, "pods", PodInfo),
+                services=_values(published, "services", ServiceInfo),
+                policies=_values(published, "authorizationpolicies", AuthorizationPolicyInfo),
+                waypoints=_values(published, "gateways", WaypointInfo),
+                endpoint_slices=_values(published, "endpointslices", EndpointSliceInfo),
                 trust_domain=self._empty.trust_domain,
                 cluster_id=self._empty.cluster_id,
                 root_namespace=self._empty.root_namespace,
-                rejected=tuple(rejected),
+                rejected=tuple(sorted(r for _, lines in published.values() for r in lines)),
             )
         self._state = self.latest = state
         try:
@@ -687,8 +702,11 @@ def _differs(a: _Entry, b: _Entry) -> bool:
     return a.value != b.value or a.rejected != b.rejected
 
 
-def _values(store: Mapping[Key, _Entry], cls: type[_T]) -> tuple[_T, ...]:
-    return tuple(e.value for _, e in sorted(store.items()) if isinstance(e.value, cls))
+def _values(
+    published: Mapping[str, tuple[tuple[Any, ...], tuple[str, ...]]], kind: str, cls: type[_T]
+) -> tuple[_T, ...]:
+    """A kind's published values (each store holds values of one class only)."""
+    return cast(tuple[_T, ...], published.get(kind, ((), ()))[0])
 
 
 # -- the API server as an authenticator, and how to reach it ---------------------------------

@@ -124,6 +124,7 @@ change_st = st.one_of(
     *[st.tuples(st.just("-services"), st.integers(0, 10))] * 2,
     *[st.tuples(st.just("-policies"), st.integers(0, 10))] * 2,
     st.tuples(st.just("-waypoints"), st.integers(0, 10)),
+    st.tuples(st.just("dup"), pods()),  # a second pod under a name already taken
     st.tuples(st.just("copy"), st.sampled_from(("pods", "services", "policies"))),
     st.tuples(st.just("rejected"), st.sampled_from(((), ("source refused x",)))),
     st.tuples(st.just("root"), st.sampled_from(("istio-system", "ns1"))),
@@ -146,6 +147,8 @@ def apply(state: SourceState, change: tuple[str, Any]) -> SourceState:
         return replace(state, rejected=value)
     if kind == "root":
         return replace(state, root_namespace=value)
+    if kind == "dup":
+        return replace(state, pods=(*state.pods, value))
     if kind == "copy":  # equal objects, new identities (a relist)
         return _with(state, value, tuple(replace(o) for o in getattr(state, value)))
     if kind.startswith("-"):
