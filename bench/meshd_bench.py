@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import statistics
@@ -185,6 +185,8 @@ async def measure(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             str(kubeconfig),
             "--listen",
             f"127.0.0.1:{port}",
+            "--tls-listen",
+            "off",
             "--status-listen",
             f"127.0.0.1:{status}",
             "--log-level",

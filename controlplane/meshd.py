@@ -1,8 +1,11 @@
 """``meshd``: a source of truth in, one Delta ADS feed (and the CA) out.
 
     meshd --source meshlab:NAME | file:PATH | kubernetes [--kubeconfig PATH]
-          [--listen 127.0.0.1:15010] [--status-listen 127.0.0.1:15014]
-          [--ca-dir DIR] [--trust-domain cluster.local]
+          [--listen 127.0.0.1:15010] [--tls-listen 127.0.0.1:15012 | off]
+          [--status-listen 127.0.0.1:15014] [--ca-dir DIR] [--trust-domain cluster.local]
+
+Ports as istiod's: 15010 plaintext xDS (and, for the local cluster only, the
+CA); 15012 xDS and the CA over TLS, with a certificate signed by the mesh root.
 
 Every change at the source is translated (incrementally: only what the
 change touches is redone, see :mod:`controlplane.incremental`) and handed
@@ -29,13 +32,16 @@ from typing import Any, Protocol
 
 import grpc
 
+from controlplane import ca_service
 from controlplane.ads.cache import SnapshotCache
 from controlplane.ads.feed import TYPE_URLS, Feed
 from controlplane.ads.server import AdsServer
 from controlplane.gcpause import QuietCollector
 from controlplane.incremental import IncrementalTranslator
+from controlplane.serving import ServingCertificate, serving_ips
 from controlplane.state import SourceState
 from controlplane.translate import Resources
+from mesh.identity import CertificateAuthority
 
 log = logging.getLogger("meshd")
 
@@ -149,6 +155,10 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _tls_address(text: str) -> tuple[str, int] | None:
+    return None if text == "off" else _address(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,11 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=("127.0.0.1", 15010),
         help="plaintext gRPC: xDS and CA (default 127.0.0.1:15010)",
     )
+    parser.add_argument(
+        "--tls-listen",
+        type=_tls_address,
+        default=("127.0.0.1", 15012),
+        help="TLS gRPC: xDS and CA, certificate from the mesh root (default 127.0.0.1:15012; "
+        "'off' to disable)",
+    )
     parser.add_argument("--status-listen", type=_address, default=("127.0.0.1", 15014))
     parser.add_argument(
         "--ca-dir",
         type=Path,
-        help="where the CA root persists (meshlab: in the cluster's state dir)",
+        help="where the CA root persists (meshlab: in the cluster's state dir; "
+        "kubernetes: default the Secret istio-system/istio-ca-secret)",
     )
     parser.add_argument("--trust-domain", default="cluster.local")
     parser.add_argument(
@@ -215,18 +233,39 @@ async def run(
     meshd.collector = QuietCollector()
     factory, default_ca_dir = make_source(args)
     source = factory(meshd.on_source)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    meshd.ads.add_to(server)
-    ca_dir = args.ca_dir or default_ca_dir
-    _add_ca(server, meshd, args, ca_dir)
+    options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ca = _ca(meshd, args, args.ca_dir or default_ca_dir)
+    kind = args.source.partition(":")[0]
+
+    # Plaintext (15010): xDS; the CA too, but only for the local cluster: a
+    # Kubernetes service-account token never crosses a plaintext connection.
+    plain = grpc.aio.server(options=options)
+    meshd.ads.add_to(plain)
+    if ca is not None and kind != "kubernetes":
+        ca_service.add_to_server(plain, ca[1])
     host, port = args.listen
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
+    bound = plain.add_insecure_port(f"{host}:{port}")
+    servers = [plain]
+    listening = [f"xDS on {host}:{bound}"]
+
+    # TLS (15012): xDS and the CA, with a certificate from the mesh root.
+    if ca is not None and args.tls_listen is not None:
+        tls_host, tls_port = args.tls_listen
+        serving = ServingCertificate(ca[0], ip_addresses=serving_ips(tls_host))
+        tls = grpc.aio.server(options=options)
+        meshd.ads.add_to(tls)
+        ca_service.add_to_server(tls, ca[1])
+        tls_bound = tls.add_secure_port(f"{tls_host}:{tls_port}", serving.credentials())
+        servers.append(tls)
+        listening.append(f"xDS and CA over TLS on {tls_host}:{tls_bound}")
+    elif args.tls_listen is not None:
+        log.warning("meshd: no CA, so no certificate to serve TLS with: the TLS port is off")
+    for server in servers:
+        await server.start()
     status = await serve_status(meshd, *args.status_listen)
     log.info(
-        "meshd: serving xDS on %s:%d, status on %s:%d, source %s",
-        host,
-        bound,
+        "meshd: serving %s, status on %s:%d, source %s",
+        ", ".join(listening),
         *args.status_listen,
         source.describe(),
     )
@@ -248,24 +287,14 @@ async def run(
         with contextlib.suppress(BaseException):
             await source_task
         status.close()
-        await server.stop(grace=1.0)
+        await asyncio.gather(*(server.stop(grace=1.0) for server in servers))
         meshd.collector.close()
 
 
-def _add_ca(
-    server: grpc.aio.Server, meshd: Meshd, args: argparse.Namespace, ca_dir: Path | None
-) -> None:
-    """Serve the CA beside xDS when this build has it and a root directory is known."""
-    try:
-        from controlplane import ca_service
-    except ImportError:  # pragma: no cover - the CA is part of every build
-        return
-    if ca_dir is None:
-        log.info("meshd: no --ca-dir: the CA is not served")
-        return
-    from mesh.identity import CertificateAuthority
-
-    ca = CertificateAuthority.load_or_create(ca_dir, args.trust_domain)
+def _ca(
+    meshd: Meshd, args: argparse.Namespace, ca_dir: Path | None
+) -> tuple[CertificateAuthority, ca_service.CaService] | None:
+    """The CA root and the CA service, or None when the CA is not served."""
     kind, _, value = args.source.partition(":")
     authenticator: Any
     if kind == "meshlab":
@@ -281,13 +310,24 @@ def _add_ca(
         )
     else:
         log.info("meshd: a file source has no callers to authenticate: the CA is not served")
-        return
+        return None
+    if ca_dir is not None:
+        ca = CertificateAuthority.load_or_create(ca_dir, args.trust_domain)
+        where = str(ca_dir)
+    elif kind == "kubernetes":
+        from controlplane.ca_secret import load_or_create_ca_secret
+
+        ca = load_or_create_ca_secret(client, args.trust_domain)
+        where = "the Secret istio-system/istio-ca-secret"
+    else:
+        log.info("meshd: no --ca-dir: the CA is not served")
+        return None
+    log.info("meshd: CA root from %s (trust domain %s)", where, args.trust_domain)
 
     def state() -> SourceState:
         return meshd.state or SourceState()
 
-    ca_service.add_to_server(server, ca_service.CaService(ca, authenticator, state))
-    log.info("meshd: CA root %s (trust domain %s)", ca_dir, args.trust_domain)
+    return ca, ca_service.CaService(ca, authenticator, state)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,10 @@ tests and the CA service decide what "now" is.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -351,6 +353,64 @@ class CertificateAuthority:
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
         )
+
+    def issue_serving(
+        self,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str] = (),
+        ttl: timedelta = DEFAULT_TTL,
+        *,
+        now: datetime,
+    ) -> tuple[bytes, bytes]:
+        """A TLS server certificate for the control plane itself: ``(chain_pem, key_pem)``.
+
+        Like istiod's own certificate: DNS (and IP) names, serverAuth only, a
+        fresh P-256 key that never leaves the process. Proxies check it
+        against the mesh root they already trust.
+        """
+        now = _utc(now)
+        if ttl <= timedelta(0) or ttl > MAX_TTL:
+            raise InvalidTtl(ttl=ttl, maximum=MAX_TTL)
+        if not dns_names and not ip_addresses:
+            raise ValueError("a serving certificate needs at least one DNS name or IP address")
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(min(now + ttl, self._cert.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName(names), critical=True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(self._aki, critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(self._key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def _parse_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:

@@ -91,6 +91,8 @@ async def meshd(cluster: str) -> AsyncIterator[str]:
         f"meshlab:{cluster}",
         "--listen",
         f"127.0.0.1:{port}",
+        "--tls-listen",
+        f"127.0.0.1:{free_port()}",
         "--status-listen",
         f"127.0.0.1:{status}",
         stderr=subprocess.PIPE,

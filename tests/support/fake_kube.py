@@ -7,9 +7,11 @@ what the client and a kind cluster speak: JSON lists with a list
 resources with them), pagination with ``limit``/``continue``, and
 ``?watch=true`` streams of newline-delimited events over chunked transfer
 encoding that start after the requested ``resourceVersion``, with bookmarks
-on request and ``410 Gone`` once a version is compacted away. Tests steer it:
-``add``/``update``/``delete`` objects, ``send_bookmark``, ``expire``,
-``close_watches``, ``fail_next``, and a token table for TokenReviews.
+on request and ``410 Gone`` once a version is compacted away; GET of one
+object and POST to a collection (``404 NotFound``, ``409 AlreadyExists``).
+Tests steer it: ``add``/``update``/``delete`` objects, ``send_bookmark``,
+``expire``, ``close_watches``, ``fail_next``, ``before`` (another client's
+write between two requests), and a token table for TokenReviews.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,6 +66,7 @@ RESOURCES = {
         Resource("pods", "", "v1", "Pod"),
         Resource("services", "", "v1", "Service"),
         Resource("serviceaccounts", "", "v1", "ServiceAccount"),
+        Resource("secrets", "", "v1", "Secret"),
         Resource("endpointslices", "discovery.k8s.io", "v1", "EndpointSlice"),
         Resource("authorizationpolicies", "security.istio.io", "v1", "AuthorizationPolicy"),
         Resource("gateways", "gateway.networking.k8s.io", "v1", "Gateway"),
@@ -73,17 +76,20 @@ TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
 
-def status(code: int, reason: str, message: str) -> Obj:
+def status(code: int, reason: str, message: str, details: Obj | None = None) -> Obj:
     """A ``metav1.Status``, the body of every API error."""
-    return {
+    body: Obj = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
         "status": "Failure",
         "message": message,
         "reason": reason,
-        "code": code,
     }
+    if details is not None:
+        body["details"] = details
+    body["code"] = code
+    return body
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,7 @@ class FakeKube:
         self._fail_next = 0
         self._continues: dict[str, tuple[int, str, list[Obj]]] = {}
         self._tokens: dict[str, TokenInfo] = {}
+        self._before: list[tuple[str, str, Callable[[], object]]] = []
         self._stopping = False
         self._connections: set[socket.socket] = set()
         self.requests: list[Request] = []
@@ -301,6 +308,12 @@ class FakeKube:
         with self._cond:
             self._fail_next = n
 
+    def before(self, method: str, resource: str, action: Callable[[], object]) -> None:
+        """Run ``action`` once, just before the next ``method`` request on ``resource`` is
+        served: another client's write landing between two of the tested client's requests."""
+        with self._cond:
+            self._before.append((method, resource, action))
+
     def add_token(
         self,
         token: str,
@@ -315,15 +328,17 @@ class FakeKube:
         self._tokens[token] = TokenInfo(namespace, service_account, node, pod, tuple(audiences))
 
     def list_requests(self, resource: str) -> list[Request]:
-        return [r for r in self._matching(resource) if not r.watch]
+        return [r for r in self._matching(resource) if r.method == "GET" and not r.watch]
 
     def watch_requests(self, resource: str) -> list[Request]:
         return [r for r in self._matching(resource) if r.watch]
 
     def _matching(self, resource: str) -> list[Request]:
+        """Requests to a collection of ``resource``, not to one of its objects."""
         with self._cond:
             requests = list(self.requests)
-        return [r for r in requests if (_route(r.path) or ("",))[0] == resource]
+        routes = [(r, _route(r.path)) for r in requests]
+        return [r for r, route in routes if route and route[0] == resource and route[2] is None]
 
     # -- serving (called by the handler threads) ------------------------------------------
 
@@ -366,6 +381,35 @@ class FakeKube:
             "metadata": meta,
             "items": [_render(res, obj, in_list=True) for obj in items],
         }
+
+    def _get_one(self, resource: str, namespace: str | None, name: str) -> Obj:
+        res = RESOURCES[resource]
+        with self._cond:
+            obj = self._stores[resource].objects.get((namespace or "", name))
+            if obj is None:
+                raise _ApiError(_not_found(res, name))
+            return _render(res, copy.deepcopy(obj))
+
+    def _create(self, resource: str, namespace: str | None, body: Obj) -> Obj:
+        res = RESOURCES[resource]
+        meta = body.setdefault("metadata", {})
+        name = meta.get("name") or ""
+        if namespace is not None and meta.setdefault("namespace", namespace) != namespace:
+            message = "the namespace of the provided object does not match the namespace sent "
+            raise _ApiError(status(400, "BadRequest", message + "on the request"))
+        if not name:
+            message = f'{res.kind} "" is invalid: metadata.name: Required value: name is required'
+            raise _ApiError(status(422, "Invalid", message))
+        for server_filled in ("uid", "resourceVersion", "creationTimestamp", "managedFields"):
+            meta.pop(server_filled, None)
+        body.pop("kind", None)
+        body.pop("apiVersion", None)
+        try:
+            return _render(res, self.add(resource, body))
+        except KeyError:
+            details = {"name": name, "kind": res.plural}
+            message = f'{res.plural} "{name}" already exists'
+            raise _ApiError(status(409, "AlreadyExists", message, details)) from None
 
     def _token_review(self, body: Obj) -> Obj:
         spec = body.get("spec") or {}
@@ -470,6 +514,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         request = Request(method, url.path, query)
+        route = _route(url.path)
+        with kube._cond:
+            hook = next((h for h in kube._before if route and h[:2] == (method, route[0])), None)
+            if hook is not None:
+                kube._before.remove(hook)
+        if hook is not None:
+            hook[2]()
         with kube._cond:
             kube.requests.append(request)
             failing = kube._fail_next > 0
@@ -486,15 +537,21 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "POST" and url.path == TOKEN_REVIEWS:
                 self._send_json(201, kube._token_review(json.loads(body or b"{}")))
                 return
-            route = _route(url.path)
-            if method != "GET" or route is None or kube._stores[route[0]].missing:
+            if route is None or kube._stores[route[0]].missing:
                 raise _ApiError(
                     status(404, "NotFound", "the server could not find the requested resource")
                 )
-            if request.watch:
-                self._watch(route[0], route[1], query)
+            resource, namespace, name = route
+            if method == "POST" and name is None:
+                self._send_json(201, kube._create(resource, namespace, json.loads(body or b"{}")))
+            elif method != "GET":
+                raise _ApiError(status(405, "MethodNotAllowed", f"{method} is not supported"))
+            elif name is not None:
+                self._send_json(200, kube._get_one(resource, namespace, name))
+            elif request.watch:
+                self._watch(resource, namespace, query)
             else:
-                self._send_json(200, kube._list(route[0], route[1], query))
+                self._send_json(200, kube._list(resource, namespace, query))
         except _ApiError as e:
             self._send_json(e.body["code"], e.body)
 
@@ -587,17 +644,23 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
 
-def _route(path: str) -> tuple[str, str | None] | None:
-    """``(resource, namespace or None)`` for a collection path, else None."""
+def _route(path: str) -> tuple[str, str | None, str | None] | None:
+    """``(resource, namespace or None, name or None)`` for a collection or object path."""
     for res in RESOURCES.values():
-        if path == f"{res.base}/{res.plural}":
-            return res.plural, None
-        prefix = f"{res.base}/namespaces/"
-        if res.namespaced and path.startswith(prefix) and path.endswith(f"/{res.plural}"):
-            namespace = path[len(prefix) : -len(res.plural) - 1]
-            if namespace and "/" not in namespace:
-                return res.plural, namespace
+        if not path.startswith(f"{res.base}/"):
+            continue
+        parts = path[len(res.base) + 1 :].split("/")
+        namespace = None
+        if res.namespaced and len(parts) > 2 and parts[0] == "namespaces":
+            namespace, parts = parts[1], parts[2:]
+        if parts[0] == res.plural and len(parts) <= 2 and all(parts) and namespace != "":
+            return res.plural, namespace, parts[1] if len(parts) == 2 else None
     return None
+
+
+def _not_found(res: Resource, name: str) -> Obj:
+    details = {"name": name, "kind": res.plural}
+    return status(404, "NotFound", f'{res.plural} "{name}" not found', details)
 
 
 def _render(res: Resource, obj: Obj, *, in_list: bool = False) -> Obj:

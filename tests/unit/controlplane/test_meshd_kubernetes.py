@@ -8,6 +8,7 @@ list and watch wire format with objects as a kind cluster returns them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import sys
 from collections.abc import AsyncIterator
@@ -27,8 +28,9 @@ from tests.unit.hbone.conftest import run
 
 
 @contextlib.asynccontextmanager
-async def meshd(kubeconfig: Path, ca_dir: Path) -> AsyncIterator[str]:
-    port, status = free_port(), free_port()
+async def meshd(kubeconfig: Path) -> AsyncIterator[tuple[str, str]]:
+    """meshd's plaintext and TLS targets."""
+    port, tls_port, status = free_port(), free_port(), free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -37,21 +39,21 @@ async def meshd(kubeconfig: Path, ca_dir: Path) -> AsyncIterator[str]:
         "kubernetes",
         "--kubeconfig",
         str(kubeconfig),
-        "--ca-dir",
-        str(ca_dir),
         "--listen",
         f"127.0.0.1:{port}",
+        "--tls-listen",
+        f"127.0.0.1:{tls_port}",
         "--status-listen",
         f"127.0.0.1:{status}",
     )
     try:
         for _ in range(300):
             with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                _, writer = await asyncio.open_connection("127.0.0.1", tls_port)
                 writer.close()
                 break
             await asyncio.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", f"127.0.0.1:{tls_port}"
     finally:
         process.terminate()
         await process.wait()
@@ -93,8 +95,18 @@ def test_meshd_follows_the_api_server_and_signs_for_its_nodes(tmp_path: Path) ->
         web = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
 
         async def body() -> None:
-            async with meshd(kubeconfig, tmp_path / "ca") as target:
-                client = XdsClient(target, node_id="ztunnel~kind-worker", backoff_initial_s=0.05)
+            async with meshd(kubeconfig) as (plain, target):
+                # The root persists where istiod keeps its own: a Secret.
+                secret = kube.get("secrets", "istio-ca-secret", "istio-system")
+                root_pem = base64.b64decode(secret["data"]["root-cert.pem"])
+                # Over TLS, checked against the mesh root, as a ztunnel reaches istiod.
+                root = grpc.ssl_channel_credentials(root_pem)
+                client = XdsClient(
+                    target,
+                    node_id="ztunnel~kind-worker",
+                    credentials=root,
+                    backoff_initial_s=0.05,
+                )
                 task = asyncio.ensure_future(client.run())
                 try:
                     state = await client.wait_synced(30)
@@ -126,7 +138,16 @@ def test_meshd_follows_the_api_server_and_signs_for_its_nodes(tmp_path: Path) ->
                     )
                     await eventually(lambda: len(client.state.workloads) == 2)
 
-                    ca = CaClient(target, "ztunnel-worker")
+                    # A service-account token never goes over plaintext: no CA there.
+                    plain_ca = CaClient(plain, "ztunnel-worker")
+                    try:
+                        with pytest.raises(CaError) as refused:
+                            await plain_ca.fetch(web)
+                        assert refused.value.code == grpc.StatusCode.UNIMPLEMENTED
+                    finally:
+                        await plain_ca.close()
+
+                    ca = CaClient(target, "ztunnel-worker", credentials=root)
                     try:
                         cert = await ca.fetch(web)
                         assert cert.identity == web
