@@ -27,6 +27,7 @@ from typing import Generic, TypeVar
 
 from controlplane.state import (
     AuthorizationPolicyInfo,
+    EndpointSliceInfo,
     PodInfo,
     ServiceInfo,
     SourceState,
@@ -43,6 +44,7 @@ from controlplane.translate import (
     resolve_waypoint,
     selects,
     service_key,
+    service_key_of,
     service_vips,
     translate,
     waypoint_labels,
@@ -52,6 +54,7 @@ from mesh.model import Policy, Port, Service, Workload
 
 PodKey = tuple[str, str]  # (namespace, name)
 Item = tuple[str, str, str]  # (namespace, label key, label value)
+SliceKey = tuple[str, str, str]  # (namespace, service, slice name)
 
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
@@ -158,6 +161,14 @@ class IncrementalTranslator:
         self._pods = self._pod_objects.by_key
         self._services = self._service_objects.by_key
         self._policies = self._policy_objects.by_key
+        self._slice_objects: _Objects[SliceKey, EndpointSliceInfo] = _Objects(
+            lambda e: (e.namespace, e.service, e.name)
+        )
+        self._slices = self._slice_objects.by_key
+        self._slices_by_service: dict[str, set[SliceKey]] = {}
+        # Accepted services without a selector: the addresses their slices list, indexed.
+        self._endpoints: dict[str, frozenset[str]] = {}
+        self._endpoint_index: dict[tuple[str, str], set[str]] = {}
         # Pods by every (namespace, label, value) they carry.
         self._pod_index: dict[Item, set[PodKey]] = {}
         # Accepted selecting services and selector policies, by one selector item.
@@ -184,11 +195,13 @@ class IncrementalTranslator:
             pods = self._pod_objects.update(state.pods)
             services = self._service_objects.update(state.services)
             policies = self._policy_objects.update(state.policies)
+            slices = self._slice_objects.update(state.endpoint_slices)
             if (
                 pods is not None
                 and services is not None
                 and policies is not None
-                and self._partial(state, pods, services, policies)
+                and slices is not None
+                and self._partial(state, pods, services, policies, slices)
             ):
                 return self._result
         return self._full(state, glob)
@@ -202,6 +215,7 @@ class IncrementalTranslator:
             self._pod_objects.load(state.pods)
             and self._service_objects.load(state.services)
             and self._policy_objects.load(state.policies)
+            and self._slice_objects.load(state.endpoint_slices)
         ):
             # Two objects under one name: which one wins is order-dependent
             # in ways not worth tracking; the specification decides.
@@ -209,6 +223,8 @@ class IncrementalTranslator:
             return translate(state)
         self._state, self._globals = state, glob
         pods, services, policies = self._pods, self._services, self._policies
+        for slice_key in self._slices:
+            self._slices_by_service.setdefault(service_key_of(*slice_key[:2]), set()).add(slice_key)
         vip_owner: dict[IPAddress, str] = {}
         for key, info in services.items():  # state order: the first VIP owner wins
             vips = service_vips(info)
@@ -251,6 +267,7 @@ class IncrementalTranslator:
         pods: dict[PodKey, Change[PodInfo]],
         services: dict[str, Change[ServiceInfo]],
         policies: dict[str, Change[AuthorizationPolicyInfo]],
+        slices: dict[SliceKey, Change[EndpointSliceInfo]],
     ) -> bool:
         """Redo what changed; False when a full pass must (the full pass starts afresh)."""
         if self._clash:
@@ -283,14 +300,31 @@ class IncrementalTranslator:
                 self._unindex_pod(pk, old)
             if new is not None:
                 self._index_pod(pk, new)
+        sliced: set[str] = set()  # services whose EndpointSlices changed
+        for slice_key, (_, new_slice) in slices.items():
+            key = service_key_of(*slice_key[:2])
+            sliced.add(key)
+            members = self._slices_by_service.setdefault(key, set())
+            if new_slice is None:
+                members.discard(slice_key)
+            else:
+                members.add(slice_key)
+            if not members:
+                del self._slices_by_service[key]
         for key, (old_svc, info) in services.items():
             if old_svc is not None:
-                dirty.update(self._selected(old_svc.selector, old_svc.namespace))
+                dirty.update(self._service_pods(key, old_svc))
                 self._drop_service(key, old_svc)
             if info is not None:
                 self._put_service(key, info, new_vips[key])
-                if key in self._service_out:
-                    dirty.update(self._selected(info.selector, info.namespace))
+                dirty.update(self._service_pods(key, info))
+        for key in sliced - services.keys():
+            info = self._services.get(key)
+            if info is not None and key in self._endpoints:
+                dirty.update(self._service_pods(key, info))
+                self._unindex_endpoints(key, info.namespace)
+                self._index_endpoints(key, info)
+                dirty.update(self._service_pods(key, info))
         for key, (old_pol, policy) in policies.items():
             if old_pol is not None:
                 dirty.update(self._selected(old_pol.selector or {}, old_pol.namespace))
@@ -327,15 +361,46 @@ class IncrementalTranslator:
         if info.selector:
             item = _index_item(info.selector, info.namespace)
             self._service_index.setdefault(item, set()).add(key)
+        else:
+            self._index_endpoints(key, info)
 
     def _drop_service(self, key: str, info: ServiceInfo) -> None:
         self._service_lines.pop(key, None)
-        if self._service_out.pop(key, None) is not None and info.selector:
-            self._discard(self._service_index, _index_item(info.selector, info.namespace), key)
+        if self._service_out.pop(key, None) is not None:
+            if info.selector:
+                item = _index_item(info.selector, info.namespace)
+                self._discard(self._service_index, item, key)
+            else:
+                self._unindex_endpoints(key, info.namespace)
         vips = service_vips(info)
         if not isinstance(vips, str):
             for vip in vips:
                 self._discard(self._vip_users, vip, key)
+
+    def _service_pods(self, key: str, info: ServiceInfo) -> Iterable[PodKey]:
+        """The pods an accepted service has as endpoints now; none if it is not accepted."""
+        if key not in self._service_out:
+            return ()
+        if info.selector:
+            return self._selected(info.selector, info.namespace)
+        return [
+            pk
+            for address in self._endpoints.get(key, ())
+            for pk in self._ip_users.get(address, ())
+            if pk[0] == info.namespace
+        ]
+
+    def _index_endpoints(self, key: str, info: ServiceInfo) -> None:
+        addresses = frozenset(
+            a for s in self._slices_by_service.get(key, ()) for a in self._slices[s].addresses
+        )
+        self._endpoints[key] = addresses
+        for address in addresses:
+            self._endpoint_index.setdefault((info.namespace, address), set()).add(key)
+
+    def _unindex_endpoints(self, key: str, namespace: str) -> None:
+        for address in self._endpoints.pop(key, ()):
+            self._discard(self._endpoint_index, (namespace, address), key)
 
     # -------------------------------------------------------------- policies
 
@@ -400,6 +465,9 @@ class IncrementalTranslator:
             for key in self._policy_index.get(item, ()):
                 if selects(self._policies[key].selector or {}, pod.labels):
                     selected_by.append(key)
+        for key in self._endpoint_index.get((pod.namespace, pod.ip), ()):
+            service = self._service_out[key]
+            backing[service.resource_name] = service.ports
         waypoint, error = resolve_waypoint(
             {**ns_labels, **waypoint_labels(pod.labels)}, pod.namespace, glob.waypoints, where
         )

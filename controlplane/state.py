@@ -90,6 +90,7 @@ class EndpointSliceInfo:
     service: str
     namespace: str
     addresses: tuple[str, ...]
+    name: str = ""  # the slice's own name: a service may have several
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

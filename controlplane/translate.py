@@ -8,7 +8,9 @@ rules:
   namespace is labelled ``istio.io/dataplane-mode=ambient`` and the pod does
   not opt out with ``istio.io/dataplane-mode=none``;
 * a service maps to its VIPs and TCP ports; each workload lists the services
-  that select it, with their ports;
+  it is an endpoint of, with their ports: those whose selector matches its
+  labels or, for a service without a selector, whose EndpointSlices list
+  its IP;
 * ``istio.io/use-waypoint`` on the pod, the service or the namespace (in
   that order of precedence) names a waypoint Gateway; its address becomes
   the workload's or service's waypoint;
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -36,6 +38,7 @@ from controlplane.state import (
     USE_WAYPOINT,
     USE_WAYPOINT_NAMESPACE,
     AuthorizationPolicyInfo,
+    EndpointSliceInfo,
     PodInfo,
     ServiceInfo,
     SourceState,
@@ -83,7 +86,28 @@ def workload_uid(cluster_id: str, namespace: str, name: str) -> str:
 
 def service_key(info: ServiceInfo) -> str:
     """A service's xDS name: ``namespace/hostname``."""
-    return f"{info.namespace}/{info.name}.{info.namespace}.{CLUSTER_DOMAIN}"
+    return service_key_of(info.namespace, info.name)
+
+
+def service_key_of(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}.{namespace}.{CLUSTER_DOMAIN}"
+
+
+def endpoint_addresses(slices: Iterable[EndpointSliceInfo]) -> dict[str, frozenset[str]]:
+    """The addresses each service's EndpointSlices list, by service key."""
+    found: dict[str, set[str]] = {}
+    for s in slices:
+        found.setdefault(service_key_of(s.namespace, s.service), set()).update(s.addresses)
+    return {k: frozenset(v) for k, v in found.items()}
+
+
+def backs(info: ServiceInfo, pod: PodInfo, endpoints: Mapping[str, frozenset[str]]) -> bool:
+    """Whether ``pod`` is an endpoint of ``info``: by selector; without one, by EndpointSlice."""
+    if info.namespace != pod.namespace:
+        return False
+    if info.selector:
+        return selects(info.selector, pod.labels)
+    return pod.ip in endpoints.get(service_key(info), frozenset())
 
 
 def policy_key(info: AuthorizationPolicyInfo) -> str:
@@ -249,6 +273,7 @@ def translate(state: SourceState) -> Resources:
 
     policies = {policy_key(p): build_policy(p, state.root_namespace) for p in state.policies}
     selector_policies = [p for p in state.policies if p.selector]
+    endpoints = endpoint_addresses(state.endpoint_slices)
 
     workloads: dict[str, Workload] = {}
     ip_owner: dict[str, str] = {}
@@ -268,7 +293,7 @@ def translate(state: SourceState) -> Resources:
         backing = {
             service.resource_name: service.ports
             for info, service in selecting
-            if info.namespace == pod.namespace and selects(info.selector, pod.labels)
+            if backs(info, pod, endpoints)
         }
         selected_by = tuple(
             sorted(

@@ -174,7 +174,7 @@ def convert_service(obj: Obj) -> tuple[ServiceInfo, tuple[str, ...]]:
 def convert_endpoint_slice(obj: Obj) -> EndpointSliceInfo | None:
     """The ready addresses (a missing ``ready`` means ready, per the API); None for slices
     that belong to no service or list FQDNs."""
-    namespace, _, labels = _meta(obj)
+    namespace, name, labels = _meta(obj)
     service = labels.get(SERVICE_NAME_LABEL)
     if not service or obj.get("addressType") not in ("IPv4", "IPv6"):
         return None
@@ -186,7 +186,9 @@ def convert_endpoint_slice(obj: Obj) -> EndpointSliceInfo | None:
         first = (endpoint.get("addresses") or [None])[0]
         if first:
             addresses.append(str(ipaddress.ip_address(first)))
-    return EndpointSliceInfo(service=service, namespace=namespace, addresses=tuple(addresses))
+    return EndpointSliceInfo(
+        service=service, namespace=namespace, addresses=tuple(addresses), name=name
+    )
 
 
 def convert_gateway(obj: Obj) -> WaypointInfo | None:

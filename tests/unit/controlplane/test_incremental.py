@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from controlplane.incremental import IncrementalTranslator
 from controlplane.state import (
     AuthorizationPolicyInfo,
+    EndpointSliceInfo,
     NamespaceInfo,
     PodInfo,
     ServiceInfo,
@@ -99,6 +100,18 @@ def policies(draw: st.DrawFn) -> AuthorizationPolicyInfo:
     )
 
 
+@st.composite
+def endpoint_slices(draw: st.DrawFn) -> EndpointSliceInfo:
+    """Slices listing pods' addresses, of this namespace or the other, or of nobody."""
+    pool = [f"10.0.{ns}.{n}" for ns in (0, 1) for n in range(1, 7)] + ["10.0.9.9", "fd00::1"]
+    return EndpointSliceInfo(
+        service=draw(st.sampled_from(("s0", "s1", "s2"))),
+        namespace=draw(st.sampled_from(NAMESPACES[:2])),
+        addresses=tuple(draw(st.lists(st.sampled_from(pool), max_size=3, unique=True))),
+        name=draw(st.sampled_from(("e0", "e1"))),
+    )
+
+
 namespace_st = st.builds(
     lambda name, mode, wp: NamespaceInfo(name=name, labels=frozen_labels({**mode, **wp})),
     st.sampled_from(NAMESPACES),
@@ -118,6 +131,8 @@ change_st = st.one_of(
     *[st.tuples(st.just("pods"), pods())] * 4,
     *[st.tuples(st.just("services"), services())] * 3,
     *[st.tuples(st.just("policies"), policies())] * 3,
+    *[st.tuples(st.just("endpoint_slices"), endpoint_slices())] * 3,
+    st.tuples(st.just("-endpoint_slices"), st.integers(0, 10)),
     st.tuples(st.just("namespaces"), namespace_st),
     st.tuples(st.just("waypoints"), waypoint_st),
     *[st.tuples(st.just("-pods"), st.integers(0, 10))] * 2,
@@ -125,7 +140,9 @@ change_st = st.one_of(
     *[st.tuples(st.just("-policies"), st.integers(0, 10))] * 2,
     st.tuples(st.just("-waypoints"), st.integers(0, 10)),
     st.tuples(st.just("dup"), pods()),  # a second pod under a name already taken
-    st.tuples(st.just("copy"), st.sampled_from(("pods", "services", "policies"))),
+    st.tuples(
+        st.just("copy"), st.sampled_from(("pods", "services", "policies", "endpoint_slices"))
+    ),
     st.tuples(st.just("rejected"), st.sampled_from(((), ("source refused x",)))),
     st.tuples(st.just("root"), st.sampled_from(("istio-system", "ns1"))),
 )
@@ -292,3 +309,35 @@ def test_two_new_services_with_one_vip_in_one_update_clash() -> None:
     result = translator.translate(state2)
     assert result == translate(state2)
     assert "service ns0/new2: VIP already used by ns0/new1" in result.rejected
+
+
+def test_a_service_without_selector_has_the_pods_its_endpoint_slices_list() -> None:
+    translator = IncrementalTranslator()
+    world = _world(20)
+    external = ServiceInfo(
+        name="ext",
+        namespace="ns0",
+        cluster_ips=("10.96.1.1",),
+        ports=(ServicePortInfo(port=5432, target_port=5432),),
+    )
+    first_slice = EndpointSliceInfo(
+        service="ext", namespace="ns0", addresses=("10.0.0.2", "10.0.0.3"), name="ext-a"
+    )
+    state = replace(world, services=(*world.services, external), endpoint_slices=(first_slice,))
+    translator.translate(state)
+    ext = "ns0/ext.ns0.svc.cluster.local"
+
+    def backed(result: Any) -> set[str]:
+        return {w.name for w in result.workloads.values() if ext in w.services}
+
+    assert backed(translate(state)) == {"p1", "p2"}
+    # The slice moves on (a pod replaced behind the service): p1 and p2 lose it, p3 gains it.
+    moved = replace(first_slice, addresses=("10.0.0.4",))
+    state2 = replace(state, endpoint_slices=(moved,))
+    result = translator.translate(state2)
+    assert result == translate(state2) and backed(result) == {"p3"}
+    assert translator.partial_passes == 1
+    # A second slice of the same service adds to the first.
+    second = EndpointSliceInfo(service="ext", namespace="ns0", addresses=("10.0.0.5",), name="b")
+    state3 = replace(state2, endpoint_slices=(moved, second))
+    assert backed(translator.translate(state3)) == {"p3", "p4"} == backed(translate(state3))

@@ -252,7 +252,9 @@ def test_initial_state_converts_every_kind(kube: FakeKube, client: ApiClient) ->
         ),
     )
     assert state.endpoint_slices == (
-        EndpointSliceInfo(service="reviews", namespace="default", addresses=("10.244.1.5",)),
+        EndpointSliceInfo(
+            service="reviews", namespace="default", addresses=("10.244.1.5",), name="reviews-x2x9q"
+        ),
     )
     assert state.waypoints == (
         WaypointInfo(name="waypoint", namespace="default", address="10.96.200.10"),
