@@ -2,7 +2,12 @@
 
 Owns: capture management and the CNI plugin, the in-pod listeners, the
 outbound and inbound proxies, L4 authorization, the DNS proxy, admin, metrics
-and readiness, and ``ztunnel-ctl``. Empty until the ztunnel issue lands.
+and readiness, and ``ztunnel-ctl``.
+
+So far the sans-I/O cores: ``index`` (lookups over one xDS snapshot),
+``authz`` (L4 authorization, Istio's semantics, with the deciding policy)
+and ``route`` (where an outbound connection goes). Capture, ZDS and the
+listeners follow.
 
 May import: ``mesh``, ``ebpf`` (the capture backend) and third-party
 libraries. Never ``controlplane``, ``waypoint`` or ``meshlab``.

@@ -1,0 +1,78 @@
+"""Lookups over one xDS snapshot, built once per snapshot.
+
+The proxy answers "who is this IP?", "which service is this VIP?", "which
+pods back this service?" and "which policies apply to this workload?" on
+every connection. :class:`StateIndex` answers each with a dictionary lookup;
+it is immutable and built from an immutable :class:`~mesh.xds.XdsState`, so
+a connection decided against one snapshot never sees half of the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from mesh.model import Policy, Port, Scope, Service, Workload
+from mesh.xds import XdsState
+
+
+def _frozen() -> Mapping[str, tuple[Policy, ...]]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A workload behind a service, and the port the service's port maps to on it."""
+
+    workload: Workload
+    ports: tuple[Port, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StateIndex:
+    state: XdsState
+    workloads_by_ip: Mapping[str, Workload]
+    services_by_vip: Mapping[str, Service]
+    endpoints: Mapping[str, tuple[Endpoint, ...]]  # by service resource name
+    global_policies: tuple[Policy, ...] = ()
+    namespace_policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=_frozen)
+
+    @classmethod
+    def build(cls, state: XdsState) -> StateIndex:
+        by_ip: dict[str, Workload] = {}
+        endpoints: dict[str, list[Endpoint]] = {}
+        for workload in state.workloads.values():
+            for address in workload.addresses:
+                by_ip.setdefault(str(address), workload)
+            for service, ports in workload.services.items():
+                endpoints.setdefault(service, []).append(Endpoint(workload, ports))
+        by_vip = {str(a): s for s in state.services.values() for a in s.addresses}
+        global_policies = []
+        by_namespace: dict[str, list[Policy]] = {}
+        for policy in state.policies.values():
+            if policy.scope is Scope.GLOBAL:
+                global_policies.append(policy)
+            elif policy.scope is Scope.NAMESPACE:
+                by_namespace.setdefault(policy.namespace, []).append(policy)
+        return cls(
+            state=state,
+            workloads_by_ip=MappingProxyType(by_ip),
+            services_by_vip=MappingProxyType(by_vip),
+            endpoints=MappingProxyType(
+                {k: tuple(sorted(v, key=lambda e: e.workload.uid)) for k, v in endpoints.items()}
+            ),
+            global_policies=tuple(sorted(global_policies, key=lambda p: p.resource_name)),
+            namespace_policies=MappingProxyType(
+                {
+                    ns: tuple(sorted(ps, key=lambda p: p.resource_name))
+                    for ns, ps in by_namespace.items()
+                }
+            ),
+        )
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        return self.workloads_by_ip.get(ip)
+
+    def service_by_vip(self, ip: str) -> Service | None:
+        return self.services_by_vip.get(ip)
