@@ -7,8 +7,8 @@ and readiness, and ``ztunnel-ctl``.
 So far: the sans-I/O cores ``index`` (lookups over one xDS snapshot),
 ``authz`` (L4 authorization, Istio's semantics, with the deciding policy)
 and ``route`` (where an outbound connection goes), and ``zds`` (the node
-agent's and the proxy's sides of the ZDS exchange). Capture and the
-listeners follow.
+agent's and the proxy's sides of the ZDS exchange), and ``capture`` (the
+in-pod iptables rules and reply routing). The listeners and proxies follow.
 
 May import: ``mesh``, ``ebpf`` (the capture backend) and third-party
 libraries. Never ``controlplane``, ``waypoint`` or ``meshlab``.
