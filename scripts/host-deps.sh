@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
     iproute2                    # ip, ip netns: nodes and pods are network namespaces
-    iptables                    # capture rules (later), the underlay FORWARD rule
+    iptables                    # in-pod capture rules, the underlay FORWARD rule
     containernetworking-plugins # the real CNI plugins: bridge, host-local, loopback
     iperf3                      # pod apps and benchmarks
     procps                      # ps, pkill, sysctl

@@ -1,0 +1,79 @@
+"""Sockets inside a pod's network namespace, from the descriptor ZDS handed over.
+
+A socket belongs to the namespace it was created in, for its whole life. So
+the proxy enters the pod's namespace (``setns``) on a worker thread, makes
+the sockets, and comes back; the event loop's thread never changes
+namespace. This is how ztunnel listens on 15001/15006/15008/15053 inside
+every enrolled pod from one process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+CLONE_NEWNET = 0x40000000
+INPOD_MARK = 0x539
+
+_T = TypeVar("_T")
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def in_netns(netns_fd: int, make: Callable[[], _T]) -> _T:
+    """Call ``make`` with this thread inside ``netns_fd``'s namespace, then come back.
+
+    Blocking (it runs on the calling thread): call it through
+    ``asyncio.to_thread``, never on the event loop's thread.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(netns_fd)
+        try:
+            return make()
+        finally:
+            _setns(home)  # if this fails the thread is unusable: let it raise
+    finally:
+        os.close(home)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSpec:
+    port: int
+    kind: int = socket.SOCK_STREAM  # or SOCK_DGRAM (DNS)
+    transparent: bool = False  # IP_TRANSPARENT: bind to addresses that are not local
+
+
+def listen_sockets(specs: Sequence[ListenSpec], backlog: int = 1024) -> list[socket.socket]:
+    """Listening sockets for ``specs`` in the *current* namespace (call inside
+    :func:`in_netns`). Each has SO_REUSEPORT (more workers, and a restarted
+    ztunnel, can listen beside) and ztunnel's mark."""
+    made: list[socket.socket] = []
+    try:
+        for spec in specs:
+            s = socket.socket(socket.AF_INET, spec.kind | socket.SOCK_CLOEXEC)
+            made.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, INPOD_MARK)
+            if spec.transparent:
+                s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            s.bind(("0.0.0.0", spec.port))
+            if spec.kind == socket.SOCK_STREAM:
+                s.listen(backlog)
+            s.setblocking(False)
+    except BaseException:
+        for s in made:
+            s.close()
+        raise
+    return made
