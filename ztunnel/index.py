@@ -35,14 +35,17 @@ class StateIndex:
     workloads_by_ip: Mapping[str, Workload]
     services_by_vip: Mapping[str, Service]
     endpoints: Mapping[str, tuple[Endpoint, ...]]  # by service resource name
+    workloads_by_name: Mapping[tuple[str, str], Workload]  # (namespace, name)
     global_policies: tuple[Policy, ...] = ()
     namespace_policies: Mapping[str, tuple[Policy, ...]] = field(default_factory=_frozen)
 
     @classmethod
     def build(cls, state: XdsState) -> StateIndex:
         by_ip: dict[str, Workload] = {}
+        by_name: dict[tuple[str, str], Workload] = {}
         endpoints: dict[str, list[Endpoint]] = {}
         for workload in state.workloads.values():
+            by_name.setdefault((workload.namespace, workload.name), workload)
             for address in workload.addresses:
                 by_ip.setdefault(str(address), workload)
             for service, ports in workload.services.items():
@@ -59,6 +62,7 @@ class StateIndex:
             state=state,
             workloads_by_ip=MappingProxyType(by_ip),
             services_by_vip=MappingProxyType(by_vip),
+            workloads_by_name=MappingProxyType(by_name),
             endpoints=MappingProxyType(
                 {k: tuple(sorted(v, key=lambda e: e.workload.uid)) for k, v in endpoints.items()}
             ),
@@ -73,6 +77,9 @@ class StateIndex:
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         return self.workloads_by_ip.get(ip)
+
+    def workload_by_name(self, namespace: str, name: str) -> Workload | None:
+        return self.workloads_by_name.get((namespace, name))
 
     def service_by_vip(self, ip: str) -> Service | None:
         return self.services_by_vip.get(ip)

@@ -20,17 +20,18 @@ from typing import TypeVar
 CLONE_NEWNET = 0x40000000
 INPOD_MARK = 0x539
 
-_T = TypeVar("_T")
+T = TypeVar("T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _setns(fd: int) -> None:
+def enter(fd: int) -> None:
+    """Move the calling thread into ``fd``'s network namespace."""
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def in_netns(netns_fd: int, make: Callable[[], _T]) -> _T:
+def in_netns(netns_fd: int, make: Callable[[], T]) -> T:
     """Call ``make`` with this thread inside ``netns_fd``'s namespace, then come back.
 
     Blocking (it runs on the calling thread): call it through
@@ -38,11 +39,11 @@ def in_netns(netns_fd: int, make: Callable[[], _T]) -> _T:
     """
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(netns_fd)
+        enter(netns_fd)
         try:
             return make()
         finally:
-            _setns(home)  # if this fails the thread is unusable: let it raise
+            enter(home)  # if this fails the thread is unusable: let it raise
     finally:
         os.close(home)
 

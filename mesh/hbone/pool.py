@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from mesh.hbone import connection as core
@@ -248,7 +249,11 @@ class HboneClientPool:
         config: HboneConfig | None = None,
         http2: Http2Settings = CLIENT_HTTP2,
         logger: logging.Logger = log,
+        socket_factory: Callable[[], Awaitable[socket.socket]] | None = None,
     ) -> None:
+        """``socket_factory`` makes the (unconnected) socket of each new connection, for a
+        proxy that dials from inside a pod's network namespace with its mark."""
+        self.socket_factory = socket_factory
         if isinstance(identities, TlsIdentity):
             single = identities
             self._identities: Callable[[SpiffeId], TlsIdentity] = lambda _: single
@@ -383,7 +388,17 @@ class HboneClientPool:
 
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
-                _, transport = await loop.create_connection(tls, host, port)
+                if self.socket_factory is None:
+                    _, transport = await loop.create_connection(tls, host, port)
+                else:
+                    sock = await self.socket_factory()
+                    try:
+                        sock.setblocking(False)
+                        await loop.sock_connect(sock, (host, port))
+                    except BaseException:
+                        sock.close()
+                        raise
+                    _, transport = await loop.create_connection(tls, sock=sock)
                 await transport.handshake
         except (OSError, TimeoutError) as e:
             raise ConnectionLost(

@@ -17,11 +17,14 @@ what installation added.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
 
-from pyroute2 import NetlinkError, NetNS
+from pyroute2 import IPRoute, NetlinkError
+
+from ztunnel.netns import in_netns
 
 INPOD_MARK = 0x539
 INPOD_TPROXY_MARK = 0x111
@@ -180,12 +183,20 @@ def uninstall(netns: Path) -> None:
 
 
 class _netns:
-    """``with _netns(path) as ns``: a netlink socket in the namespace at ``path``."""
+    """``with _netns(path) as ns``: a netlink socket in the namespace at ``path``.
+
+    Made by a thread that steps into the namespace (not pyroute2's ``NetNS``,
+    which forks a helper: unsafe in a process with gRPC's threads running).
+    """
 
     def __init__(self, path: Path) -> None:
-        self.ns = NetNS(str(path))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.ns = in_netns(fd, IPRoute)
+        finally:
+            os.close(fd)
 
-    def __enter__(self) -> NetNS:
+    def __enter__(self) -> IPRoute:
         return self.ns
 
     def __exit__(self, *exc: object) -> None:
