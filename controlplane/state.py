@@ -17,8 +17,7 @@ Labels = Mapping[str, str]
 ROOT_NAMESPACE = "istio-system"
 DEFAULT_CLUSTER_ID = "Kubernetes"
 
-# Labels Istio's ambient mode reads.
-DATAPLANE_MODE = "istio.io/dataplane-mode"
+# Labels Istio's ambient mode reads (istio.io/dataplane-mode: mesh.ambient).
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
 

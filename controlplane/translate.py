@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from controlplane.state import (
-    DATAPLANE_MODE,
     USE_WAYPOINT,
     USE_WAYPOINT_NAMESPACE,
     AuthorizationPolicyInfo,
@@ -44,6 +43,7 @@ from controlplane.state import (
     SourceState,
     WaypointInfo,
 )
+from mesh.ambient import in_ambient as labels_in_ambient
 from mesh.model import (
     Action,
     GatewayAddress,
@@ -161,11 +161,7 @@ def resolve_waypoint(
 
 
 def in_ambient(pod: PodInfo, namespace_labels: Mapping[str, str]) -> bool:
-    if pod.labels.get(DATAPLANE_MODE) == "none":
-        return False
-    return namespace_labels.get(DATAPLANE_MODE) == "ambient" or (
-        pod.labels.get(DATAPLANE_MODE) == "ambient"
-    )
+    return labels_in_ambient(pod.labels, namespace_labels)
 
 
 def build_service(
