@@ -73,6 +73,10 @@ class _Proxy:
                 ack.cancel()
                 if gone in done:
                     raise ZdsError("the proxy disconnected before acking")
+                # Acks carry no id: a late one would be taken for the next request's.
+                # Drop the connection (the serving task closes it on ``gone``); the
+                # proxy reconnects and gets a fresh snapshot.
+                self.gone.set()
                 raise ZdsError(f"the proxy did not ack within {self.ack_timeout_s:g} s")
             error = ack.result()
             if error:
@@ -80,10 +84,11 @@ class _Proxy:
 
 
 class ZdsAgent:
-    def __init__(self, path: Path, *, ack_timeout_s: float = 5.0) -> None:
+    def __init__(self, path: Path, *, ack_timeout_s: float = 15.0) -> None:
         self.path = path
         self.ack_timeout_s = ack_timeout_s
         self.pods: dict[str, Enrolled] = {}
+        self.refused: dict[str, str] = {}  # pods the proxy refused in a snapshot: uid -> why
         self._proxy: _Proxy | None = None
         self._server: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -179,8 +184,17 @@ class ZdsAgent:
                 continue
             try:
                 await proxy.request(protocol.encode_add(uid, enrolled.pod), (fd,))
+            except ZdsError as e:
+                if proxy.gone.is_set():
+                    raise
+                # One pod the proxy cannot take (no certificate yet, say) must not keep
+                # the others from it: note it for the caller to retry, and go on.
+                log.warning("zds: the proxy did not take %s: %s", uid, e)
+                self.refused[uid] = str(e)
+                continue
             finally:
                 os.close(fd)
+            self.refused.pop(uid, None)
         await proxy.request(protocol.encode_snapshot_sent())
 
     # -- what the CNI plugin and the label watcher call --------------------------------------
@@ -200,10 +214,12 @@ class ZdsAgent:
                 await proxy.request(protocol.encode_add(uid, pod), (fd,))
             finally:
                 os.close(fd)
+            self.refused.pop(uid, None)
 
     async def delete(self, uid: str) -> None:
         """Un-enroll ``uid``; the proxy is told if one is connected."""
         async with self._lock:
+            self.refused.pop(uid, None)
             if self.pods.pop(uid, None) is None:
                 return
             proxy = self._proxy

@@ -137,6 +137,51 @@ def test_a_refusal_comes_back_to_the_agent_with_its_reason(tmp_path: Path) -> No
     run(body, timeout_s=20)
 
 
+class RefuseOne(Recorder):
+    """Refuses the Add of one uid only."""
+
+    def __init__(self, uid: str) -> None:
+        super().__init__()
+        self.uid = uid
+
+    async def __call__(self, event: Event) -> None:
+        if isinstance(event, Add) and event.uid == self.uid:
+            raise RuntimeError(f"no certificate for {event.pod.namespace}/{event.pod.name}")
+        await super().__call__(event)
+
+
+def test_a_pod_refused_in_the_snapshot_does_not_keep_the_others_from_the_proxy(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        agent = ZdsAgent(tmp_path / "ztunnel.sock", ack_timeout_s=2)
+        agent.start()
+        agent.pods["uid-bad"] = Enrolled(PodInfo("bad-0", "shop", "bad"), NETNS)
+        agent.pods["uid-web"] = Enrolled(WEB, NETNS)
+        recorder = RefuseOne("uid-bad")
+        proxy = ZdsProxy(str(agent.path), recorder, backoff_initial_s=0.02)
+        task = asyncio.ensure_future(proxy.run())
+        try:
+            await recorder.until(recorder.snapshot_done)
+            assert [type(e).__name__ for e in recorder.events] == ["Add", "Snapshot"]
+            assert isinstance(recorder.events[0], Add) and recorder.events[0].uid == "uid-web"
+            async with asyncio.timeout(5):
+                await agent.proxy_ready.wait()  # the proxy holds the snapshot, less one pod
+            # The refusal is kept, with its reason, for the node agent to retry.
+            assert set(agent.refused) == {"uid-bad"}
+            assert "no certificate for shop/bad-0" in agent.refused["uid-bad"]
+            recorder.uid = ""
+            await agent.add("uid-bad", PodInfo("bad-0", "shop", "bad"), NETNS)
+            assert agent.refused == {}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await agent.close()
+
+    run(body, timeout_s=20)
+
+
 def test_without_a_proxy_adding_fails_with_the_reason(tmp_path: Path) -> None:
     async def body() -> None:
         agent = ZdsAgent(tmp_path / "ztunnel.sock")
