@@ -19,18 +19,25 @@ namespace, so ``notPrincipals: ["*"]`` catches it, as in Istio.
 Beyond Istio: a workload that names a policy the proxy has not received yet
 is denied (the missing policy could be a DENY), and every decision says
 which policy made it.
+
+Live connections are decided again on every new snapshot (:func:`revoked`),
+as Istio's ztunnel does: those the new snapshot denies are closed, the rest
+go on untouched.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mesh.identity import SpiffeId
 from mesh.model import Action, Match, Policy, Workload
 from ztunnel.index import StateIndex
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,42 @@ def authorize(index: StateIndex, workload: Workload, conn: Connection) -> Decisi
             return Decision(True, "allowed by an ALLOW policy", policy.resource_name)
     names = ", ".join(p.resource_name for p in allows)
     return Decision(False, f"no ALLOW policy matched (applicable: {names})")
+
+
+def revoked(
+    index: StateIndex, destination: tuple[str, str], live: Iterable[tuple[K, Connection]]
+) -> list[tuple[K, Decision]]:
+    """The live connections a new snapshot no longer allows, each with the decision.
+
+    ``destination`` is the ``(namespace, name)`` of the workload the
+    connections reach; ``live`` pairs whatever the caller closes a
+    connection by (``K``) with the facts it was authorized on. Each is
+    authorized again, as a new connection would be, with two rules of their own:
+
+    * the workload gone from the snapshot: every connection to it is closed;
+    * the workload naming a policy not received yet: nothing is decided (the
+      usual fail-closed denial would cut connections a late ALLOW may still
+      allow); the snapshot that brings the policy decides.
+
+    A connection the new snapshot still allows is never in the answer, so a
+    change that does not concern it (another workload, another port, another
+    source) leaves it alone.
+    """
+    workload = index.workload_by_name(*destination)
+    if workload is None:
+        gone = Decision(False, f"the workload {destination[0]}/{destination[1]} left the xDS state")
+        return [(key, gone) for key, _ in live]
+    if applicable(index, workload)[1]:
+        return []
+    decided: dict[Connection, Decision] = {}
+    closing = []
+    for key, conn in live:
+        decision = decided.get(conn)
+        if decision is None:
+            decision = decided[conn] = authorize(index, workload, conn)
+        if not decision:
+            closing.append((key, decision))
+    return closing
 
 
 def matches(policy: Policy, conn: Connection) -> bool:

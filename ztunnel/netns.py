@@ -53,6 +53,7 @@ class ListenSpec:
     port: int
     kind: int = socket.SOCK_STREAM  # or SOCK_DGRAM (DNS)
     transparent: bool = False  # IP_TRANSPARENT: bind to addresses that are not local
+    host: str = "0.0.0.0"  # DNS: 127.0.0.1, where the pod's own redirected queries land
 
 
 def listen_sockets(specs: Sequence[ListenSpec], backlog: int = 1024) -> list[socket.socket]:
@@ -69,7 +70,7 @@ def listen_sockets(specs: Sequence[ListenSpec], backlog: int = 1024) -> list[soc
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, INPOD_MARK)
             if spec.transparent:
                 s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-            s.bind(("0.0.0.0", spec.port))
+            s.bind((spec.host, spec.port))
             if spec.kind == socket.SOCK_STREAM:
                 s.listen(backlog)
             s.setblocking(False)

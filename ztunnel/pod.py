@@ -1,15 +1,24 @@
 """Everything ztunnel runs for one enrolled pod, inside the pod's network namespace.
 
 Per pod: a worker thread that lives in the pod's namespace and makes its
-sockets; the listeners on 15001 (outbound), 15006 (inbound plaintext) and
-15008 (inbound HBONE); an HBONE client pool whose connections start in the
-pod (so peers see the pod's own address) with ztunnel's mark; and the
-pod's certificate. Connections are decided against the node's current
-snapshot (:class:`~ztunnel.index.StateIndex`), never a stale one.
+sockets; the listeners on 15001 (outbound), 15006 (inbound plaintext),
+15008 (inbound HBONE) and 15053 (DNS, UDP and TCP: :mod:`ztunnel.dns`);
+an HBONE client pool whose connections start in the pod (so peers see the
+pod's own address) with ztunnel's mark; and the pod's certificate.
+Connections are decided against the node's current snapshot
+(:class:`~ztunnel.index.StateIndex`), never a stale one.
 
 Fail closed: before the first xDS snapshot every connection is refused; a
 destination the snapshot does not know is passed through only once the
 snapshot exists; no certificate means the pod is not enrolled.
+
+Every inbound connection that authorization lets in (HBONE on 15008,
+plaintext on 15006) stays registered, with the facts it was decided on,
+until it ends. A new snapshot re-checks them (:meth:`PodProxy.recheck`,
+the decision is :func:`ztunnel.authz.revoked`) and closes the ones it now
+denies, as Istio's ztunnel does: an HBONE stream is reset (RST_STREAM to
+the peer, a reset to the app); a plaintext client gets a TCP reset and the
+app a close.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import os
 import random
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from mesh.hbone.channel import Channel, PlainProtocol, reset_transport
@@ -36,7 +46,8 @@ from mesh.identity import SpiffeId
 from mesh.identity.store import WorkloadCertificate
 from mesh.model import Workload
 from ztunnel import netns
-from ztunnel.authz import Connection, authorize
+from ztunnel.authz import Connection, Decision, authorize, revoked
+from ztunnel.dns import DNS_PORT, DnsProxy, TableCache
 from ztunnel.index import StateIndex
 from ztunnel.route import Kind, route_outbound
 from ztunnel.splice import Half, splice
@@ -56,6 +67,40 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
+@dataclass(eq=False, slots=True)
+class Inbound:
+    """A live inbound connection: the facts authorization allowed it on, and how to end it."""
+
+    kind: str  # "HBONE" (15008) or "plaintext" (15006)
+    facts: Connection
+    close: Callable[[str], None]  # ends it, abruptly, saying why
+
+    def __str__(self) -> str:
+        facts = self.facts
+        who = f" ({facts.source_identity})" if facts.source_identity is not None else ""
+        return (
+            f"{self.kind} {facts.source_ip}{who} -> {facts.destination_ip}:{facts.destination_port}"
+        )
+
+
+class _AppSide(PlainProtocol):
+    """The socket to the app of an inbound HBONE stream. It lives as long as the
+    stream (the stream's end closes it), so its end takes the stream out of the
+    registry."""
+
+    def __init__(self, registry: set[Inbound]) -> None:
+        super().__init__()
+        self.registry = registry
+        self.live: Inbound | None = None
+        self.lost = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        super().connection_lost(exc)
+        if self.live is not None:
+            self.registry.discard(self.live)
+
+
 class PodProxy:
     def __init__(
         self,
@@ -66,6 +111,8 @@ class PodProxy:
         trust_domain: str,
         index: Callable[[], StateIndex],
         certificate: Callable[[], WorkloadCertificate | None],
+        dns_upstreams: Sequence[tuple[str, int]] = (),
+        dns_tables: TableCache | None = None,
     ) -> None:
         self.uid = uid
         self.pod = pod
@@ -91,8 +138,18 @@ class PodProxy:
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._listeners: list[socket.socket] = []
+        self.inbound: set[Inbound] = set()  # live, allowed inbound connections
+        self._passthrough: set[Half] = set()  # live outbound plain TCP (one Half each)
+        self.dns = DnsProxy(
+            state=index,
+            pod_namespace=pod.namespace,
+            upstreams=dns_upstreams,
+            socket_factory=self._dns_socket,
+            tables=dns_tables,
+        )
         self.connections = 0
         self.refused = 0
+        self.revoked = 0  # live connections a later snapshot denied
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -101,16 +158,59 @@ class PodProxy:
             netns.ListenSpec(OUTBOUND_PORT),
             netns.ListenSpec(INBOUND_PLAINTEXT_PORT),
             netns.ListenSpec(HBONE_PORT),
+            # The pod's DNS is REDIRECTed on OUTPUT, which sends it to 127.0.0.1: a
+            # reply must leave from there for conntrack to turn it back into the
+            # server the pod asked (a wildcard socket would answer from the pod IP).
+            netns.ListenSpec(DNS_PORT, socket.SOCK_DGRAM, host="127.0.0.1"),
+            netns.ListenSpec(DNS_PORT, host="127.0.0.1"),
         ]
-        outbound, plaintext, hbone = await self._in_pod(lambda: netns.listen_sockets(specs))
-        self._listeners = [outbound, plaintext, hbone]
+        made = await self._in_pod(lambda: netns.listen_sockets(specs))
+        outbound, plaintext, hbone, dns_udp, dns_tcp = made
+        self._listeners = made
         await self.hbone.listen(sock=hbone)
         self._tasks = [
             asyncio.ensure_future(self._accept_loop(outbound, self._outbound)),
             asyncio.ensure_future(self._accept_loop(plaintext, self._inbound_plaintext)),
+            asyncio.ensure_future(self.dns.serve_udp(dns_udp)),
+            asyncio.ensure_future(self.dns.serve_tcp(dns_tcp)),
             asyncio.ensure_future(self._follow_certificate()),
         ]
         log.info("ztunnel: %s/%s enrolled as %s", self.pod.namespace, self.pod.name, self.identity)
+
+    @property
+    def netns_fd(self) -> int:
+        """The pod's network namespace (ztunnel's own descriptor of it)."""
+        return self._fd
+
+    def live(self) -> int:
+        """Connections still open: inbound, outbound over HBONE, outbound passthrough."""
+        streams = sum(len(t.channels) for t in self.pool.connections())
+        return len(self.inbound) + streams + len(self._passthrough)
+
+    async def drain(self, deadline_s: float) -> None:
+        """Stop accepting; give live connections up to ``deadline_s`` to end by themselves.
+
+        HBONE peers are sent GOAWAY, so they open new streams elsewhere; what is
+        still open at the deadline is closed by :meth:`close`.
+        """
+        for task in self._tasks:
+            task.cancel()
+        for sock in self._listeners:
+            sock.close()
+        closing = asyncio.ensure_future(self.hbone.close(drain_timeout_s=deadline_s))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        while self.live() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await closing
+        if self.live():
+            log.info(
+                "ztunnel: %s/%s: %d connections still open after %g s of draining",
+                self.pod.namespace,
+                self.pod.name,
+                self.live(),
+                deadline_s,
+            )
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -122,6 +222,12 @@ class PodProxy:
         await self.pool.close()
         for sock in self._listeners:
             sock.close()
+        for conn in list(self.inbound):
+            conn.close("the pod left ztunnel")
+        self.inbound.clear()
+        for half in list(self._passthrough):
+            if half.transport is not None:
+                half.transport.close()
         self._executor.shutdown(wait=False)
         os.close(self._fd)
 
@@ -151,6 +257,16 @@ class PodProxy:
     async def _dial_socket(self) -> socket.socket:
         def make() -> socket.socket:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netns.INPOD_MARK)
+            return s
+
+        return await self._in_pod(make)
+
+    async def _dns_socket(self, family: int, kind: int) -> socket.socket:
+        """An upstream DNS socket, in the pod and marked so capture lets it out."""
+
+        def make() -> socket.socket:
+            s = socket.socket(family, kind | socket.SOCK_CLOEXEC)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netns.INPOD_MARK)
             return s
 
@@ -224,6 +340,44 @@ class PodProxy:
     def _workload(self, index: StateIndex) -> Workload | None:
         return index.workload_by_name(self.pod.namespace, self.pod.name)
 
+    # -- live inbound connections, re-checked on every new snapshot ------------------------
+
+    def recheck(self, index: StateIndex) -> int:
+        """Authorize every live inbound connection again against ``index``; close the
+        ones it denies (one log line each, naming the deciding policy). Returns how many."""
+        if not self.inbound:
+            return 0
+        return self._close_denied(index, list(self.inbound))
+
+    def _close_denied(self, index: StateIndex, live: list[Inbound]) -> int:
+        destination = (self.pod.namespace, self.pod.name)
+        closing = revoked(index, destination, ((c, c.facts) for c in live))
+        for conn, decision in closing:
+            self.inbound.discard(conn)
+            self.revoked += 1
+            why = _why(decision)
+            log.warning(
+                "ztunnel: %s/%s: closing live %s: %s",
+                self.pod.namespace,
+                self.pod.name,
+                conn,
+                why,
+            )
+            conn.close(f"no longer authorized: {why}")
+        return len(closing)
+
+    def _denied_now(self, facts: Connection, decided: StateIndex) -> Decision | None:
+        """Whether a snapshot newer than ``decided`` (the one a new connection was let
+        in on, before the awaits that connected its app) denies it; None if not."""
+        current = self.index()
+        if current is decided:
+            return None
+        workload = self._workload(current)
+        if workload is None:
+            return Decision(False, f"{self.pod.namespace}/{self.pod.name} left the xDS state")
+        decision = authorize(current, workload, facts)
+        return None if decision else decision
+
     # -- outbound (15001) ------------------------------------------------------------------
 
     async def _outbound(self, sock: socket.socket, peer: tuple[str, int]) -> None:
@@ -247,6 +401,8 @@ class PodProxy:
             _, a = await loop.connect_accepted_socket(Half, sock)
             _, b = await loop.create_connection(Half, sock=upstream)
             splice(a, b)
+            self._passthrough.add(a)
+            b.closed.add_done_callback(lambda _: self._passthrough.discard(a))
             return
         assert route.expected_identity is not None
         key = PoolKey(
@@ -285,23 +441,39 @@ class PodProxy:
         workload = self._workload(index)
         if workload is None:
             raise ConnectionRefusedError("this pod is not in the xDS state yet")
-        decision = authorize(
-            index,
-            workload,
-            Connection(
-                source_identity=None,
-                source_ip=ipaddress.ip_address(peer[0]),
-                destination_ip=ipaddress.ip_address(dst_ip),
-                destination_port=dst_port,
-            ),
+        facts = Connection(
+            source_identity=None,
+            source_ip=ipaddress.ip_address(peer[0]),
+            destination_ip=ipaddress.ip_address(dst_ip),
+            destination_port=dst_port,
         )
+        decision = authorize(index, workload, facts)
         if not decision:
-            raise PermissionError(f"{decision.reason} ({decision.policy or 'no policy'})")
+            raise PermissionError(_why(decision))
         upstream = await self._upstream(peer[0], dst_ip, dst_port)
         loop = asyncio.get_running_loop()
         _, a = await loop.connect_accepted_socket(Half, sock)
         _, b = await loop.create_connection(Half, sock=upstream)
         splice(a, b)
+
+        def close(reason: str) -> None:
+            if a.transport is not None and not a.transport.is_closing():
+                reset_transport(a.transport)  # the client gets a reset...
+            if b.transport is not None and not b.transport.is_closing():
+                b.transport.close()  # ...the app a close
+
+        live = Inbound("plaintext", facts, close)
+
+        def ended(_: object) -> None:
+            if a.closed.done() and b.closed.done():
+                self.inbound.discard(live)
+
+        self.inbound.add(live)
+        a.closed.add_done_callback(ended)
+        b.closed.add_done_callback(ended)
+        # A snapshot may have come while the app was being connected: it decides.
+        if self.index() is not index:
+            self._close_denied(self.index(), [live])
 
     # -- inbound HBONE (15008) -------------------------------------------------------------
 
@@ -313,24 +485,45 @@ class PodProxy:
         if all(str(a) != request.host for a in workload.addresses):
             raise Refused(400, f"{request.host} is not an address of this pod")
         source = request.peer_address.rsplit(":", 1)[0].strip("[]")
-        decision = authorize(
-            index,
-            workload,
-            Connection(
-                source_identity=request.peer_identity,
-                source_ip=ipaddress.ip_address(source),
-                destination_ip=ipaddress.ip_address(request.host),
-                destination_port=request.port,
-            ),
+        facts = Connection(
+            source_identity=request.peer_identity,
+            source_ip=ipaddress.ip_address(source),
+            destination_ip=ipaddress.ip_address(request.host),
+            destination_port=request.port,
         )
+        decision = authorize(index, workload, facts)
         if not decision:
-            raise Refused(401, f"{decision.reason} ({decision.policy or 'no policy'})")
+            raise Refused(401, _why(decision))
         try:
             upstream = await self._upstream(source, request.host, request.port)
         except (OSError, TimeoutError) as e:
             raise Refused(503, f"the app at {request.host}:{request.port}: {e}") from e
-        _, plain = await asyncio.get_running_loop().create_connection(PlainProtocol, sock=upstream)
+        _, plain = await asyncio.get_running_loop().create_connection(
+            lambda: _AppSide(self.inbound), sock=upstream
+        )
+        # A snapshot may have come while the app was being connected: it decides.
+        # (No await from here until the server answers 200 and binds the stream.)
+        denied = self._denied_now(facts, index)
+        if denied is not None:
+            assert plain.transport is not None
+            reset_transport(plain.transport)
+            raise Refused(401, _why(denied))
+
+        def close(reason: str) -> None:
+            channel = plain.channel
+            if channel is not None:
+                channel.reset(reason)  # RST_STREAM to the peer, a reset to the app
+            elif plain.transport is not None and not plain.transport.is_closing():
+                reset_transport(plain.transport)
+
+        if not plain.lost:
+            plain.live = Inbound("HBONE", facts, close)
+            self.inbound.add(plain.live)
         return plain
+
+
+def _why(decision: Decision) -> str:
+    return f"{decision.reason} ({decision.policy or 'no policy'})"
 
 
 def _tls(cert: WorkloadCertificate) -> TlsIdentity:

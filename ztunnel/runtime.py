@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Sequence
 
 from mesh.identity import SpiffeId
 from mesh.identity.store import (
@@ -26,6 +27,7 @@ from mesh.identity.store import (
     WorkloadCertificate,
 )
 from mesh.xds import XdsClient, XdsState
+from ztunnel.dns import TableCache
 from ztunnel.index import StateIndex
 from ztunnel.pod import PodProxy
 from ztunnel.zds.protocol import Add, Delete, Keep
@@ -44,9 +46,12 @@ class Ztunnel:
         fetch_certificate: Fetch,
         zds_path: str,
         trust_domain: str = "cluster.local",
+        dns_upstreams: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.xds = xds
         self.trust_domain = trust_domain
+        self.dns_upstreams = tuple(dns_upstreams)
+        self.dns_tables = TableCache()  # one names table per snapshot, shared by the pods
         self._index = StateIndex.build(XdsState())
         xds.on_update = self._on_state
         self.certificates = CertificateRefresher(
@@ -59,7 +64,24 @@ class Ztunnel:
         return self._index
 
     def _on_state(self, state: XdsState) -> None:
-        self._index = StateIndex.build(state)
+        previous, self._index = self._index, StateIndex.build(state)
+        # Live inbound connections were let in on an older snapshot: each pod decides
+        # them again and closes the ones now denied. Only policies and workloads take
+        # part in authorization; a change of services alone cannot deny anything.
+        if (
+            state.policies == previous.state.policies
+            and state.workloads == previous.state.workloads
+        ):
+            return
+        for pod in list(self.pods.values()):
+            try:
+                pod.recheck(self._index)
+            except Exception:
+                log.exception(
+                    "ztunnel: re-checking the live connections of %s/%s failed",
+                    pod.pod.namespace,
+                    pod.pod.name,
+                )
 
     async def run(self) -> None:
         """Until cancelled; then every pod's listeners close."""
@@ -85,8 +107,11 @@ class Ztunnel:
                 await self._drop(uid)
 
     async def _add(self, event: Add) -> None:
-        if event.uid in self.pods:
-            await self._drop(event.uid)  # re-added (a restarted agent): start afresh
+        held = self.pods.get(event.uid)
+        if held is not None:
+            if held.pod == event.pod and _same_netns(held.netns_fd, event.netns_fd):
+                return  # a restarted agent's snapshot: keep the pod and its connections
+            await self._drop(event.uid)  # the pod changed: start afresh
         identity = SpiffeId(
             trust_domain=self.trust_domain,
             namespace=event.pod.namespace,
@@ -100,6 +125,8 @@ class Ztunnel:
             trust_domain=self.trust_domain,
             index=self.index,
             certificate=lambda: self.certificates.get(identity),
+            dns_upstreams=self.dns_upstreams,
+            dns_tables=self.dns_tables,
         )
         try:
             await pod.start()
@@ -108,9 +135,24 @@ class Ztunnel:
             raise
         self.pods[event.uid] = pod
 
+    async def drain(self, deadline_s: float) -> None:
+        """Stop accepting, let live connections finish for up to ``deadline_s``, then close."""
+        pods = list(self.pods.values())
+        await asyncio.gather(*(pod.drain(deadline_s) for pod in pods), return_exceptions=True)
+        for uid in list(self.pods):
+            await self._drop(uid)
+
     async def _drop(self, uid: str) -> None:
         pod = self.pods.pop(uid, None)
         if pod is not None:
             with contextlib.suppress(Exception):
                 await pod.close()
             log.info("ztunnel: %s/%s left the mesh", pod.pod.namespace, pod.pod.name)
+
+
+def _same_netns(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
