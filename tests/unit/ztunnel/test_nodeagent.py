@@ -1,0 +1,212 @@
+"""The node agent's pure parts and the CNI plugin, without namespaces.
+
+The plugin is run as the runtime runs it (environment, config on stdin,
+result or error on stdout) against a real agent on a unix socket; capture
+itself needs root and is covered by tests/integration/test_mesh_meshlab.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from tests.unit.hbone.conftest import run
+from ztunnel.nodeagent import plugin, reconcile
+from ztunnel.nodeagent.records import PodRecord, RecordError, RecordStore
+from ztunnel.nodeagent.service import NodeAgent
+from ztunnel.nodeagent.view import ClusterView, PodFacts
+from ztunnel.zds.protocol import PodInfo
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+PREV = {
+    "cniVersion": "1.0.0",
+    "interfaces": [{"name": "eth0"}],
+    "ips": [{"address": "10.244.0.7/24", "interface": 0}],
+}
+
+
+def view(
+    namespaces: dict[str, dict[str, str]], pods: dict[str, dict[str, str]], version: int = 1
+) -> ClusterView:
+    facts = {}
+    for key, labels in pods.items():
+        ns, name = key.split("/")
+        facts[(ns, name)] = PodFacts(ns, name, "node1", f"sa-{name}", labels)
+    return ClusterView(version, MappingProxyType(namespaces), MappingProxyType(facts))
+
+
+def record(key: str, uid: str | None = None) -> PodRecord:
+    ns, name = key.split("/")
+    return PodRecord(uid or f"uid-{name}", ns, name, f"/run/netns/{name}", ("10.244.0.7",))
+
+
+# -- reconcile ---------------------------------------------------------------------------
+
+
+def test_a_pod_is_wanted_by_its_namespace_label_and_opts_out_by_its_own() -> None:
+    v = view(
+        {"a": AMBIENT, "b": {}},
+        {"a/x": {}, "a/out": {"istio.io/dataplane-mode": "none"}, "b/y": {}, "b/in": AMBIENT},
+    )
+    assert reconcile.wanted(v, record("a/x")) == PodInfo("x", "a", "sa-x")
+    assert reconcile.wanted(v, record("a/out")) is None
+    assert reconcile.wanted(v, record("b/y")) is None
+    assert reconcile.wanted(v, record("b/in")) == PodInfo("in", "b", "sa-in")
+    assert reconcile.wanted(v, record("c/z")) is reconcile.UNKNOWN
+    assert reconcile.ambient_namespaces(v) == ["a"]
+
+
+def test_plan_enrolls_unenrolls_and_forgets() -> None:
+    v = view({"a": AMBIENT, "b": {}}, {"a/x": {}, "a/gone": {}, "b/y": {}, "a/stays": {}})
+    records = {r.uid: r for r in (record("a/x"), record("b/y"), record("a/gone"), record("c/u"))}
+    records["uid-stays"] = record("a/stays")
+    enrolled = {
+        "uid-y": PodInfo("y", "b", "sa-y"),  # its namespace lost the label
+        "uid-del": PodInfo("del", "a", "sa-del"),  # CNI DEL removed its record
+        "uid-gone": PodInfo("gone", "a", "sa-gone"),  # its netns vanished
+        "uid-stays": PodInfo("stays", "a", "sa-stays"),
+    }
+    step = reconcile.plan(v, records, enrolled, lambda path: not path.endswith("/gone"))
+    assert [(r.uid, i.name) for r, i in step.enroll] == [("uid-x", "x")]
+    assert set(step.unenroll) == {"uid-y", "uid-del", "uid-gone"}
+    assert step.forget == ("uid-gone",)
+    # A pod the view does not know yet (c/u) is neither enrolled nor dropped.
+    assert "uid-u" not in step.unenroll and all(r.uid != "uid-u" for r, _ in step.enroll)
+    assert not reconcile.plan(v, {"uid-stays": record("a/stays")}, enrolled, lambda _: True).enroll
+
+
+# -- records ----------------------------------------------------------------------------
+
+
+def test_records_round_trip_and_bad_ones_are_named(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path / "pods")
+    store.put(record("a/x"))
+    (tmp_path / "pods" / "junk.json").write_text("{not json")
+    (tmp_path / "pods" / "uid-z.json").write_text(record("a/y").to_json())  # wrong file
+    good, bad = store.all()
+    assert good == {"uid-x": record("a/x")}
+    assert set(bad) == {"junk.json", "uid-z.json"}
+    assert "not JSON" in bad["junk.json"] and "holds uid" in bad["uid-z.json"]
+    with pytest.raises(RecordError, match="plain identifier"):
+        store.path("../../etc/passwd")
+    store.remove("uid-x")
+    assert store.all()[0] == {}
+
+
+# -- the plugin, alone --------------------------------------------------------------------
+
+
+def invoke(
+    command: str, config: dict[str, Any], env: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    out = io.StringIO()
+    full = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": "c0ffee",
+        "CNI_NETNS": "/run/netns/x",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=x",
+        **(env or {}),
+    }
+    code = plugin.main(io.StringIO(json.dumps(config)), out, full)
+    text = out.getvalue()
+    return code, json.loads(text) if text else None
+
+
+def conf(run_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "net",
+        "type": "ztunnel-cni",
+        "runDir": str(run_dir),
+        "timeoutSeconds": 2,
+        **extra,
+    }
+
+
+def test_plugin_refuses_to_run_unchained_or_misconfigured(tmp_path: Path) -> None:
+    code, err = invoke("ADD", conf(tmp_path))
+    assert code == 1 and err["code"] == plugin.ERR_UNSUPPORTED_FIELD and "chained" in err["msg"]
+    code, err = invoke("ADD", {"cniVersion": "1.0.0", "prevResult": PREV})
+    assert code == 1 and "runDir" in err["msg"]
+    code, err = invoke("ADD", conf(tmp_path, prevResult=PREV), {"CNI_ARGS": "K8S_POD_NAME=x"})
+    assert code == 1 and "K8S_POD_NAMESPACE" in err["msg"]
+    code, err = invoke("ADD", conf(tmp_path, cniVersion="9.9.9", prevResult=PREV))
+    assert code == 1 and err["code"] == plugin.ERR_INCOMPATIBLE_VERSION
+    code, out = invoke("VERSION", {})
+    assert code == 0 and "1.0.0" in out["supportedVersions"]
+
+
+def test_plugin_without_agent_starts_pods_outside_the_mesh_and_holds_back_mesh_ones(
+    tmp_path: Path,
+) -> None:
+    # No hint yet: the agent never ran, the plugin cannot know: it fails, to be retried.
+    code, err = invoke("ADD", conf(tmp_path, prevResult=PREV))
+    assert code == 1 and err["code"] == plugin.ERR_TRY_AGAIN and "cannot be reached" in err["msg"]
+    # The agent said namespace "a" is ambient: pods there fail; others start untouched.
+    (tmp_path / plugin.AMBIENT_HINT).write_text(json.dumps(["a"]))
+    assert invoke("ADD", conf(tmp_path, prevResult=PREV))[0] == 1
+    code, out = invoke(
+        "ADD", conf(tmp_path, prevResult=PREV), {"CNI_ARGS": "K8S_POD_NAMESPACE=b;K8S_POD_NAME=y"}
+    )
+    assert code == 0 and out == PREV
+    # Every pod is recorded for the agent; DEL forgets it and succeeds without an agent.
+    assert set(RecordStore(tmp_path / plugin.PODS_DIR).all()[0]) == {"c0ffee"}
+    assert invoke("DEL", conf(tmp_path)) == (0, None)
+    assert RecordStore(tmp_path / plugin.PODS_DIR).all()[0] == {}
+
+
+# -- the plugin against a running agent ----------------------------------------------------
+
+
+class FixedView:
+    def __init__(self, v: ClusterView) -> None:
+        self.v = v
+
+    def describe(self) -> str:
+        return "a fixed view"
+
+    def read(self) -> ClusterView:
+        return self.v
+
+
+def test_plugin_asks_the_agent_which_answers_for_pods_outside_the_mesh(tmp_path: Path) -> None:
+    """Outside the mesh: passed through at once; unknown pod in an unknown namespace:
+    refused with the agent's reason (the mesh pods' path needs root: integration)."""
+    v = view({"a": {}, "b": AMBIENT}, {"a/x": {}})
+
+    async def body() -> None:
+        agent = NodeAgent(run_dir=tmp_path, source=FixedView(v))
+        await agent.start()
+        try:
+            code, out = await asyncio.to_thread(invoke, "ADD", conf(tmp_path, prevResult=PREV))
+            assert (code, out) == (0, PREV)
+            code, err = await asyncio.to_thread(
+                invoke,
+                "ADD",
+                conf(tmp_path, prevResult=PREV),
+                {"CNI_ARGS": "K8S_POD_NAMESPACE=b;K8S_POD_NAME=new", "CNI_CONTAINERID": "b0b"},
+            )
+            assert code == 1 and err["code"] == plugin.ERR_ENROLL
+            assert "not known to the node agent" in err["details"]
+            status = await asyncio.to_thread(
+                plugin.ask_agent, tmp_path / plugin.SOCKET_NAME, {"cmd": "status"}, 2.0
+            )
+            assert status["ok"] and status["enrolled"] == [] and status["ztunnel"] is False
+            bad = await asyncio.to_thread(
+                plugin.ask_agent, tmp_path / plugin.SOCKET_NAME, {"cmd": "rm -rf"}, 2.0
+            )
+            assert not bad["ok"] and "unknown command" in bad["error"]
+            # The reconcile pass writes the hint the plugin falls back on.
+            await agent.reconcile()
+            assert json.loads((tmp_path / plugin.AMBIENT_HINT).read_text()) == ["b"]
+        finally:
+            await agent.close()
+
+    run(body, timeout_s=20)

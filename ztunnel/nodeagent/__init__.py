@@ -1,0 +1,19 @@
+"""The node agent: which pods of this node are in the mesh, and their capture.
+
+Istio splits the node's work in two: the CNI node agent, which follows the
+cluster, captures pods and hands them over, and ztunnel, which proxies. We
+keep that split (two processes, joined by the ZDS exchange), so ztunnel can
+restart while capture stays in place and pods are re-adopted from the
+agent's snapshot.
+
+* ``records``: the pods the CNI plugin has seen on this node, on disk;
+* ``plugin``: ``ztunnel-cni``, the CNI plugin chained after ``bridge``;
+* ``view``: what the agent follows of the cluster (namespace and pod labels);
+* ``reconcile``: the pure decision, which pods to enroll and un-enroll;
+* ``service``: the agent itself (plugin socket, ZDS server, reconcile loop);
+* ``cli``: ``ztunnel-node-agent``.
+
+May import: ``mesh``, ``ztunnel.capture``, ``ztunnel.zds``. The plugin
+module imports only the standard library and ``records`` (it runs once per
+pod and must start fast).
+"""

@@ -1,0 +1,91 @@
+"""``ztunnel-node-agent``: capture this node's mesh pods and hand them to ztunnel.
+
+    ztunnel-node-agent --source meshlab:NAME --run-dir /var/run/ztunnel
+
+The run directory holds the plugin socket (``plugin.sock``), the ZDS socket
+(``zds.sock``), the CNI plugin's pod records (``pods/``) and the ambient
+namespaces hint; the ``ztunnel-cni`` plugin's ``runDir`` names it.
+SIGTERM stops the agent and leaves capture in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from ztunnel.nodeagent.service import NodeAgent, ViewSource
+from ztunnel.nodeagent.view import MeshlabView
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ztunnel-node-agent",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--source", required=True, help="meshlab:NAME (the cluster to follow)")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument(
+        "--dns-capture",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="redirect the pods' DNS to ztunnel's proxy on 15053",
+    )
+    p.add_argument("--poll-seconds", type=float, default=0.5)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def make_source(text: str) -> ViewSource:
+    kind, _, value = text.partition(":")
+    if kind == "meshlab" and value:
+        return MeshlabView(value)
+    raise SystemExit(f"ztunnel-node-agent: unknown --source {text!r} (want meshlab:NAME)")
+
+
+async def run(args: argparse.Namespace) -> int:
+    agent = NodeAgent(
+        run_dir=args.run_dir,
+        source=make_source(args.source),
+        dns_capture=args.dns_capture,
+        poll_s=args.poll_seconds,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(agent.run())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            return 1
+        return 0
+    finally:
+        stopper.cancel()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        return uvloop.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The node agent: the CNI plugin's socket, the ZDS server, and the reconcile loop.
+
+* The plugin asks ``add`` for each new pod; the agent reads the cluster view
+  at once, and for a mesh pod installs the in-pod capture and hands the pod
+  to ztunnel over ZDS, answering only when ztunnel has acked it.
+* The view is polled; a label change enrolls running pods, or un-enrolls
+  them, without restarting them (:mod:`ztunnel.nodeagent.reconcile`).
+* The capture outlives ztunnel: when ztunnel restarts it reconnects, is sent
+  the snapshot of enrolled pods and re-adopts them, and while it is away the
+  pods' traffic is still redirected to its (closed) ports: it fails, it never
+  leaves uncaptured.
+* The namespaces that are ambient are written to ``ambient-namespaces.json``
+  so the plugin can fail closed for them when the agent is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from mesh.ambient import in_ambient
+from ztunnel.capture import inpod
+from ztunnel.nodeagent import plugin, reconcile
+from ztunnel.nodeagent.records import PodRecord, RecordError, RecordStore
+from ztunnel.nodeagent.view import ClusterView
+from ztunnel.zds.agent import ZdsAgent
+from ztunnel.zds.protocol import PodInfo, ZdsError
+
+log = logging.getLogger("ztunnel.nodeagent")
+ZDS_SOCKET = "zds.sock"
+RETRY_S = 2.0
+
+
+class ViewSource(Protocol):
+    def describe(self) -> str: ...
+
+    def read(self) -> ClusterView: ...
+
+
+class EnrollError(Exception):
+    """A pod could not be enrolled; the message says why."""
+
+
+def _installed(netns: Path) -> bool:
+    return inpod.installed_tables(netns) == ["mangle", "nat"]
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        source: ViewSource,
+        dns_capture: bool = True,
+        proxy_wait_s: float = 10.0,
+        poll_s: float = 0.5,
+        netns_exists: Callable[[str], bool] = lambda p: Path(p).exists(),
+    ) -> None:
+        self.run_dir = run_dir
+        self.source = source
+        self.dns_capture = dns_capture
+        self.proxy_wait_s = proxy_wait_s
+        self.poll_s = poll_s
+        self.netns_exists = netns_exists
+        self.records = RecordStore(run_dir / plugin.PODS_DIR)
+        self.zds = ZdsAgent(run_dir / ZDS_SOCKET)
+        self.enrolled: dict[str, PodInfo] = {}
+        self.failed: dict[str, tuple[float, str]] = {}  # uid -> (retry after, reason)
+        self._lock = asyncio.Lock()
+        self._server: asyncio.Server | None = None
+        self._hint: list[str] | None = None
+        self._view_version = -2
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.zds.start()
+        path = self.run_dir / plugin.SOCKET_NAME
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self._server = await asyncio.start_unix_server(self._serve_plugin, path=str(path))
+        path.chmod(0o600)
+        log.info("node agent: following %s; plugin socket %s", self.source.describe(), path)
+
+    async def run(self) -> None:
+        """Start, then reconcile until cancelled (capture stays in place on exit)."""
+        await self.start()
+        try:
+            while True:
+                try:
+                    await self.reconcile()
+                except Exception:
+                    log.exception("node agent: reconcile failed; trying again")
+                await asyncio.sleep(self.poll_s)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                (self.run_dir / plugin.SOCKET_NAME).unlink()
+        await self.zds.close()
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    async def reconcile(self) -> reconcile.Plan:
+        view = self.source.read()
+        if view.known:
+            self._write_hint(view)
+        records, bad = self.records.all()
+        for name, why in bad.items():
+            log.warning("node agent: ignoring pod record %s: %s", name, why)
+        async with self._lock:
+            now = time.monotonic()
+            step = reconcile.plan(view, records, self.enrolled, self.netns_exists)
+            for uid in step.unenroll:
+                await self._unenroll(uid, records.get(uid))
+            for uid in step.forget:
+                with contextlib.suppress(RecordError, OSError):
+                    self.records.remove(uid)
+            for record, info in step.enroll:
+                try:
+                    await self._enroll(record, info, wait_for_proxy=False)
+                except EnrollError as e:
+                    log.warning("node agent: %s/%s: %s", record.namespace, record.name, e)
+            for uid, why in self.zds.refused.items():
+                if uid in self.enrolled and uid not in self.failed:
+                    self.failed[uid] = (now + RETRY_S, why)  # refused in a snapshot
+            for uid, (after, _) in list(self.failed.items()):
+                failed = records.get(uid)
+                if after > now or uid not in self.enrolled or failed is None:
+                    continue
+                try:
+                    await self._hand_over(failed, self.enrolled[uid], wait_for_proxy=False)
+                except EnrollError as e:
+                    log.warning("node agent: %s/%s: %s", failed.namespace, failed.name, e)
+        return step
+
+    def _write_hint(self, view: ClusterView) -> None:
+        names = reconcile.ambient_namespaces(view)
+        if names == self._hint:
+            return
+        path = self.run_dir / plugin.AMBIENT_HINT
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(names) + "\n")
+        tmp.replace(path)
+        self._hint = names
+
+    async def _enroll(self, record: PodRecord, info: PodInfo, *, wait_for_proxy: bool) -> None:
+        """Capture the pod, then hand it to ztunnel (call with the lock held)."""
+        netns = Path(record.netns)
+        try:
+            if not await asyncio.to_thread(_installed, netns):
+                await asyncio.to_thread(inpod.install, netns, dns=self.dns_capture)
+        except (inpod.CaptureError, OSError) as e:
+            raise EnrollError(f"capture: {e}") from e
+        self.enrolled[record.uid] = info
+        log.info("node agent: %s/%s captured (%s)", record.namespace, record.name, record.uid[:12])
+        await self._hand_over(record, info, wait_for_proxy=wait_for_proxy)
+
+    async def _hand_over(self, record: PodRecord, info: PodInfo, *, wait_for_proxy: bool) -> None:
+        """Give a captured pod to ztunnel; a refusal is retried by :meth:`reconcile`."""
+        try:
+            if wait_for_proxy:
+                try:
+                    async with asyncio.timeout(self.proxy_wait_s):
+                        await self.zds.proxy_ready.wait()
+                except TimeoutError as e:
+                    raise ZdsError(f"no ztunnel connected within {self.proxy_wait_s:g} s") from e
+            await self.zds.add(record.uid, info, Path(record.netns))
+        except ZdsError as e:
+            if not wait_for_proxy and not self.zds.proxy_ready.is_set():
+                # No ztunnel right now: the pod is in the snapshot it gets on connecting.
+                log.info("node agent: %s/%s: ztunnel takes it on connecting", *_key(record))
+                self.failed.pop(record.uid, None)
+                return
+            self.failed[record.uid] = (time.monotonic() + RETRY_S, str(e))
+            raise EnrollError(f"ztunnel: {e}") from e
+        self.failed.pop(record.uid, None)
+
+    async def _unenroll(self, uid: str, record: PodRecord | None) -> None:
+        info = self.enrolled.pop(uid, None)
+        self.failed.pop(uid, None)
+        if record is not None and self.netns_exists(record.netns):
+            try:
+                await asyncio.to_thread(inpod.uninstall, Path(record.netns))
+            except (inpod.CaptureError, OSError) as e:
+                log.warning("node agent: removing capture of %s: %s", uid, e)
+        try:
+            await self.zds.delete(uid)
+        except ZdsError as e:
+            log.warning("node agent: telling ztunnel %s left: %s", uid, e)
+        if info is not None:
+            log.info("node agent: %s/%s un-enrolled", info.namespace, info.name)
+
+    # -- the plugin's requests ------------------------------------------------------------
+
+    async def handle_add(self, record: PodRecord) -> dict[str, Any]:
+        view = self.source.read()
+        want = reconcile.wanted(view, record)
+        if isinstance(want, reconcile.Unknown):
+            ns_labels = view.namespaces.get(record.namespace)
+            if ns_labels is not None and not in_ambient({}, ns_labels):
+                return {"ok": True, "enrolled": False}
+            return {
+                "ok": False,
+                "error": f"pod {record.namespace}/{record.name} is not known to the node agent "
+                f"({self.source.describe()}) yet",
+            }
+        if want is None:
+            return {"ok": True, "enrolled": False}
+        async with self._lock:
+            try:
+                await self._enroll(record, want, wait_for_proxy=True)
+            except EnrollError as e:
+                return {"ok": False, "error": str(e)}
+        return {"ok": True, "enrolled": True}
+
+    async def handle_del(self, uid: str) -> dict[str, Any]:
+        async with self._lock:
+            if uid in self.enrolled:
+                await self._unenroll(uid, None)  # the netns is being torn down with its rules
+        return {"ok": True}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "ztunnel": self.zds.proxy_ready.is_set(),
+            "view": self.source.read().version,
+            "enrolled": sorted(self.enrolled),
+            "failed": {uid: why for uid, (_, why) in self.failed.items()},
+        }
+
+    async def _serve_plugin(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10.0)
+            answer = await self._answer(line)
+        except (TimeoutError, ValueError, OSError) as e:
+            answer = {"ok": False, "error": f"bad request: {e}"}
+        with contextlib.suppress(OSError):
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError as e:
+            return {"ok": False, "error": f"not JSON: {e}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "not a JSON object"}
+        cmd = request.get("cmd")
+        try:
+            if cmd == "add":
+                record = PodRecord.from_json(json.dumps(request.get("record")))
+                return await self.handle_add(record)
+            if cmd == "del":
+                return await self.handle_del(str(request.get("uid", "")))
+            if cmd == "status":
+                return self.status()
+        except RecordError as e:
+            return {"ok": False, "error": f"bad pod record: {e}"}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _key(record: PodRecord) -> tuple[str, str]:
+    return record.namespace, record.name
