@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         ppn = 2 if args.pods_per_node is None else args.pods_per_node
         spec = generated_cluster(args.nodes or 2, ppn)
     name = names.validate_cluster_name(args.name or spec.name or names.DEFAULT_CLUSTER_NAME)
+    if args.mesh:
+        spec = replace(spec, mesh=True)
     state = lifecycle.up(spec, name, log=_log)
     _log(
         f"cluster {name!r} is up: {len(state.nodes)} nodes, {len(state.pods)} pods, "
@@ -297,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-f", "--file", help="cluster description (YAML)")
     up.add_argument("--nodes", type=int, help="generate N nodes (default 2)")
     up.add_argument("--pods-per-node", type=int, help="echo pods per node (default 2)")
+    up.add_argument(
+        "--mesh",
+        action="store_true",
+        help="run the mesh too: meshd, and the node agent, ztunnel and ztunnel-cni on each node",
+    )
     up.set_defaults(func=cmd_up)
 
     down = with_name(sub.add_parser("down", help="remove a cluster and everything it made"))

@@ -9,8 +9,8 @@ threading each plugin's result into the next as ``prevResult``. ``DEL`` runs
 the chain in reverse with the cached ``ADD`` result. The loopback interface
 is set up by its own one-plugin network, as containerd does.
 
-Later issues add our own plugin to the chain by editing the node's conflist;
-nothing here needs to change for that.
+``meshlab up --mesh`` adds our own plugin to the chain by editing the
+node's conflist; nothing here needed to change for that.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from mesh.cluster.statefile import (
     state_path,
     write_state,
 )
-from meshlab import cni, names, netlink, procs
+from meshlab import cni, mesh, names, netlink, procs
 from meshlab.errors import (
     ClusterExistsError,
     ClusterNotFoundError,
@@ -114,6 +114,8 @@ def up(spec: Cluster, name: str, *, log: Log = _quiet) -> Cluster:
                 state = write_state(state)
                 _build_underlay(state, log)
             state = _build_nodes(state, log)
+            if state.mesh:
+                _build_mesh(state, log)
             state = _build_pods(state, cni_path, log)
             state = write_state(replace(state, phase="Running"))
         except BaseException:
@@ -207,6 +209,17 @@ def _build_nodes(state: Cluster, log: Log) -> Cluster:
     return state
 
 
+def _build_mesh(state: Cluster, log: Log) -> None:
+    """meshd and each node's agent and ztunnel, and ztunnel-cni in every CNI chain."""
+    assert state.name
+    mesh.install_plugin(state.name)
+    for node in state.nodes:
+        conf_dir = node_dir(state.name, node.name) / "cni" / "net.d"
+        chained = mesh.chain(cni.load_conflist(conf_dir), state.name, node.name)
+        cni.write_conflist(conf_dir, chained, "10-meshlab.conflist")
+    mesh.start(state, log)
+
+
 def issue_node_token(ndir: Path) -> str:
     """The node agent's credential for meshd's CA: a random token, readable by root only.
 
@@ -255,6 +268,8 @@ def _sandbox(pod: Pod) -> cni.PodSandbox:
 
 def _runtime(state: Cluster, node: Node, cni_path: str) -> cni.CniRuntime:
     assert state.name and node.netns
+    if state.mesh:  # ztunnel-cni is chained: the runtime must find it
+        cni_path = os.pathsep.join([cni_path, str(mesh.plugin_dir(state.name))])
     return cni.CniRuntime(
         host_netns=node.netns,
         cni_path=cni_path,

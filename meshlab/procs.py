@@ -61,8 +61,9 @@ def sysctl(netns: str, key: str, value: str) -> None:
     run_in(netns, ["sysctl", "-q", "-w", f"{key}={value}"])
 
 
-def spawn(netns: str, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> int:
-    """Start ``argv`` detached inside ``netns`` (own session, output to ``log_path``).
+def spawn(netns: str | None, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> int:
+    """Start ``argv`` detached inside ``netns`` (own session, output to ``log_path``);
+    ``netns`` None is the root namespace.
 
     A short-lived launcher (``python -m meshlab.spawn``) starts the process and
     exits, so the app is re-parented to init and never lingers as our zombie.
@@ -120,6 +121,10 @@ def _is_alive(pid: int) -> bool:
         return False
     # The state follows the parenthesised command name, which may hold spaces.
     return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def is_alive(pid: int) -> bool:
+    return _is_alive(pid)
 
 
 def is_running_in(pid: int, netns: str) -> bool:

@@ -1,8 +1,9 @@
 """Launcher used by :func:`meshlab.procs.spawn`; not a public command.
 
 Reads ``{"netns", "argv", "env", "log"}`` as JSON on stdin, starts the command
-in its own session inside the namespace, prints its pid and exits at once, so
-the command is adopted by init instead of staying a child of meshlab.
+in its own session inside the namespace (the root one when ``netns`` is
+null), prints its pid and exits at once, so the command is adopted by init
+instead of staying a child of meshlab.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ def main() -> int:
         return 1
     with open(request["log"], "ab", buffering=0) as log:
         # `ip netns exec` execs the command, so the child's pid is the app's pid.
+        # No netns: the root namespace (meshd, the control plane, runs there).
+        prefix = [ip, "netns", "exec", request["netns"]] if request["netns"] else []
         child = subprocess.Popen(
-            [ip, "netns", "exec", request["netns"], *request["argv"]],
+            [*prefix, *request["argv"]],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

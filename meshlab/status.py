@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from mesh.cluster import Cluster
+from meshlab import mesh, procs
 from meshlab.lifecycle import pod_phase
 
 
@@ -27,7 +28,37 @@ def status_document(state: Cluster) -> dict[str, Any]:
             for p in state.endpoints(svc)
             if p.ip is not None
         ]
+    if state.mesh and state.name:
+        doc["meshProcesses"] = _mesh_processes(state)
     return doc
+
+
+def _mesh_processes(state: Cluster) -> list[dict[str, Any]]:
+    """meshd and each node's agent and ztunnel: pid and whether it still runs."""
+    assert state.name
+    pids = mesh.pids(state.name)
+    found: list[tuple[str, str, Any, str | None]] = [("meshd", "-", pids.get("meshd"), None)]
+    for node in state.nodes:
+        entry = pids.get("nodes", {}).get(node.name, {})
+        for part in ("agent", "ztunnel"):
+            found.append(
+                (
+                    "ztunnel-node-agent" if part == "agent" else "ztunnel",
+                    node.name,
+                    entry.get(part),
+                    node.netns,
+                )
+            )
+    return [
+        {
+            "process": what,
+            "node": where,
+            "pid": pid,
+            "running": isinstance(pid, int)
+            and (procs.is_running_in(pid, netns) if netns else procs.is_alive(pid)),
+        }
+        for what, where, pid, netns in found
+    ]
 
 
 def _labels(labels: Mapping[str, str]) -> str:
@@ -91,6 +122,15 @@ def render_table(doc: Mapping[str, Any]) -> str:
                     ",".join(e["ip"] for e in s.get("endpoints", [])) or "<none>",
                 ]
                 for s in doc["services"]
+            ],
+        )
+    if doc.get("meshProcesses"):
+        out.append("")
+        out += _table(
+            ["MESH PROCESS", "NODE", "PID", "STATE"],
+            [
+                [m["process"], m["node"], str(m["pid"]), "running" if m["running"] else "stopped"]
+                for m in doc["meshProcesses"]
             ],
         )
     return "\n".join(out)

@@ -125,6 +125,9 @@ class Cluster:
     waypoints: tuple[Mapping[str, Any], ...] = ()
     resource_version: int = 0
     phase: str | None = None
+    # Run the mesh on the cluster: meshd, and on each node the node agent,
+    # ztunnel and the ztunnel-cni plugin in the CNI chain.
+    mesh: bool = False
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -178,6 +181,8 @@ class Cluster:
         if self.phase is not None:
             doc["phase"] = self.phase
         doc["resourceVersion"] = self.resource_version
+        if self.mesh:
+            doc["mesh"] = True
         doc["network"] = net
         doc["nodes"] = [
             _drop_none(
@@ -266,6 +271,7 @@ _TOP_KEYS = {
     "apiVersion",
     "kind",
     "name",
+    "mesh",
     "network",
     "nodes",
     "namespaces",
@@ -377,6 +383,9 @@ def parse_spec(raw: object) -> Cluster:
     name = top.opt_str("name")
     resource_version = top.integer("resourceVersion", 0)
     phase = top.opt_str("phase")
+    mesh = top.raw.get("mesh", False)
+    if not isinstance(mesh, bool):
+        raise ClusterSpecError("mesh", f"must be true or false, got {mesh!r}")
 
     network = _parse_network(top.raw.get("network"))
     nodes = _parse_nodes(top, network)
@@ -405,6 +414,7 @@ def parse_spec(raw: object) -> Cluster:
         waypoints=waypoints,
         resource_version=resource_version,
         phase=phase,
+        mesh=mesh,
     )
 
 

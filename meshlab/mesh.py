@@ -1,0 +1,285 @@
+"""The mesh on a meshlab cluster: meshd, and on each node the node agent and ztunnel.
+
+``meshlab up --mesh`` (or ``mesh: true`` in the cluster file) runs, as a
+Kubernetes install of Istio ambient would:
+
+* meshd in the root namespace, listening on the underlay gateway address
+  (xDS 15010, xDS and CA over TLS 15012, status 15014), following the
+  cluster's state file;
+* on each node, inside the node's namespace, ``ztunnel-node-agent`` and
+  ``ztunnel`` (a DaemonSet's two pods), sharing the node's run directory;
+* ``ztunnel-cni`` appended to each node's CNI chain after ``bridge``, so pods
+  created afterwards pass through it.
+
+Every process carries the cluster's marker, so ``meshlab down`` stops them
+with the rest. Their pids are kept in ``mesh.json`` in the cluster's dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mesh.cluster.model import Cluster, Node
+from mesh.cluster.statefile import cluster_dir, node_token_path
+from meshlab import names, procs
+from meshlab.errors import MeshlabError
+
+XDS_PORT = 15010
+XDS_TLS_PORT = 15012
+STATUS_PORT = 15014
+PLUGIN = "ztunnel-cni"
+AGENT_SOCKET = "plugin.sock"
+READY_TIMEOUT_S = 60.0
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def bin_dir() -> Path:
+    """Where the project's commands are (the venv's bin, beside this Python)."""
+    return Path(sys.executable).parent
+
+
+def plugin_dir(name: str) -> Path:
+    """A directory holding only the ``ztunnel-cni`` plugin, added to ``CNI_PATH``."""
+    return cluster_dir(name) / "cni-bin"
+
+
+def run_dir(name: str, node: str) -> Path:
+    return cluster_dir(name) / "nodes" / node / "ztunnel"
+
+
+def root_cert(name: str) -> Path:
+    return cluster_dir(name) / "ca" / "root-cert.pem"
+
+
+def _state_file(name: str) -> Path:
+    return cluster_dir(name) / "mesh.json"
+
+
+def install_plugin(name: str) -> Path:
+    source = bin_dir() / PLUGIN
+    if not source.is_file():
+        raise MeshlabError(f"{source} is missing: install the project (`make deps`)")
+    directory = plugin_dir(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    link = directory / PLUGIN
+    link.unlink(missing_ok=True)
+    link.symlink_to(source)
+    return directory
+
+
+def chain(conflist: dict[str, Any], name: str, node: str) -> dict[str, Any]:
+    """``conflist`` with ``ztunnel-cni`` appended (once), as istio-cni chains itself."""
+    plugins = [p for p in conflist["plugins"] if p.get("type") != PLUGIN]
+    plugins.append({"type": PLUGIN, "runDir": str(run_dir(name, node))})
+    return {**conflist, "plugins": plugins}
+
+
+def _env(state: Cluster) -> dict[str, str]:
+    assert state.name
+    return {
+        "PATH": os.pathsep.join([str(bin_dir()), os.environ.get("PATH", "/usr/sbin:/usr/bin")]),
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "PYTHONUNBUFFERED": "1",
+        names.PROCESS_MARKER_ENV: state.name,
+    }
+
+
+def _logs(state: Cluster) -> Path:
+    assert state.name
+    logs = cluster_dir(state.name) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs
+
+
+def _gateway(state: Cluster) -> str:
+    assert state.network.gateway is not None
+    return str(state.network.gateway)
+
+
+def _record(name: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    path = _state_file(name)
+    data: dict[str, Any] = pids(name)
+    change(data)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return data
+
+
+def pids(name: str) -> dict[str, Any]:
+    """``{"meshd": pid, "nodes": {node: {"agent": pid, "ztunnel": pid}}}``."""
+    try:
+        data = json.loads(_state_file(name).read_text())
+    except (OSError, ValueError):
+        return {"nodes": {}}
+    if not isinstance(data, dict):
+        return {"nodes": {}}
+    return dict(data)
+
+
+def start_meshd(state: Cluster, log: Log = _quiet) -> int:
+    assert state.name
+    gw = _gateway(state)
+    argv = [
+        str(bin_dir() / "meshd"),
+        "--source",
+        f"meshlab:{state.name}",
+        "--listen",
+        f"{gw}:{XDS_PORT}",
+        "--tls-listen",
+        f"{gw}:{XDS_TLS_PORT}",
+        "--status-listen",
+        f"{gw}:{STATUS_PORT}",
+    ]
+    pid = procs.spawn(None, argv, env=_env(state), log_path=_logs(state) / "meshd.log")
+    _record(state.name, lambda d: d.__setitem__("meshd", pid))
+    log(f"meshd: pid {pid}, xDS {gw}:{XDS_PORT}, TLS {gw}:{XDS_TLS_PORT}")
+    return pid
+
+
+def wait_meshd(state: Cluster, timeout_s: float = READY_TIMEOUT_S) -> None:
+    url = f"http://{_gateway(state)}:{STATUS_PORT}/ready"
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as answer:
+                if answer.status == 200 and root_cert(state.name or "").is_file():
+                    return
+        except (OSError, urllib.error.URLError) as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise MeshlabError(f"meshd did not become ready within {timeout_s:g} s ({url}: {last})")
+
+
+def start_agent(state: Cluster, node: Node, log: Log = _quiet) -> int:
+    assert state.name and node.netns
+    rdir = run_dir(state.name, node.name)
+    rdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [
+        str(bin_dir() / "ztunnel-node-agent"),
+        "--source",
+        f"meshlab:{state.name}",
+        "--run-dir",
+        str(rdir),
+    ]
+    log_path = _logs(state) / f"node-agent.{node.name}.log"
+    pid = procs.spawn(node.netns, argv, env=_env(state), log_path=log_path)
+    _record(
+        state.name,
+        lambda d: d.setdefault("nodes", {}).setdefault(node.name, {}).__setitem__("agent", pid),
+    )
+    log(f"node {node.name}: node agent pid {pid}")
+    return pid
+
+
+def start_ztunnel(state: Cluster, node: Node, log: Log = _quiet) -> int:
+    assert state.name and node.netns
+    rdir = run_dir(state.name, node.name)
+    argv = [
+        str(bin_dir() / "ztunnel"),
+        "--node",
+        node.name,
+        "--xds-address",
+        f"{_gateway(state)}:{XDS_TLS_PORT}",
+        "--root-cert",
+        str(root_cert(state.name)),
+        "--token-file",
+        str(node_token_path(state.name, node.name)),
+        "--zds-socket",
+        str(rdir / "zds.sock"),
+    ]
+    log_path = _logs(state) / f"ztunnel.{node.name}.log"
+    pid = procs.spawn(node.netns, argv, env=_env(state), log_path=log_path)
+    _record(
+        state.name,
+        lambda d: d.setdefault("nodes", {}).setdefault(node.name, {}).__setitem__("ztunnel", pid),
+    )
+    log(f"node {node.name}: ztunnel pid {pid}")
+    return pid
+
+
+def agent_status(name: str, node: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The node agent's ``status`` answer (raises OSError/ValueError when unreachable).
+
+    The agent's socket speaks one JSON line each way (``ztunnel.nodeagent``);
+    meshlab runs the agent as a program and so talks to it on the wire only.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        s.connect(str(run_dir(name, node) / AGENT_SOCKET))
+        s.sendall(b'{"cmd": "status"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data or b"null")
+    if not isinstance(answer, dict):
+        raise ValueError(f"the node agent answered {data[:200]!r}")
+    return answer
+
+
+def wait_node(state: Cluster, node: Node, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Until the node's agent answers and its ztunnel is connected to it."""
+    assert state.name
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status = agent_status(state.name, node.name, timeout_s=1.0)
+        except (OSError, ValueError) as e:
+            last = f"node agent: {e}"
+        else:
+            if status.get("ztunnel"):
+                return
+            last = "ztunnel is not connected to the node agent"
+        time.sleep(0.1)
+    raise MeshlabError(f"node {node.name}: the mesh is not ready after {timeout_s:g} s: {last}")
+
+
+def start(state: Cluster, log: Log = _quiet) -> None:
+    """meshd, then every node's agent and ztunnel; returns when all are ready."""
+    assert state.name
+    start_meshd(state, log)
+    wait_meshd(state)
+    for node in state.nodes:
+        start_agent(state, node, log)
+        start_ztunnel(state, node, log)
+    for node in state.nodes:
+        wait_node(state, node)
+
+
+def restart_ztunnel(state: Cluster, node: Node, *, kill: bool = True, log: Log = _quiet) -> int:
+    """Stop the node's ztunnel (SIGKILL, or SIGTERM with ``kill=False``) and start another."""
+    assert state.name
+    old = pids(state.name).get("nodes", {}).get(node.name, {}).get("ztunnel")
+    if isinstance(old, int) and node.netns and procs.is_running_in(old, node.netns):
+        os.kill(old, signal.SIGKILL if kill else signal.SIGTERM)
+        procs.terminate([old], grace_s=10.0)
+    pid = start_ztunnel(state, node, log)
+    wait_node(state, node)
+    return pid
+
+
+def remove_files(name: str) -> None:
+    shutil.rmtree(plugin_dir(name), ignore_errors=True)
+    _state_file(name).unlink(missing_ok=True)
