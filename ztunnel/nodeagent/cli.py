@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -30,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--source", required=True, help="meshlab:NAME (the cluster to follow)")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="meshlab:NAME, or kubernetes (with --node; in-cluster unless --kubeconfig)",
+    )
+    p.add_argument("--node", help="this node's name (kubernetes; default $NODE_NAME)")
+    p.add_argument("--kubeconfig", help="with --source kubernetes, instead of in-cluster")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument(
         "--dns-capture",
@@ -43,17 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_source(text: str) -> ViewSource:
-    kind, _, value = text.partition(":")
+def make_source(args: argparse.Namespace) -> ViewSource:
+    kind, _, value = args.source.partition(":")
     if kind == "meshlab" and value:
         return MeshlabView(value)
-    raise SystemExit(f"ztunnel-node-agent: unknown --source {text!r} (want meshlab:NAME)")
+    if kind == "kubernetes":
+        node = args.node or os.environ.get("NODE_NAME")
+        if not node:
+            raise SystemExit("ztunnel-node-agent: --source kubernetes needs --node (or NODE_NAME)")
+        from ztunnel.nodeagent.kube import KubernetesView, api_client
+
+        view = KubernetesView(node, api_client(args.kubeconfig))
+        view.start()
+        return view
+    raise SystemExit(
+        f"ztunnel-node-agent: unknown --source {args.source!r} (meshlab:NAME or kubernetes)"
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
     agent = NodeAgent(
         run_dir=args.run_dir,
-        source=make_source(args.source),
+        source=make_source(args),
         dns_capture=args.dns_capture,
         poll_s=args.poll_seconds,
     )

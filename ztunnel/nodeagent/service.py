@@ -103,6 +103,9 @@ class NodeAgent:
             await self.close()
 
     async def close(self) -> None:
+        stop = getattr(self.source, "close", None)
+        if stop is not None:
+            await asyncio.to_thread(stop)
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -207,6 +210,11 @@ class NodeAgent:
     async def handle_add(self, record: PodRecord) -> dict[str, Any]:
         view = self.source.read()
         want = reconcile.wanted(view, record)
+        refresh = getattr(self.source, "refresh_pod", None)
+        if isinstance(want, reconcile.Unknown) and refresh is not None:
+            # Created since the last list: ask for this one pod now.
+            view = await asyncio.to_thread(refresh, record.namespace, record.name)
+            want = reconcile.wanted(view, record)
         if isinstance(want, reconcile.Unknown):
             ns_labels = view.namespaces.get(record.namespace)
             if ns_labels is not None and not in_ambient({}, ns_labels):
