@@ -245,6 +245,31 @@ def test_policy_applied_through_meshlab_is_enforced_at_the_destination(
         meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "no-sleep")
     wait_for("the DENY to go", lambda: curl(cluster, "client/sleep", echo2)[0] == 0)
 
+    # An ALLOW by namespace and port: the client namespace on 8080 only. Anyone else,
+    # the plaintext pod outside the mesh included, is now denied.
+    allow = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "from-client", "namespace": "server"},
+        "spec": {
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "from": [{"source": {"namespaces": ["client"]}}],
+                    "to": [{"operation": {"ports": ["8080"]}}],
+                }
+            ],
+        },
+    }
+    path.write_text(yaml.safe_dump(allow))
+    meshlab("apply", "--name", cluster, "-f", str(path))
+    try:
+        wait_for("the ALLOW to apply", lambda: curl(cluster, "outside/web", echo2)[0] != 0)
+        assert curl(cluster, "client/sleep", echo2)[0] == 0
+    finally:
+        meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "from-client")
+    wait_for("the ALLOW to go", lambda: curl(cluster, "outside/web", echo2)[0] == 0)
+
 
 def test_a_restarted_ztunnel_readopts_its_pods_and_nothing_bypasses_it_meanwhile(
     cluster: str,
