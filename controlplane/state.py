@@ -21,6 +21,17 @@ DEFAULT_CLUSTER_ID = "Kubernetes"
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
 
+# Istio's annotation for a service's traffic distribution, from before (and
+# beside) spec.trafficDistribution; its value is compared case-insensitively.
+TRAFFIC_DISTRIBUTION_ANNOTATION = "networking.istio.io/traffic-distribution"
+# The values of spec.trafficDistribution (PreferClose is PreferSameZone's old name),
+# and the spec.internalTrafficPolicy that keeps traffic on the client's node.
+PREFER_CLOSE = "PreferClose"
+PREFER_SAME_ZONE = "PreferSameZone"
+PREFER_SAME_NODE = "PreferSameNode"
+TRAFFIC_DISTRIBUTIONS = (PREFER_CLOSE, PREFER_SAME_ZONE, PREFER_SAME_NODE)
+NODE_LOCAL_TRAFFIC_POLICY = "Local"
+
 
 def frozen_labels(labels: Mapping[str, str] | None = None) -> Labels:
     return MappingProxyType(dict(labels or {}))
@@ -60,6 +71,12 @@ class ServiceInfo:
     ports: tuple[ServicePortInfo, ...]
     selector: Labels = field(default_factory=frozen_labels)
     labels: Labels = field(default_factory=frozen_labels)
+    # spec.trafficDistribution and spec.internalTrafficPolicy as written ("": unset).
+    traffic_distribution: str = ""
+    internal_traffic_policy: str = ""
+    # The annotations the mesh reads (TRAFFIC_DISTRIBUTION_ANNOTATION), no others:
+    # every `kubectl apply` rewrites one, which must not count as a change.
+    annotations: Labels = field(default_factory=frozen_labels)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

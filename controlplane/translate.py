@@ -11,6 +11,13 @@ rules:
   it is an endpoint of, with their ports: those whose selector matches its
   labels or, for a service without a selector, whose EndpointSlices list
   its IP;
+* a service asks ztunnel to prefer close endpoints as istiod says it does:
+  ``internalTrafficPolicy: Local`` allows only endpoints on the client's node
+  (NODE, STRICT); otherwise ``trafficDistribution`` (or, when that is unset
+  or unknown, the ``networking.istio.io/traffic-distribution`` annotation)
+  ``PreferClose``/``PreferSameZone`` prefers the client's network, region and
+  zone, ``PreferSameNode`` those and its subzone and node (FAILOVER); an
+  unknown value is no preference at all;
 * ``istio.io/use-waypoint`` on the pod, the service or the namespace (in
   that order of precedence) names a waypoint Gateway; its address becomes
   the workload's or service's waypoint;
@@ -34,6 +41,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from controlplane.state import (
+    NODE_LOCAL_TRAFFIC_POLICY,
+    PREFER_CLOSE,
+    PREFER_SAME_NODE,
+    PREFER_SAME_ZONE,
+    TRAFFIC_DISTRIBUTION_ANNOTATION,
     USE_WAYPOINT,
     USE_WAYPOINT_NAMESPACE,
     AuthorizationPolicyInfo,
@@ -47,6 +59,9 @@ from mesh.ambient import in_ambient as labels_in_ambient
 from mesh.model import (
     Action,
     GatewayAddress,
+    LoadBalancing,
+    LoadBalancingMode,
+    LoadBalancingScope,
     Policy,
     Port,
     Scope,
@@ -58,6 +73,29 @@ from mesh.model import (
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# What istiod sends for each (pilot/pkg/serviceregistry/kube/controller/ambient/services.go).
+_NETWORK, _REGION, _ZONE, _SUBZONE, _NODE = (
+    LoadBalancingScope.NETWORK,
+    LoadBalancingScope.REGION,
+    LoadBalancingScope.ZONE,
+    LoadBalancingScope.SUBZONE,
+    LoadBalancingScope.NODE,
+)
+NODE_LOCAL = LoadBalancing(routing_preference=(_NODE,), mode=LoadBalancingMode.STRICT)
+PREFER_SAME_ZONE_LB = LoadBalancing(
+    routing_preference=(_NETWORK, _REGION, _ZONE), mode=LoadBalancingMode.FAILOVER
+)
+PREFER_SAME_NODE_LB = LoadBalancing(
+    routing_preference=(_NETWORK, _REGION, _ZONE, _SUBZONE, _NODE),
+    mode=LoadBalancingMode.FAILOVER,
+)
+_DISTRIBUTIONS = {
+    PREFER_CLOSE: PREFER_SAME_ZONE_LB,
+    PREFER_SAME_ZONE: PREFER_SAME_ZONE_LB,
+    PREFER_SAME_NODE: PREFER_SAME_NODE_LB,
+}
+_DISTRIBUTIONS_FOLDED = {k.lower(): v for k, v in _DISTRIBUTIONS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +202,23 @@ def in_ambient(pod: PodInfo, namespace_labels: Mapping[str, str]) -> bool:
     return labels_in_ambient(pod.labels, namespace_labels)
 
 
+def load_balancing(info: ServiceInfo) -> LoadBalancing | None:
+    """Which endpoints the service's clients prefer; None: any (istiod's rule).
+
+    internalTrafficPolicy Local wins; then spec.trafficDistribution when it
+    holds a value Istio knows; then the annotation, in any case. Anything else
+    is no preference: istiod ignores values it does not know (and the API
+    server refuses unknown ones in spec, so only a newer Kubernetes has them).
+    """
+    if info.internal_traffic_policy == NODE_LOCAL_TRAFFIC_POLICY:
+        return NODE_LOCAL
+    chosen = _DISTRIBUTIONS.get(info.traffic_distribution)
+    if chosen is None:
+        annotation = info.annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION, "")
+        chosen = _DISTRIBUTIONS_FOLDED.get(annotation.lower())
+    return chosen
+
+
 def build_service(
     info: ServiceInfo, vips: tuple[IPAddress, ...], waypoint: GatewayAddress | None
 ) -> Service:
@@ -178,6 +233,7 @@ def build_service(
             if p.protocol == "TCP"
         ),
         waypoint=waypoint,
+        load_balancing=load_balancing(info),
     )
 
 

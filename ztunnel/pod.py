@@ -385,7 +385,7 @@ class PodProxy:
         index = self.index()
         if not index.state.synced:
             raise ConnectionRefusedError("no xDS state yet: refusing rather than guessing")
-        route = route_outbound(index, dst_ip, dst_port, random.choice)
+        route = route_outbound(index, dst_ip, dst_port, random.choice, source=self._workload(index))
         loop = asyncio.get_running_loop()
         if route.kind is Kind.REFUSE:
             raise ConnectionRefusedError(route.reason)

@@ -36,6 +36,8 @@ from kubernetes.client.exceptions import ApiException
 
 from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
 from controlplane.state import (
+    TRAFFIC_DISTRIBUTION_ANNOTATION,
+    TRAFFIC_DISTRIBUTIONS,
     AuthorizationPolicyInfo,
     EndpointSliceInfo,
     NamespaceInfo,
@@ -137,9 +139,13 @@ def convert_pod(obj: Obj) -> PodInfo | None:
 
 def convert_service(obj: Obj) -> tuple[ServiceInfo, tuple[str, ...]]:
     """The service, and notes: a named targetPort is resolved per pod by Kubernetes,
-    but ServicePortInfo holds one number, so the service port stands in for it."""
+    but ServicePortInfo holds one number, so the service port stands in for it; a
+    traffic distribution Istio does not know is ignored, as istiod ignores it."""
     namespace, name, labels = _meta(obj)
     spec = obj.get("spec") or {}
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    distribution = str(spec.get("trafficDistribution") or "")
+    annotated = str(annotations.get(TRAFFIC_DISTRIBUTION_ANNOTATION) or "")
     ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
     cluster_ips = tuple(str(ipaddress.ip_address(ip)) for ip in ips if ip and ip != "None")
     ports, notes = [], []
@@ -160,6 +166,17 @@ def convert_service(obj: Obj) -> tuple[ServiceInfo, tuple[str, ...]]:
                 protocol=str(raw.get("protocol") or "TCP"),
             )
         )
+    known = {d.lower() for d in TRAFFIC_DISTRIBUTIONS}
+    if distribution and distribution not in TRAFFIC_DISTRIBUTIONS:
+        notes.append(
+            f"service {namespace}/{name}: spec.trafficDistribution {distribution!r} is not "
+            f"one of {', '.join(TRAFFIC_DISTRIBUTIONS)}; ignored, as istiod ignores it"
+        )
+    if annotated and annotated.lower() not in known:
+        notes.append(
+            f"service {namespace}/{name}: annotation {TRAFFIC_DISTRIBUTION_ANNOTATION}="
+            f"{annotated!r} is not one of {', '.join(TRAFFIC_DISTRIBUTIONS)}; ignored"
+        )
     info = ServiceInfo(
         name=name,
         namespace=namespace,
@@ -167,6 +184,11 @@ def convert_service(obj: Obj) -> tuple[ServiceInfo, tuple[str, ...]]:
         ports=tuple(ports),
         selector=frozen_labels(spec.get("selector") or {}),
         labels=labels,
+        traffic_distribution=distribution,
+        internal_traffic_policy=str(spec.get("internalTrafficPolicy") or ""),
+        annotations=frozen_labels(
+            {TRAFFIC_DISTRIBUTION_ANNOTATION: annotated} if annotated else {}
+        ),
     )
     return info, tuple(notes)
 

@@ -75,6 +75,8 @@ def source_state(
                     for sp in s.ports
                 ),
                 selector=frozen_labels(s.selector),
+                traffic_distribution=s.traffic_distribution or "",
+                internal_traffic_policy=s.internal_traffic_policy or "",
             )
             for s in cluster.services
         ),

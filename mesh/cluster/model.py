@@ -25,6 +25,10 @@ DEFAULT_NAMESPACE = "default"
 DEFAULT_SERVICE_ACCOUNT = "default"
 DEFAULT_POD_CIDR = IPv4Network("10.244.0.0/16")
 DEFAULT_SERVICE_CIDR = IPv4Network("10.96.0.0/16")
+# The values Kubernetes accepts in a service's spec.trafficDistribution and
+# spec.internalTrafficPolicy (PreferClose is PreferSameZone's former name).
+TRAFFIC_DISTRIBUTIONS = ("PreferClose", "PreferSameZone", "PreferSameNode")
+INTERNAL_TRAFFIC_POLICIES = ("Cluster", "Local")
 # Kubernetes hands out service VIPs from the bottom of the range; .1 is the API
 # server's and .10 kube-dns's by convention, so ours start above them.
 _FIRST_AUTO_VIP_OFFSET = 16
@@ -101,6 +105,10 @@ class Service:
     vip: IPv4Address
     ports: tuple[ServicePort, ...]
     selector: Labels = field(default_factory=lambda: _frozen({}))
+    # As in Kubernetes: a hint to prefer close endpoints, and "Local" to allow
+    # only endpoints on the client's node. None: not set.
+    traffic_distribution: str | None = None
+    internal_traffic_policy: str | None = None
 
     @property
     def hostname(self) -> str:
@@ -217,21 +225,25 @@ class Cluster:
             for p in self.pods
         ]
         doc["services"] = [
-            {
-                "name": s.name,
-                "namespace": s.namespace,
-                "vip": str(s.vip),
-                "ports": [
-                    {
-                        "name": sp.name,
-                        "port": sp.port,
-                        "targetPort": sp.target_port,
-                        "protocol": sp.protocol,
-                    }
-                    for sp in s.ports
-                ],
-                "selector": dict(s.selector),
-            }
+            _drop_none(
+                {
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "vip": str(s.vip),
+                    "ports": [
+                        {
+                            "name": sp.name,
+                            "port": sp.port,
+                            "targetPort": sp.target_port,
+                            "protocol": sp.protocol,
+                        }
+                        for sp in s.ports
+                    ],
+                    "selector": dict(s.selector),
+                    "trafficDistribution": s.traffic_distribution,
+                    "internalTrafficPolicy": s.internal_traffic_policy,
+                }
+            )
             for s in self.services
         ]
         if self.policies:
@@ -644,10 +656,30 @@ def _parse_ports(r: _Reader) -> tuple[ServicePort, ...]:
     return tuple(ports)
 
 
+def _one_of(r: _Reader, key: str, allowed: Sequence[str]) -> str | None:
+    """An optional enumerated string, spelled exactly as Kubernetes spells it."""
+    value = r.opt_str(key)
+    if value is not None and value not in allowed:
+        raise ClusterSpecError(
+            r.at(key), f"{value!r} is not supported; supported values: {', '.join(allowed)}"
+        )
+    return value
+
+
+_SERVICE_KEYS = {
+    "name",
+    "namespace",
+    "vip",
+    "ports",
+    "selector",
+    "trafficDistribution",
+    "internalTrafficPolicy",
+}
+
+
 def _parse_services(top: _Reader, ns_names: set[str], network: Network) -> tuple[Service, ...]:
     readers = [
-        _Reader(raw, f"services[{i}]", {"name", "namespace", "vip", "ports", "selector"})
-        for i, raw in enumerate(top.items("services"))
+        _Reader(raw, f"services[{i}]", _SERVICE_KEYS) for i, raw in enumerate(top.items("services"))
     ]
     taken = {r.address("vip") for r in readers} - {None}
     auto = (
@@ -677,6 +709,10 @@ def _parse_services(top: _Reader, ns_names: set[str], network: Network) -> tuple
                 vip=ipaddress.IPv4Address(vip),
                 ports=_parse_ports(r),
                 selector=_frozen(parse_labels(r.raw.get("selector"), r.at("selector"))),
+                traffic_distribution=_one_of(r, "trafficDistribution", TRAFFIC_DISTRIBUTIONS),
+                internal_traffic_policy=_one_of(
+                    r, "internalTrafficPolicy", INTERNAL_TRAFFIC_POLICIES
+                ),
             )
         )
     _unique([f"{s.namespace}/{s.name}" for s in services], "services", "service")

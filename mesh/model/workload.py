@@ -33,6 +33,37 @@ class WorkloadStatus(enum.IntEnum):
     UNHEALTHY = pb.UNHEALTHY
 
 
+class LoadBalancingScope(enum.IntEnum):
+    """A fact an endpoint may share with the source workload: a part of its
+    locality, its node, cluster or network."""
+
+    REGION = pb.LoadBalancing.REGION
+    ZONE = pb.LoadBalancing.ZONE
+    SUBZONE = pb.LoadBalancing.SUBZONE
+    NODE = pb.LoadBalancing.NODE
+    CLUSTER = pb.LoadBalancing.CLUSTER
+    NETWORK = pb.LoadBalancing.NETWORK
+
+
+class LoadBalancingMode(enum.IntEnum):
+    """How ztunnel uses a service's routing preference.
+
+    STRICT: only endpoints matching the source on every scope, else none;
+    FAILOVER: the endpoints matching on the most leading scopes, else the
+    next best; UNSPECIFIED and PASSTHROUGH: the preference is not used.
+    """
+
+    UNSPECIFIED = pb.LoadBalancing.UNSPECIFIED_MODE
+    STRICT = pb.LoadBalancing.STRICT
+    FAILOVER = pb.LoadBalancing.FAILOVER
+    PASSTHROUGH = pb.LoadBalancing.PASSTHROUGH
+
+
+class HealthPolicy(enum.IntEnum):
+    ONLY_HEALTHY = pb.LoadBalancing.ONLY_HEALTHY
+    ALLOW_ALL = pb.LoadBalancing.ALLOW_ALL
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Port:
     service_port: int
@@ -50,6 +81,35 @@ class GatewayAddress:
     def __str__(self) -> str:
         target = self.hostname if self.address is None else str(self.address)
         return f"{target}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Locality:
+    """Where a workload runs: its node's topology labels (empty: not known)."""
+
+    region: str = ""
+    zone: str = ""
+    subzone: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.region or self.zone or self.subzone)
+
+    def __str__(self) -> str:
+        return f"{self.region}/{self.zone}/{self.subzone}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadBalancing:
+    """Which endpoints of a service a source workload prefers (Istio's ``LoadBalancing``).
+
+    An endpoint ranks by how many scopes of ``routing_preference``, counted
+    from the first and stopping at the first mismatch, it shares with the
+    source; ``mode`` says what the rank decides.
+    """
+
+    routing_preference: tuple[LoadBalancingScope, ...] = ()
+    mode: LoadBalancingMode = LoadBalancingMode.UNSPECIFIED
+    health_policy: HealthPolicy = HealthPolicy.ONLY_HEALTHY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +133,7 @@ class Workload:
     workload_name: str = ""
     cluster_id: str = ""
     network: str = ""
+    locality: Locality = Locality()
 
     @property
     def identity(self) -> SpiffeId:
@@ -107,6 +168,14 @@ class Workload:
         )
         if self.waypoint is not None:
             workload.waypoint.CopyFrom(_gateway_to_proto(self.waypoint, self.network))
+        if self.locality:  # istiod leaves it unset when the node has no topology labels
+            workload.locality.CopyFrom(
+                pb.Locality(
+                    region=self.locality.region,
+                    zone=self.locality.zone,
+                    subzone=self.locality.subzone,
+                )
+            )
         for key, ports in self.services.items():
             workload.services[key].ports.extend(
                 pb.Port(service_port=p.service_port, target_port=p.target_port) for p in ports
@@ -157,6 +226,11 @@ class Workload:
             workload_name=message.workload_name,
             cluster_id=message.cluster_id,
             network=message.network,
+            locality=Locality(
+                region=message.locality.region,
+                zone=message.locality.zone,
+                subzone=message.locality.subzone,
+            ),
         )
 
 
@@ -172,6 +246,7 @@ class Service:
     waypoint: GatewayAddress | None = None
     subject_alt_names: tuple[str, ...] = ()
     network: str = ""
+    load_balancing: LoadBalancing | None = None  # None: any healthy endpoint
 
     @property
     def resource_name(self) -> str:
@@ -192,6 +267,8 @@ class Service:
         )
         if self.waypoint is not None:
             service.waypoint.CopyFrom(_gateway_to_proto(self.waypoint, self.network))
+        if self.load_balancing is not None:
+            service.load_balancing.CopyFrom(_load_balancing_to_proto(self.load_balancing))
         return pb.Address(service=service)
 
     @classmethod
@@ -208,6 +285,11 @@ class Service:
             waypoint=_gateway(name, message.waypoint) if message.HasField("waypoint") else None,
             subject_alt_names=tuple(message.subject_alt_names),
             network=message.addresses[0].network if message.addresses else "",
+            load_balancing=(
+                _load_balancing(name, message.load_balancing)
+                if message.HasField("load_balancing")
+                else None
+            ),
         )
 
 
@@ -248,6 +330,25 @@ def _gateway(resource: str, message: pb.GatewayAddress) -> GatewayAddress:
             hostname=f"{message.hostname.namespace}/{message.hostname.hostname}", port=port
         )
     raise InvalidResource(resource, "waypoint with neither an address nor a hostname")
+
+
+def _load_balancing(resource: str, message: pb.LoadBalancing) -> LoadBalancing:
+    """Unknown or unspecified scopes and modes refuse the service, as ztunnel does."""
+    try:
+        scopes = tuple(LoadBalancingScope(s) for s in message.routing_preference)
+        mode = LoadBalancingMode(message.mode)
+        health = HealthPolicy(message.health_policy)
+    except ValueError as e:
+        raise InvalidResource(resource, f"load balancing: unknown enum value: {e}") from e
+    return LoadBalancing(routing_preference=scopes, mode=mode, health_policy=health)
+
+
+def _load_balancing_to_proto(lb: LoadBalancing) -> pb.LoadBalancing:
+    return pb.LoadBalancing(
+        routing_preference=[pb.LoadBalancing.Scope.Name(s) for s in lb.routing_preference],
+        mode=pb.LoadBalancing.Mode.Name(lb.mode),
+        health_policy=pb.LoadBalancing.HealthPolicy.Name(lb.health_policy),
+    )
 
 
 def _gateway_to_proto(gateway: GatewayAddress, network: str) -> pb.GatewayAddress:

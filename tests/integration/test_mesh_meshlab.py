@@ -29,6 +29,7 @@ from meshlab import mesh, names
 from tests.integration.conftest import assert_nothing_left, http_get, meshlab, unique_name
 
 VIP = "10.96.0.20"
+LOCAL_VIP = "10.96.0.21"  # the same pods, internalTrafficPolicy: Local
 
 CLUSTER: dict[str, Any] = {
     "nodes": [{"name": "node1"}, {"name": "node2"}],
@@ -81,7 +82,15 @@ CLUSTER: dict[str, Any] = {
             "vip": VIP,
             "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
             "selector": {"app": "echo"},
-        }
+        },
+        {
+            "name": "echo-local",
+            "namespace": "server",
+            "vip": LOCAL_VIP,
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+            "selector": {"app": "echo"},
+            "internalTrafficPolicy": "Local",
+        },
     ],
 }
 
@@ -178,6 +187,9 @@ def test_pods_talk_over_hbone_across_and_within_nodes_payload_never_in_clear(
 def test_a_service_vip_spreads_over_its_three_endpoints(cluster: str) -> None:
     reached = {http_get(cluster, "client/sleep", f"http://{VIP}/")["pod"] for _ in range(30)}
     assert reached == {"echo-1", "echo-2", "echo-3"}
+    # internalTrafficPolicy: Local keeps the client (node1) on its own node's endpoint.
+    local = {http_get(cluster, "client/sleep", f"http://{LOCAL_VIP}/")["pod"] for _ in range(10)}
+    assert local == {"echo-1"}
 
 
 def test_mesh_and_non_mesh_pods_reach_each_other(cluster: str) -> None:

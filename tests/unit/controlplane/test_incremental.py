@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from controlplane.incremental import IncrementalTranslator
 from controlplane.state import (
+    TRAFFIC_DISTRIBUTION_ANNOTATION,
     AuthorizationPolicyInfo,
     EndpointSliceInfo,
     NamespaceInfo,
@@ -36,6 +37,8 @@ POD_IPS = ("own",) * 8 + (None, "", "10.0.9.9", "fd00::1", "bogus")
 VIPS = ("own",) * 6 + ("10.96.9.9", "None", "nope")
 LABEL_VALUES = {"app": ("a", "b"), "tier": ("x", "y"), "istio.io/dataplane-mode": ("none",)}
 WAYPOINT_LABELS = {"istio.io/use-waypoint": ("wp", "gone", "none")}
+# Known, unset, and values Istio ignores (or knows only in another case).
+DISTRIBUTIONS = ("", "PreferClose", "PreferSameZone", "PreferSameNode", "preferclose", "Nearby")
 
 labels_st = st.dictionaries(
     st.sampled_from(sorted(LABEL_VALUES)), st.sampled_from(("a", "b", "x", "y", "none")), max_size=3
@@ -82,6 +85,13 @@ def services(draw: st.DrawFn) -> ServiceInfo:
         ),
         selector=frozen_labels(draw(selector_st)),
         labels=frozen_labels(draw(waypoint_labels_st)),
+        traffic_distribution=draw(st.sampled_from(DISTRIBUTIONS)),
+        internal_traffic_policy=draw(st.sampled_from(("", "Cluster", "Local"))),
+        annotations=frozen_labels(
+            {TRAFFIC_DISTRIBUTION_ANNOTATION: a}
+            if (a := draw(st.sampled_from(DISTRIBUTIONS)))
+            else {}
+        ),
     )
 
 

@@ -241,6 +241,7 @@ def test_initial_state_converts_every_kind(kube: FakeKube, client: ApiClient) ->
             cluster_ips=("10.96.14.3",),
             ports=(ServicePortInfo(port=9080, target_port=9080, name="tcp-9080"),),
             selector=frozen_labels({"app": "ratings"}),
+            internal_traffic_policy="Cluster",  # the API server's default
         ),
         ServiceInfo(
             name="reviews",
@@ -249,6 +250,7 @@ def test_initial_state_converts_every_kind(kube: FakeKube, client: ApiClient) ->
             ports=(ServicePortInfo(port=9080, target_port=9080, name="tcp-9080"),),
             selector=frozen_labels({"app": "reviews"}),
             labels=frozen_labels({"app": "reviews"}),
+            internal_traffic_policy="Cluster",
         ),
     )
     assert state.endpoint_slices == (
@@ -269,6 +271,46 @@ def test_initial_state_converts_every_kind(kube: FakeKube, client: ApiClient) ->
         "istio-system",
         (),
     )
+
+
+def test_services_carry_their_traffic_preferences_and_only_the_mesh_annotation(
+    kube: FakeKube, client: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    kube.add("namespaces", k.namespace("default"))
+    close = k.service("close", cluster_ip="10.96.0.11", selector={"app": "close"})
+    close["spec"]["trafficDistribution"] = "PreferClose"
+    local = k.service("local", cluster_ip="10.96.0.12", selector={"app": "local"})
+    local["spec"]["internalTrafficPolicy"] = "Local"
+    annotated = k.service("annotated", cluster_ip="10.96.0.13", selector={"app": "a"})
+    annotated["metadata"]["annotations"] = {
+        "networking.istio.io/traffic-distribution": "preferclose",
+        "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+    }
+    odd = k.service("odd", cluster_ip="10.96.0.14", selector={"app": "odd"})
+    odd["metadata"]["annotations"] = {"networking.istio.io/traffic-distribution": "Nearby"}
+    for service in (close, local, annotated, odd):
+        kube.add("services", service)
+
+    async def scenario() -> SourceState:
+        async with running(client) as recorder:
+            return await recorder.first()
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        state = asyncio.run(scenario())
+    services = {s.name: s for s in state.services}
+    assert services["close"].traffic_distribution == "PreferClose"
+    assert services["close"].internal_traffic_policy == "Cluster"
+    assert services["local"].internal_traffic_policy == "Local"
+    assert services["local"].traffic_distribution == ""
+    # Only the annotation the mesh reads: kubectl's rewrite on every apply is no change.
+    assert services["annotated"].annotations == frozen_labels(
+        {"networking.istio.io/traffic-distribution": "preferclose"}
+    )
+    # A value Istio does not know is kept (translation ignores it) and said once.
+    assert services["odd"].annotations["networking.istio.io/traffic-distribution"] == "Nearby"
+    notes = [r.getMessage() for r in caplog.records if "'Nearby'" in r.getMessage()]
+    assert len(notes) == 1 and "service default/odd" in notes[0] and "ignored" in notes[0]
+    assert state.rejected == ()
 
 
 def test_changes_are_published_within_a_second(kube: FakeKube, client: ApiClient) -> None:

@@ -18,7 +18,29 @@ from controlplane.state import (
     frozen_labels,
 )
 from controlplane.translate import Resources, translate, workload_uid
-from mesh.model import Action, MatchKind, Scope, TunnelProtocol, Workload, WorkloadStatus
+from mesh.model import (
+    Action,
+    LoadBalancingMode,
+    LoadBalancingScope,
+    MatchKind,
+    Scope,
+    TunnelProtocol,
+    Workload,
+    WorkloadStatus,
+)
+from mesh.proto.istio.workload import workload_pb2 as pb
+
+NETWORK, REGION, ZONE, SUBZONE, NODE = (
+    LoadBalancingScope.NETWORK,
+    LoadBalancingScope.REGION,
+    LoadBalancingScope.ZONE,
+    LoadBalancingScope.SUBZONE,
+    LoadBalancingScope.NODE,
+)
+SAME_ZONE = ((NETWORK, REGION, ZONE), LoadBalancingMode.FAILOVER)
+SAME_NODE = ((NETWORK, REGION, ZONE, SUBZONE, NODE), LoadBalancingMode.FAILOVER)
+NODE_ONLY = ((NODE,), LoadBalancingMode.STRICT)
+ANNOTATION = "networking.istio.io/traffic-distribution"
 
 
 def ns(name: str, **labels: str) -> NamespaceInfo:
@@ -123,6 +145,67 @@ def test_services_map_to_their_endpoints_tcp_ports_only() -> None:
     assert w["a"].services == {service.resource_name: service.ports}
     assert w["b"].services == {}
     assert w["c"].services == {}, "selectors never cross namespaces"
+
+
+@pytest.mark.parametrize(
+    ("distribution", "policy", "annotation", "expected"),
+    [
+        ("", "", "", None),
+        ("", "Cluster", "", None),
+        ("PreferClose", "", "", SAME_ZONE),
+        ("PreferSameZone", "Cluster", "", SAME_ZONE),
+        ("PreferSameNode", "", "", SAME_NODE),
+        # The annotation, in any case, where the field is unset...
+        ("", "", "PreferClose", SAME_ZONE),
+        ("", "", "prefersamenode", SAME_NODE),
+        # ...the field wins over it, unless Istio does not know the field's value.
+        ("PreferSameNode", "", "PreferClose", SAME_NODE),
+        ("Nearby", "", "PreferClose", SAME_ZONE),
+        # internalTrafficPolicy Local wins over any distribution.
+        ("", "Local", "", NODE_ONLY),
+        ("PreferClose", "Local", "PreferSameNode", NODE_ONLY),
+        # Values Istio does not know are no preference, as in istiod.
+        ("Nearby", "", "", None),
+        ("", "", "Anywhere", None),
+        ("preferclose", "", "", None),  # the field is exact (the API server checks it)
+    ],
+)
+def test_traffic_preferences_become_the_services_load_balancing(
+    distribution: str,
+    policy: str,
+    annotation: str,
+    expected: tuple[tuple[LoadBalancingScope, ...], LoadBalancingMode] | None,
+) -> None:
+    info = replace(
+        svc("web", "10.96.0.1", selector={"app": "web"}),
+        traffic_distribution=distribution,
+        internal_traffic_policy=policy,
+        annotations=frozen_labels({ANNOTATION: annotation} if annotation else {}),
+    )
+    r = translate(SourceState(namespaces=(ns("apps"),), services=(info,)))
+    (service,) = r.services.values()
+    lb = service.load_balancing
+    assert (None if lb is None else (lb.routing_preference, lb.mode)) == expected
+    assert r.rejected == (), "an unknown preference is ignored, not a refusal"
+
+
+def test_load_balancing_goes_on_the_wire_as_istiod_sends_it() -> None:
+    local = replace(svc("node-agent", "10.96.0.9"), internal_traffic_policy="Local")
+    close = replace(svc("web", "10.96.0.1"), traffic_distribution="PreferClose")
+    r = translate(SourceState(namespaces=(ns("apps"),), services=(local, close)))
+    wire = {s.name: s.to_proto().service.load_balancing for s in r.services.values()}
+    assert list(wire["node-agent"].routing_preference) == [pb.LoadBalancing.NODE]
+    assert wire["node-agent"].mode == pb.LoadBalancing.STRICT
+    assert list(wire["web"].routing_preference) == [
+        pb.LoadBalancing.NETWORK,
+        pb.LoadBalancing.REGION,
+        pb.LoadBalancing.ZONE,
+    ]
+    assert wire["web"].mode == pb.LoadBalancing.FAILOVER
+    assert wire["web"].health_policy == pb.LoadBalancing.ONLY_HEALTHY
+    plain = translate(SourceState(namespaces=(ns("apps"),), services=(svc("x", "10.96.0.2"),)))
+    (service,) = plain.services.values()
+    assert not service.to_proto().service.HasField("load_balancing")
 
 
 def test_use_waypoint_precedence_pod_then_service_then_namespace() -> None:
