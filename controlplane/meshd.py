@@ -45,6 +45,32 @@ from mesh.identity import CertificateAuthority
 
 log = logging.getLogger("meshd")
 
+# Keepalive, as istiod's: meshd pings a quiet subscriber every 30 s and drops
+# it after 10 s without an answer, and lets the proxies ping it (ztunnel and
+# our XdsClient do, every 30 s, on a stream that may stay quiet for hours).
+# gRPC's default policy allows one ping in 5 minutes without data and
+# answers the third early one with GOAWAY too_many_pings.
+XDS_KEEPALIVE_TIME_MS = 30_000
+XDS_KEEPALIVE_TIMEOUT_MS = 10_000
+XDS_MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+
+def grpc_server_options() -> list[tuple[str, int]]:
+    """The channel options of meshd's gRPC servers (15010 and 15012)."""
+    return [
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", XDS_KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", XDS_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", XDS_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+        # The clients' pings: allowed without calls, one per 10 s or fewer
+        # without data (closer ones count as strikes, and no number of
+        # strikes earns a GOAWAY too_many_pings).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", XDS_MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
 
 class Source(Protocol):
     latest: SourceState | None
@@ -233,7 +259,7 @@ async def run(
     meshd.collector = QuietCollector()
     factory, default_ca_dir = make_source(args)
     source = factory(meshd.on_source)
-    options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    options = grpc_server_options()
     ca = _ca(meshd, args, args.ca_dir or default_ca_dir)
     kind = args.source.partition(":")[0]
 

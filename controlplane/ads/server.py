@@ -76,6 +76,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self.subscriptions.add(subscription)
         self.streams_total += 1
         reader = asyncio.ensure_future(read())
+        waiter: asyncio.Future[Any] | None = None
         try:
             while True:
                 waiter = asyncio.ensure_future(wake.wait())
@@ -98,9 +99,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         finally:
             self.cache.unsubscribe(changed)
             self.subscriptions.discard(subscription)
-            reader.cancel()
+            # A handler cancelled in asyncio.wait leaves its waiter pending on
+            # an event nobody sets any more: end both tasks, not only the reader.
+            pending = [t for t in (reader, waiter) if t is not None]
+            for task in pending:
+                task.cancel()
             with contextlib.suppress(BaseException):
-                await reader
+                await asyncio.gather(*pending, return_exceptions=True)
 
     def status(self) -> list[dict[str, object]]:
         return [s.status() for s in self.subscriptions]

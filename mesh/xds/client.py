@@ -6,6 +6,11 @@ changed), applies each response as a new immutable :class:`XdsState`, ACKs
 it, or NACKs the resources it refused while applying the rest. When meshd
 is away it keeps serving the last good state and reconnects with
 exponential backoff and jitter.
+
+Keepalive is istio's (ztunnel's control-plane channel, istiod's default):
+an HTTP/2 PING every 30 s, the connection dropped when one goes unanswered
+for 10 s. The pings go on for as long as the stream is quiet (meshd may
+have nothing to say for hours); meshd's server options permit them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -26,6 +32,8 @@ from mesh.xds.state import TYPE_URLS, XdsState, apply_response
 log = logging.getLogger("mesh.xds")
 _INVALID_ARGUMENT = 3
 _MAX_MESSAGE = 64 * 1024 * 1024
+KEEPALIVE_TIME_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
 
 
 class XdsClient:
@@ -42,6 +50,8 @@ class XdsClient:
         type_urls: Sequence[str] = TYPE_URLS,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 30.0,
+        keepalive_time_s: float = KEEPALIVE_TIME_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         rng: random.Random | None = None,
         logger: logging.Logger = log,
     ) -> None:
@@ -53,6 +63,8 @@ class XdsClient:
         self.type_urls = tuple(type_urls)
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.keepalive_time_s = keepalive_time_s
+        self.keepalive_timeout_s = keepalive_timeout_s
         self.rng = rng or random.Random()
         self.log = logger
         self.state = XdsState()
@@ -103,22 +115,35 @@ class XdsClient:
             len(self.state.policies),
         )
 
-    async def _session(self) -> bool:
-        options = [
+    def channel_options(self) -> list[tuple[str, int]]:
+        keepalive_ms = max(1, round(self.keepalive_time_s * 1000))
+        timeout_ms = max(1, round(self.keepalive_timeout_s * 1000))
+        return [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            # gRPC core waits for a keepalive PING's ACK this long (default
+            # 1 min, whatever keepalive_timeout_ms says).
+            ("grpc.http2.ping_timeout_ms", timeout_ms),
+            # By default the client pings twice without sending data, then
+            # only once a minute: keep pinging while the stream is quiet.
+            ("grpc.http2.max_pings_without_data", 0),
         ]
+
+    async def _session(self) -> bool:
+        options = self.channel_options()
         if self.credentials is None:
             channel = grpc.aio.insecure_channel(self.target, options=options)
         else:
             channel = grpc.aio.secure_channel(self.target, self.credentials, options=options)
-        queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
+        # None ends the request stream (and grpc's task that consumes it).
+        queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
         got_response = False
+        call: grpc.aio.StreamStreamCall[Any, Any] | None = None
 
         async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
-            while True:
-                yield await queue.get()
+            while (request := await queue.get()) is not None:
+                yield request
 
         try:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
@@ -141,6 +166,12 @@ class XdsClient:
                     self.log.info("xds: connected to meshd at %s", self.target)
                 queue.put_nowait(self._handle(response))
         finally:
+            # End the request generator before the channel goes: grpc's task
+            # consuming it would otherwise wait on the queue forever (and be
+            # destroyed pending, its generator closed while still running).
+            queue.put_nowait(None)
+            if call is not None:
+                call.cancel()
             await channel.close()
         return got_response
 

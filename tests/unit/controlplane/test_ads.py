@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ from controlplane.ads.feed import TYPE_URLS, Feed
 from controlplane.ads.server import AdsServer
 from controlplane.ads.subscription import Subscription
 from controlplane.authz_yaml import parse_authorization_policy
+from controlplane.meshd import grpc_server_options
 from controlplane.state import (
     NamespaceInfo,
     PodInfo,
@@ -82,10 +83,15 @@ class Meshd:
 
 
 @contextlib.asynccontextmanager
-async def meshd(state: SourceState | None = None, port: int = 0) -> AsyncIterator[Meshd]:
+async def meshd(
+    state: SourceState | None = None,
+    port: int = 0,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> AsyncIterator[Meshd]:
+    """An ADS server as meshd runs it (its gRPC server options unless told)."""
     cache = SnapshotCache(TYPE_URLS)
     ads = AdsServer(cache)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=grpc_server_options() if options is None else options)
     ads.add_to(server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
