@@ -8,6 +8,7 @@ resource alone, ``to_proto`` builds the message meshd sends.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ ADDRESS_TYPE_URL = "type.googleapis.com/istio.workload.Address"
 class TunnelProtocol(enum.IntEnum):
     NONE = pb.NONE
     HBONE = pb.HBONE
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    return SpiffeId(trust_domain=trust_domain, namespace=namespace, service_account=service_account)
 
 
 class WorkloadStatus(enum.IntEnum):
@@ -137,11 +143,8 @@ class Workload:
 
     @property
     def identity(self) -> SpiffeId:
-        return SpiffeId(
-            trust_domain=self.trust_domain,
-            namespace=self.namespace,
-            service_account=self.service_account,
-        )
+        # Asked on every connection: the value is built (and validated) once per triple.
+        return _identity(self.trust_domain, self.namespace, self.service_account)
 
     @property
     def resource_name(self) -> str:
