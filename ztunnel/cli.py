@@ -8,7 +8,11 @@ the mesh root; ``--plaintext`` uses 15010 without TLS, for xDS only (the CA
 is never asked over plaintext unless ``--ca-plaintext`` says so, for a local
 cluster). The node's token authenticates certificate requests; it is read
 again on every request, so a rotated token is used. SIGTERM (or SIGINT)
-stops accepting and lets live connections finish for ``--drain-seconds``.
+stops accepting and lets live connections finish for ``--drain-seconds``;
+so does ``POST /quitquitquit`` on the admin port.
+
+Ports, as Istio's: admin 127.0.0.1:15000, metrics :15020, readiness :15021
+(each ``--*-address HOST:PORT`` or ``off``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import uvloop
 
 from mesh.caclient import CaClient
 from mesh.xds import XdsClient
+from ztunnel.admin.server import AdminServers
 from ztunnel.dns import upstreams_from_resolv_conf
 from ztunnel.runtime import Ztunnel
 
@@ -58,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the nameservers of /etc/resolv.conf)",
     )
     p.add_argument("--drain-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--admin-address", type=_listen, default="127.0.0.1:15000", help="HOST:PORT or 'off'"
+    )
+    p.add_argument(
+        "--metrics-address", type=_listen, default="0.0.0.0:15020", help="HOST:PORT or 'off'"
+    )
+    p.add_argument(
+        "--readiness-address", type=_listen, default="0.0.0.0:15021", help="HOST:PORT or 'off'"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -86,6 +100,15 @@ def _upstream(text: str) -> tuple[str, int]:
     except ValueError as e:
         raise SystemExit(f"ztunnel: --dns-upstream {text!r}: not an IP address") from e
     return host, port
+
+
+def _listen(text: str) -> tuple[str, int] | None:
+    if text == "off":
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT or 'off'")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _token(path: Path) -> str:
@@ -120,6 +143,15 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    servers = AdminServers(ztunnel, node=args.node, xds_address=args.xds_address, quit=stop.set)
+    try:
+        await servers.start(
+            admin=args.admin_address, metrics=args.metrics_address, readiness=args.readiness_address
+        )
+    except OSError as e:
+        log.error("ztunnel: cannot listen: %s", e)
+        await ca.close()
+        return 1
     main = asyncio.ensure_future(ztunnel.run())
     stopper = asyncio.ensure_future(stop.wait())
     log.info("ztunnel: node %s, xDS %s, ZDS %s", args.node, args.xds_address, args.zds_socket)
@@ -136,6 +168,7 @@ async def run(args: argparse.Namespace) -> int:
         main.cancel()
         with contextlib.suppress(BaseException):
             await main
+        await servers.close()
         await ca.close()
 
 

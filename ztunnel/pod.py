@@ -31,7 +31,7 @@ import os
 import random
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -51,6 +51,7 @@ from ztunnel.dns import DNS_PORT, DnsProxy, TableCache
 from ztunnel.index import StateIndex
 from ztunnel.route import Kind, route_outbound
 from ztunnel.splice import Half, splice
+from ztunnel.telemetry import Conn, Telemetry
 from ztunnel.zds.protocol import PodInfo
 
 log = logging.getLogger("ztunnel")
@@ -88,17 +89,19 @@ class _AppSide(PlainProtocol):
     stream (the stream's end closes it), so its end takes the stream out of the
     registry."""
 
-    def __init__(self, registry: set[Inbound]) -> None:
+    def __init__(self, registry: set[Inbound], ended: Callable[[], None]) -> None:
         super().__init__()
         self.registry = registry
         self.live: Inbound | None = None
         self.lost = False
+        self.ended = ended
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         super().connection_lost(exc)
         if self.live is not None:
             self.registry.discard(self.live)
+        self.ended()
 
 
 class PodProxy:
@@ -113,9 +116,12 @@ class PodProxy:
         certificate: Callable[[], WorkloadCertificate | None],
         dns_upstreams: Sequence[tuple[str, int]] = (),
         dns_tables: TableCache | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.uid = uid
         self.pod = pod
+        self.key = f"{pod.namespace}/{pod.name}"
+        self.telemetry = telemetry or Telemetry()
         self.identity = SpiffeId(
             trust_domain=trust_domain, namespace=pod.namespace, service_account=pod.service_account
         )
@@ -169,8 +175,8 @@ class PodProxy:
         self._listeners = made
         await self.hbone.listen(sock=hbone)
         self._tasks = [
-            asyncio.ensure_future(self._accept_loop(outbound, self._outbound)),
-            asyncio.ensure_future(self._accept_loop(plaintext, self._inbound_plaintext)),
+            asyncio.ensure_future(self._accept_loop(outbound, self._outbound, "outbound")),
+            asyncio.ensure_future(self._accept_loop(plaintext, self._inbound_plaintext, "inbound")),
             asyncio.ensure_future(self.dns.serve_udp(dns_udp)),
             asyncio.ensure_future(self.dns.serve_tcp(dns_tcp)),
             asyncio.ensure_future(self._follow_certificate()),
@@ -252,7 +258,14 @@ class PodProxy:
     # -- sockets made inside the pod -------------------------------------------------------
 
     async def _in_pod(self, make: Callable[[], T]) -> T:
+        """Slow or blocking work inside the pod: on the pod's own thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, make)
+
+    def _in_pod_now(self, make: Callable[[], T]) -> T:
+        """A socket for one connection: made on this thread, stepped into the pod for
+        the two syscalls (a worker-thread hop costs tens of microseconds, and under load
+        much more)."""
+        return netns.in_netns_now(self._fd, make)
 
     async def _dial_socket(self) -> socket.socket:
         def make() -> socket.socket:
@@ -260,7 +273,7 @@ class PodProxy:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netns.INPOD_MARK)
             return s
 
-        return await self._in_pod(make)
+        return self._in_pod_now(make)
 
     async def _dns_socket(self, family: int, kind: int) -> socket.socket:
         """An upstream DNS socket, in the pod and marked so capture lets it out."""
@@ -270,7 +283,7 @@ class PodProxy:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netns.INPOD_MARK)
             return s
 
-        return await self._in_pod(make)
+        return self._in_pod_now(make)
 
     async def _upstream(self, source_ip: str, host: str, port: int) -> socket.socket:
         """A connection to the app, from the client's own address (IP_TRANSPARENT)."""
@@ -287,7 +300,7 @@ class PodProxy:
                 raise
             return s
 
-        sock = await self._in_pod(make)
+        sock = self._in_pod_now(make)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await asyncio.get_running_loop().sock_connect(sock, (host, port))
@@ -298,11 +311,7 @@ class PodProxy:
 
     # -- accepting -------------------------------------------------------------------------
 
-    async def _accept_loop(
-        self,
-        listener: socket.socket,
-        handle: Callable[[socket.socket, tuple[str, int]], object],
-    ) -> None:
+    async def _accept_loop(self, listener: socket.socket, handle: Handler, direction: str) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -312,29 +321,22 @@ class PodProxy:
                 await asyncio.sleep(0.1)
                 continue
             self.connections += 1
-            task = asyncio.ensure_future(self._guard(handle, sock, peer))
+            task = asyncio.ensure_future(self._guard(handle, sock, peer, direction))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
     async def _guard(
-        self,
-        handle: Callable[[socket.socket, tuple[str, int]], object],
-        sock: socket.socket,
-        peer: tuple[str, int],
+        self, handle: Handler, sock: socket.socket, peer: tuple[str, int], direction: str
     ) -> None:
+        # The handler fills in what it learns (destination, identities) as it goes,
+        # so a refusal is logged with all that was known.
+        conn = Conn(self.key, direction, "TCP", _addr(peer), "-", "-")
         try:
-            result = handle(sock, peer)
-            if asyncio.iscoroutine(result):
-                await result
+            await handle(sock, peer, conn)
         except Exception as e:
             self.refused += 1
-            log.warning(
-                "ztunnel: %s/%s: connection from %s refused: %s",
-                self.pod.namespace,
-                self.pod.name,
-                peer,
-                e,
-            )
+            log.debug("ztunnel: %s: connection from %s refused: %s", self.key, peer, e)
+            self.telemetry.refuse(conn, str(e), _kind(e))
             _reset(sock)
 
     def _workload(self, index: StateIndex) -> Workload | None:
@@ -380,15 +382,21 @@ class PodProxy:
 
     # -- outbound (15001) ------------------------------------------------------------------
 
-    async def _outbound(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    async def _outbound(self, sock: socket.socket, peer: tuple[str, int], conn: Conn) -> None:
         dst_ip, dst_port = original_destination(sock)
+        conn.original_dst = f"{dst_ip}:{dst_port}"
+        conn.src_identity = str(self.identity)
         index = self.index()
         if not index.state.synced:
             raise ConnectionRefusedError("no xDS state yet: refusing rather than guessing")
-        route = route_outbound(index, dst_ip, dst_port, random.choice, source=self._workload(index))
+        source = self._workload(index)
+        conn.src_workload = source
+        route = route_outbound(index, dst_ip, dst_port, random.choice, source=source)
+        conn.dst_service, conn.dst_workload = route.service, route.destination
         loop = asyncio.get_running_loop()
         if route.kind is Kind.REFUSE:
-            raise ConnectionRefusedError(route.reason)
+            raise NoRoute(route.reason)
+        conn.actual_dst = f"{route.connect_ip}:{route.connect_port}"
         if route.kind is Kind.PASSTHROUGH:
             upstream = await self._dial_socket()
             upstream.setblocking(False)
@@ -402,9 +410,19 @@ class PodProxy:
             _, b = await loop.create_connection(Half, sock=upstream)
             splice(a, b)
             self._passthrough.add(a)
-            b.closed.add_done_callback(lambda _: self._passthrough.discard(a))
+            conn.counters = lambda: (a.received, b.received)
+            self.telemetry.open(conn)
+
+            def passed(_: object) -> None:
+                if a.closed.done() and b.closed.done():
+                    self._passthrough.discard(a)
+                    self.telemetry.close(conn)
+
+            a.closed.add_done_callback(passed)
+            b.closed.add_done_callback(passed)
             return
         assert route.expected_identity is not None
+        conn.protocol, conn.dst_identity = "HBONE", str(route.expected_identity)
         key = PoolKey(
             source=self.identity,
             destination=(route.connect_ip, route.connect_port),
@@ -427,6 +445,12 @@ class PodProxy:
                 )
                 if plain.transport is not None and not plain.transport.is_closing():
                     reset_transport(plain.transport)
+                self.telemetry.refuse(conn, str(error), "upstream")
+            elif channel is not None:
+                stream = channel
+                conn.counters = lambda: (stream.bytes_to_peer, stream.bytes_from_peer)
+                self.telemetry.open(conn)
+                stream.on_close(lambda _: self.telemetry.close(conn))
             if not done.done():
                 done.set_result(None)
 
@@ -435,10 +459,15 @@ class PodProxy:
 
     # -- inbound plaintext (15006) ---------------------------------------------------------
 
-    async def _inbound_plaintext(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    async def _inbound_plaintext(
+        self, sock: socket.socket, peer: tuple[str, int], conn: Conn
+    ) -> None:
         dst_ip, dst_port = original_destination(sock)
+        conn.original_dst = conn.actual_dst = f"{dst_ip}:{dst_port}"
         index = self.index()
         workload = self._workload(index)
+        conn.dst_workload, conn.dst_identity = workload, str(self.identity)
+        conn.src_workload = index.workload_by_ip(peer[0])
         if workload is None:
             raise ConnectionRefusedError("this pod is not in the xDS state yet")
         facts = Connection(
@@ -463,10 +492,13 @@ class PodProxy:
                 b.transport.close()  # ...the app a close
 
         live = Inbound("plaintext", facts, close)
+        conn.counters = lambda: (a.received, b.received)
+        self.telemetry.open(conn)
 
         def ended(_: object) -> None:
             if a.closed.done() and b.closed.done():
                 self.inbound.discard(live)
+                self.telemetry.close(conn)
 
         self.inbound.add(live)
         a.closed.add_done_callback(ended)
@@ -478,6 +510,23 @@ class PodProxy:
     # -- inbound HBONE (15008) -------------------------------------------------------------
 
     async def _inbound_hbone(self, request: ConnectRequest) -> PlainProtocol:
+        conn = Conn(
+            self.key,
+            "inbound",
+            "HBONE",
+            request.peer_address,
+            f"{request.host}:{request.port}",
+            f"{request.host}:{request.port}",
+            src_identity=str(request.peer_identity or ""),
+            dst_identity=str(self.identity),
+        )
+        try:
+            return await self._inbound_hbone_conn(request, conn)
+        except Refused as e:
+            self.telemetry.refuse(conn, str(e), _REFUSED_KIND.get(e.status, "refused"))
+            raise
+
+    async def _inbound_hbone_conn(self, request: ConnectRequest, conn: Conn) -> PlainProtocol:
         index = self.index()
         workload = self._workload(index)
         if workload is None:
@@ -485,6 +534,7 @@ class PodProxy:
         if all(str(a) != request.host for a in workload.addresses):
             raise Refused(400, f"{request.host} is not an address of this pod")
         source = request.peer_address.rsplit(":", 1)[0].strip("[]")
+        conn.dst_workload, conn.src_workload = workload, index.workload_by_ip(source)
         facts = Connection(
             source_identity=request.peer_identity,
             source_ip=ipaddress.ip_address(source),
@@ -499,7 +549,7 @@ class PodProxy:
         except (OSError, TimeoutError) as e:
             raise Refused(503, f"the app at {request.host}:{request.port}: {e}") from e
         _, plain = await asyncio.get_running_loop().create_connection(
-            lambda: _AppSide(self.inbound), sock=upstream
+            lambda: _AppSide(self.inbound, lambda: self.telemetry.close(conn)), sock=upstream
         )
         # A snapshot may have come while the app was being connected: it decides.
         # (No await from here until the server answers 200 and binds the stream.)
@@ -516,7 +566,13 @@ class PodProxy:
             elif plain.transport is not None and not plain.transport.is_closing():
                 reset_transport(plain.transport)
 
+        def counters() -> tuple[int, int]:
+            channel = plain.channel
+            return (channel.bytes_from_peer, channel.bytes_to_peer) if channel else (0, 0)
+
+        conn.counters = counters
         if not plain.lost:
+            self.telemetry.open(conn)
             plain.live = Inbound("HBONE", facts, close)
             self.inbound.add(plain.live)
         return plain
@@ -534,3 +590,26 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+class NoRoute(ConnectionRefusedError):
+    """The snapshot gives the destination no way through (no healthy endpoint, ...)."""
+
+
+Handler = Callable[[socket.socket, tuple[str, int], Conn], Awaitable[None]]
+_REFUSED_KIND = {400: "bad_request", 401: "policy", 503: "upstream"}
+
+
+def _addr(peer: tuple[str, int]) -> str:
+    return f"{peer[0]}:{peer[1]}"
+
+
+def _kind(error: BaseException) -> str:
+    """The ``reason`` label of a refusal."""
+    if isinstance(error, PermissionError):
+        return "policy"
+    if isinstance(error, NoRoute):
+        return "no_route"
+    if isinstance(error, ConnectionRefusedError):
+        return "not_ready"
+    return "upstream"

@@ -30,6 +30,7 @@ from mesh.xds import XdsClient, XdsState
 from ztunnel.dns import TableCache
 from ztunnel.index import StateIndex
 from ztunnel.pod import PodProxy
+from ztunnel.telemetry import Telemetry
 from ztunnel.zds.protocol import Add, Delete, Keep
 from ztunnel.zds.proxy import Event, Snapshot, ZdsProxy
 
@@ -52,6 +53,10 @@ class Ztunnel:
         self.trust_domain = trust_domain
         self.dns_upstreams = tuple(dns_upstreams)
         self.dns_tables = TableCache()  # one names table per snapshot, shared by the pods
+        self.telemetry = Telemetry()
+        self.telemetry.pods.set_function(lambda: len(self.pods))
+        self.telemetry.xds_connected.set_function(lambda: 1 if self.xds.connected else 0)
+        self.snapshot_applied = False  # the node agent's ZDS snapshot has been taken
         self._index = StateIndex.build(XdsState())
         xds.on_update = self._on_state
         self.certificates = CertificateRefresher(
@@ -62,6 +67,14 @@ class Ztunnel:
 
     def index(self) -> StateIndex:
         return self._index
+
+    def ready(self) -> tuple[bool, str]:
+        """Istio's readiness: the feed is synced and the node agent's pods are taken."""
+        if not self._index.state.synced:
+            return False, "waiting for the first xDS state"
+        if not self.snapshot_applied:
+            return False, "waiting for the node agent's pod snapshot (ZDS)"
+        return True, "ready"
 
     def _on_state(self, state: XdsState) -> None:
         previous, self._index = self._index, StateIndex.build(state)
@@ -105,6 +118,7 @@ class Ztunnel:
         elif isinstance(event, Snapshot):
             for uid in set(self.pods) - event.uids:
                 await self._drop(uid)
+            self.snapshot_applied = True
 
     async def _add(self, event: Add) -> None:
         held = self.pods.get(event.uid)
@@ -127,6 +141,7 @@ class Ztunnel:
             certificate=lambda: self.certificates.get(identity),
             dns_upstreams=self.dns_upstreams,
             dns_tables=self.dns_tables,
+            telemetry=self.telemetry,
         )
         try:
             await pod.start()

@@ -25,6 +25,7 @@ class Half(asyncio.Protocol):
         self._wrote_eof = False  # we have finished sending to it
         self._lost = False
         self._reset = False
+        self.received = 0  # bytes read from this socket
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -44,6 +45,7 @@ class Half(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         if self.peer is None or self.peer.transport is None:
             self._early.append(data)
             assert self.transport is not None
