@@ -277,6 +277,22 @@ def _runtime(state: Cluster, node: Node, cni_path: str) -> cni.CniRuntime:
     )
 
 
+def write_resolv_conf(state: Cluster, pod: Pod) -> Path:
+    """The pod's /etc/resolv.conf, as kubelet writes it (ClusterFirst): the cluster DNS
+    address, the namespace's search domains, ndots 5. ``ip netns exec`` mounts
+    /etc/netns/<netns>/resolv.conf over /etc/resolv.conf for the pod's processes."""
+    assert pod.netns
+    directory = ETC_NETNS / pod.netns
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "resolv.conf"
+    path.write_text(
+        f"search {pod.namespace}.svc.cluster.local svc.cluster.local cluster.local\n"
+        f"nameserver {state.network.dns_ip}\n"
+        "options ndots:5\n"
+    )
+    return path
+
+
 def _build_pods(state: Cluster, cni_path: str, log: Log) -> Cluster:
     name = state.name
     assert name
@@ -296,6 +312,7 @@ def _build_pods(state: Cluster, cni_path: str, log: Log) -> Cluster:
         conflist = cni.load_conflist(node_dir(name, node.name) / "cni" / "net.d")
         result = runtime.add(conflist, _sandbox(pod))
         pod = replace(pod, ip=cni.pod_address(result))
+        write_resolv_conf(state, pod)
         if pod.command:
             pod = replace(
                 pod,

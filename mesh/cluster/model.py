@@ -50,6 +50,12 @@ class Network:
     bridge: str | None = None
     gateway: IPv4Address | None = None
 
+    @property
+    def dns_ip(self) -> IPv4Address:
+        """The cluster DNS address pods are told to use (kube-dns's: the 10th of the
+        service CIDR). Queries to it from mesh pods are answered by ztunnel."""
+        return self.service_cidr.network_address + 10
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Node:

@@ -328,6 +328,13 @@ def test_a_mesh_pod_resolves_service_names_through_its_ztunnel(cluster: str) -> 
             "exec", "--name", cluster, "client/sleep", "--", "python3", "-c", script, name
         )
         assert done.stdout.split() == [VIP], (name, done.stdout, done.stderr)
+    # The pod's resolv.conf is kubelet's (cluster DNS, search domains, ndots 5), so
+    # the short names an app uses work: the libc resolver and curl, through the mesh.
+    hosts = meshlab(
+        "exec", "--name", cluster, "client/sleep", "--", "getent", "hosts", "echo.server"
+    )
+    assert hosts.stdout.split()[0] == VIP
+    assert http_get(cluster, "client/sleep", "http://echo.server/")["namespace"] == "server"
     # A pod outside the mesh is not captured: nobody answers it at that address.
     outside = meshlab(
         "exec",
