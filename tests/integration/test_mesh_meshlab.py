@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from scapy.sendrecv import AsyncSniffer
 from mesh.cluster.statefile import read_state
 from meshlab import mesh, names
 from tests.integration.conftest import assert_nothing_left, http_get, meshlab, unique_name
+from ztunnel.capture import inpod
 
 VIP = "10.96.0.20"
 LOCAL_VIP = "10.96.0.21"  # the same pods, internalTrafficPolicy: Local
@@ -349,3 +351,94 @@ def test_a_mesh_pod_resolves_service_names_through_its_ztunnel(cluster: str) -> 
         check=False,
     )
     assert outside.returncode != 0 and "Timeout" in outside.stderr
+
+
+CTL = str(Path(sys.executable).parent / "ztunnel-ctl")
+
+
+def ctl(cluster: str, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CTL, "--cluster", cluster, "--node", node, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_ztunnel_ctl_reads_a_live_node_and_verify_finds_drift(cluster: str) -> None:
+    workloads = ctl(cluster, "node1", "workloads")
+    assert workloads.returncode == 0, workloads.stderr
+    header = workloads.stdout.splitlines()[0].split()
+    assert header[:4] == ["NAMESPACE", "POD", "NAME", "ADDRESS"]
+    assert "sleep" in workloads.stdout and "HBONE" in workloads.stdout
+    certs = ctl(cluster, "node1", "certificates", "-o", "json")
+    identities = {c["identity"]: c["state"] for c in json.loads(certs.stdout)}
+    assert identities["spiffe://cluster.local/ns/client/sa/sleep"] == "Available"
+    trace = ctl(cluster, "node1", "trace", "--from", "client/sleep", "--to", f"{VIP}:80")
+    assert trace.returncode == 0, trace.stdout + trace.stderr
+    assert "HBONE" in trace.stdout
+    # Everything in place: verify is quiet and says so in its exit code.
+    ok = ctl(cluster, "node1", "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # Capture lost in one pod (someone flushed its nat table): verify names it and the fix.
+    netns = f"/run/netns/{names.pod_netns(cluster, 'client', 'sleep')}"
+    subprocess.run(["nsenter", f"--net={netns}", "iptables", "-t", "nat", "-F"], check=True)
+    try:
+        drift = ctl(cluster, "node1", "verify")
+        assert drift.returncode == 1
+        assert "client/sleep" in drift.stdout and "node agent" in drift.stdout
+    finally:
+        inpod.install(Path(netns))
+    assert ctl(cluster, "node1", "verify").returncode == 0
+
+
+def test_authz_check_agrees_with_what_the_data_path_does(cluster: str, tmp_path: Path) -> None:
+    echo2 = pod_ip(cluster, "server/echo-2")
+    policy = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "sleep-on-8080", "namespace": "server"},
+        "spec": {
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "from": [{"source": {"principals": ["cluster.local/ns/client/sa/sleep"]}}],
+                    "to": [{"operation": {"ports": ["8080"]}}],
+                }
+            ],
+        },
+    }
+    path = tmp_path / "allow.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    meshlab("apply", "--name", cluster, "-f", str(path))
+    sleep_id = "spiffe://cluster.local/ns/client/sa/sleep"
+    web = pod_ip(cluster, "outside/web")
+    try:
+        wait_for(
+            "the ALLOW to apply",
+            lambda: curl(cluster, "outside/web", f"http://{echo2}:8080/")[0] != 0,
+        )
+        flows = [
+            (sleep_id, "client/sleep", f"{echo2}:8080"),
+            (web, "outside/web", f"{echo2}:8080"),
+        ]
+        for source, pod, to in flows:
+            check = ctl(cluster, "node2", "authz-check", "--from", source, "--to", to)
+            assert check.returncode in (0, 1), check.stderr
+            said_allow = check.returncode == 0
+            did_allow = curl(cluster, pod, f"http://{to}/")[0] == 0
+            assert said_allow == did_allow, (source, to, check.stdout)
+            if not said_allow:
+                assert "sleep-on-8080" in check.stdout or "no ALLOW" in check.stdout
+        assert (
+            ctl(
+                cluster, "node2", "authz-check", "--from", sleep_id, "--to", f"{echo2}:8080"
+            ).returncode
+            == 0
+        )
+    finally:
+        meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "sleep-on-8080")
+    wait_for(
+        "the ALLOW to go", lambda: curl(cluster, "outside/web", f"http://{echo2}:8080/")[0] == 0
+    )

@@ -18,6 +18,7 @@ what installation added.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 from pathlib import Path
@@ -86,18 +87,68 @@ def iptables_rules(*, dns: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _removal(tables: list[str]) -> str:
+_JUMPS = ("-A PREROUTING -j ISTIO_PRERT", "-A OUTPUT -j ISTIO_OUTPUT")
+
+
+def _removal(dumps: dict[str, str]) -> str:
+    """What takes our chains out of each table, given its ``iptables-save`` dump:
+    only the jumps that are there (someone may have flushed them)."""
     lines = []
-    for table in tables:
+    for table, dump in dumps.items():
+        present = set(dump.splitlines())
         lines += [
             f"*{table}",
-            "-D PREROUTING -j ISTIO_PRERT",
-            "-D OUTPUT -j ISTIO_OUTPUT",
+            *("-D" + jump[2:] for jump in _JUMPS if jump in present),
             *(f"-F {c}" for c in CHAINS),
             *(f"-X {c}" for c in CHAINS),
             "COMMIT",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _expected(dns: bool) -> dict[str, list[list[str]]]:
+    """The rules of :func:`iptables_rules`, per table, as ``iptables -C`` arguments."""
+    table = ""
+    rules: dict[str, list[list[str]]] = {}
+    for line in iptables_rules(dns=dns).splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            rules.setdefault(table, []).append(shlex.split(line[3:]))
+    return rules
+
+
+def missing(netns: Path, *, dns: bool = False) -> list[str]:
+    """What of the capture is not in place in ``netns``: each absent rule (checked
+    with ``iptables -C``, so formatting does not matter), the reply routing rule and
+    route. Empty when all is there. DNS rules are checked only with ``dns``."""
+    absent = []
+    for table, rules in _expected(dns).items():
+        for rule in rules:
+            check = ["nsenter", f"--net={netns}", "iptables", "-w", "-t", table, "-C", *rule]
+            try:
+                done = subprocess.run(check, capture_output=True, timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise CaptureError(f"iptables in {netns}: {e}") from e
+            if done.returncode != 0:
+                absent.append(f"{table}: -A {shlex.join(rule)}")
+    try:
+        with _netns(netns) as ns:
+            rules = [
+                r
+                for r in ns.get_rules(family=socket.AF_INET, priority=RULE_PRIORITY)
+                if r.get_attr("FRA_TABLE") == ROUTE_TABLE
+            ]
+            routes = ns.get_routes(family=socket.AF_INET, table=ROUTE_TABLE)
+    except (NetlinkError, OSError) as e:
+        raise CaptureError(f"reading the routing of {netns}: {e}") from e
+    if not rules:
+        absent.append(
+            f"ip rule fwmark 0x{INPOD_TPROXY_MARK:x}/0x{MARK_MASK:x} lookup {ROUTE_TABLE}"
+        )
+    if not any(r.get_attr("RTA_TABLE") == ROUTE_TABLE for r in routes):
+        absent.append(f"ip route local default dev lo table {ROUTE_TABLE}")
+    return absent
 
 
 def _run(netns: Path, argv: list[str], stdin: str = "") -> str:
@@ -154,7 +205,8 @@ def uninstall(netns: Path) -> None:
     """Remove exactly what :func:`install` added (whatever part of it is there)."""
     tables = installed_tables(netns)
     if tables:
-        _run(netns, ["iptables-restore", "--noflush"], _removal(tables))
+        dumps = {t: _run(netns, ["iptables-save", "-t", t]) for t in tables}
+        _run(netns, ["iptables-restore", "--noflush"], _removal(dumps))
     try:
         with _netns(netns) as ns:
             for rule in ns.get_rules(family=socket.AF_INET, priority=RULE_PRIORITY):

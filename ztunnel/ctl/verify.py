@@ -4,8 +4,9 @@ For every pod in the dump's ``workloadState`` (the pods ztunnel holds), in
 the pod's network namespace (the ``netns`` path the admin server gives,
 ``/proc/<ztunnel pid>/fd/<n>``, openable by root on the node):
 
-* the capture chains exist in both tables (:func:`installed_tables` is
-  ``["mangle", "nat"]``), else the node agent must reinstall them;
+* every capture rule is in place (each checked with ``iptables -C``) and
+  the reply routing too (:func:`ztunnel.capture.inpod.missing`), else the
+  node agent must reinstall them;
 * ztunnel listens on 15001, 15006 and 15008 (TCP), and 15053 (DNS; a
   warning only, as DNS capture may be off), read from the namespace's
   ``/proc/thread-self/net/{tcp,udp}`` (connecting would be a connection);
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ztunnel.capture.inpod import CaptureError, installed_tables
+from ztunnel.capture.inpod import CaptureError, missing
 from ztunnel.ctl.document import Dump, Entry
 from ztunnel.ctl.tables import cert_valid
 from ztunnel.netns import in_netns
@@ -32,7 +33,6 @@ from ztunnel.netns import in_netns
 Doc = dict[str, Any]
 LISTENERS = {15001: "outbound", 15006: "inbound plaintext", 15008: "HBONE"}
 DNS_PORT = 15053
-TABLES = ["mangle", "nat"]
 TCP_LISTEN = "0A"
 
 
@@ -69,7 +69,7 @@ def _now() -> datetime.datetime:
 class Probes:
     """How the node is inspected; tests pass fakes."""
 
-    capture: Callable[[Path], list[str]] = installed_tables
+    capture: Callable[[Path], list[str]] = missing  # what of the capture is absent
     sockets: Callable[[Path], set[tuple[str, int]]] = listening
     now: Callable[[], datetime.datetime] = _now
     exists: Callable[[Path], bool] = Path.exists
@@ -161,20 +161,20 @@ def _info(state: Entry) -> Entry:
 def _netns_checks(netns: Path, probes: Probes) -> list[Doc]:
     checks = []
     try:
-        tables = sorted(probes.capture(netns))
+        gone = probes.capture(netns)
     except (CaptureError, OSError) as e:
         checks.append(
             _check("capture", False, f"cannot read iptables in {netns}: {e}", "run as root")
         )
     else:
-        missing = [t for t in TABLES if t not in tables]
+        shown = "; ".join(gone[:3]) + (f"; and {len(gone) - 3} more" if len(gone) > 3 else "")
         checks.append(
             _check(
                 "capture",
-                not missing,
-                "ISTIO_PRERT/ISTIO_OUTPUT in "
-                + (", ".join(tables) or "no table")
-                + (f"; missing from {', '.join(missing)}" if missing else ""),
+                not gone,
+                "every capture rule and the reply routing in place"
+                if not gone
+                else f"missing: {shown}",
                 "restart the node agent to reinstall capture",
             )
         )

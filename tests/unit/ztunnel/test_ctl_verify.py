@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.unit.ztunnel.test_ctl_fixture import SLEEP_ID, dump_copy
-from ztunnel.capture.inpod import CaptureError, install, installed_tables
+from ztunnel.capture.inpod import CaptureError, install, installed_tables, missing
 from ztunnel.ctl import cli
 from ztunnel.ctl.document import Dump
 from ztunnel.ctl.verify import Probes, listening, render, verify
@@ -34,13 +34,14 @@ ALL_LISTENERS = {("tcp", 15001), ("tcp", 15006), ("tcp", 15008), ("udp", 15053)}
 
 
 def probes(
-    tables: dict[str, list[str]] | None = None,
+    absent: dict[str, list[str]] | None = None,
     sockets: dict[str, set[tuple[str, int]]] | None = None,
     missing: tuple[str, ...] = (),
 ) -> Probes:
-    """Every netns healthy, unless ``tables``/``sockets`` say otherwise (by netns path)."""
+    """Every netns healthy, unless ``absent`` (capture rules missing) or ``sockets``
+    say otherwise (by netns path)."""
     return Probes(
-        capture=lambda p: (tables or {}).get(str(p), ["mangle", "nat"]),
+        capture=lambda p: (absent or {}).get(str(p), []),
         sockets=lambda p: (sockets or {}).get(str(p), ALL_LISTENERS),
         now=lambda: NOW,
         exists=lambda p: str(p) not in missing,
@@ -83,12 +84,12 @@ def test_no_drift_when_every_pod_has_its_capture_listeners_and_certificate() -> 
         "node node1: 2 enrolled pod(s)\n"
         "  ok    xds          synced with meshd\n"
         "  client/sleep (netns /proc/1234/fd/7)\n"
-        "    ok    capture      ISTIO_PRERT/ISTIO_OUTPUT in mangle, nat\n"
+        "    ok    capture      every capture rule and the reply routing in place\n"
         "    ok    listeners    listening on 15001, 15006, 15008\n"
         "    ok    dns          DNS proxy on 15053\n"
         f"    ok    certificate  {SLEEP_ID}, valid until 2099-01-02T00:00:00Z\n"
         "  server/echo-1 (netns /proc/1234/fd/8)\n"
-        "    ok    capture      ISTIO_PRERT/ISTIO_OUTPUT in mangle, nat\n"
+        "    ok    capture      every capture rule and the reply routing in place\n"
         "    ok    listeners    listening on 15001, 15006, 15008\n"
         "    ok    dns          DNS proxy on 15053\n"
         "    ok    certificate  spiffe://cluster.local/ns/server/sa/echo, "
@@ -101,7 +102,7 @@ def test_drift_is_reported_with_the_fix() -> None:
     result = verify(
         Dump(dump_copy(), "dump"),  # echo's certificate is Unavailable
         probes(
-            tables={"/proc/1234/fd/7": ["nat"]},
+            absent={"/proc/1234/fd/7": ["nat: -A OUTPUT -j ISTIO_OUTPUT"]},
             sockets={"/proc/1234/fd/8": {("udp", 15053)}},
         ),
     )
@@ -110,7 +111,7 @@ def test_drift_is_reported_with_the_fix() -> None:
         "client/sleep": [
             (
                 "capture",
-                "ISTIO_PRERT/ISTIO_OUTPUT in nat; missing from mangle",
+                "missing: nat: -A OUTPUT -j ISTIO_OUTPUT",
                 "restart the node agent to reinstall capture",
             )
         ],
@@ -219,12 +220,25 @@ def test_listening_reads_the_sockets_of_that_namespace_only(scratch_netns: Path)
         assert listening(scratch_netns) == {("tcp", 15008), ("udp", 15053)}
 
 
-def test_installed_tables_sees_the_capture_the_node_agent_installs(scratch_netns: Path) -> None:
+def test_missing_sees_the_capture_the_node_agent_installs_and_what_is_lost(
+    scratch_netns: Path,
+) -> None:
     if shutil.which("iptables-save") is None or shutil.which("nsenter") is None:
         pytest.skip("needs iptables and nsenter")
     assert installed_tables(scratch_netns) == []
+    assert len(missing(scratch_netns)) > 10  # nothing there
     install(scratch_netns)
     assert installed_tables(scratch_netns) == ["mangle", "nat"]
+    assert missing(scratch_netns) == [] and missing(scratch_netns, dns=True) == []
+    # Someone flushes the nat table: the chains are still there, the rules are not.
+    run = ["nsenter", f"--net={scratch_netns}", "iptables", "-t", "nat", "-F"]
+    subprocess.run(run, check=True)
+    assert installed_tables(scratch_netns) == ["mangle", "nat"]
+    lost = missing(scratch_netns)
+    assert "nat: -A PREROUTING -j ISTIO_PRERT" in lost
+    assert all(line.startswith("nat: ") for line in lost)
+    install(scratch_netns)  # reinstalling over the damage works, and is whole again
+    assert missing(scratch_netns) == []
     result = verify(
         Dump(healthy_dump() | {"workloadState": {"u": _enrolled(scratch_netns)}}, "dump"),
         Probes(now=lambda: NOW),
