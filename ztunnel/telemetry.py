@@ -26,11 +26,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from mesh.model import Service, Workload
 
 access_log = logging.getLogger("ztunnel.access")
+# Istio exports no *_created series beside its counters.
+disable_created_metrics()
 
 UNKNOWN = "unknown"
 LABELS = (
