@@ -63,11 +63,14 @@ $(ENVOY_STAMP): | venv
 demo: deps
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
 
-# Benchmarks: HBONE beside a real Envoy, then meshd at scale; each appends a table
-# to bench/RESULTS.md.
+# Benchmarks: HBONE beside a real Envoy, the mesh pod to pod across two meshlab
+# nodes beside an Envoy pair (root), then meshd at scale; each appends a table to
+# bench/RESULTS.md.
 bench: deps envoy
 	@scripts/host-deps.sh bench
 	$(VPY) -m bench.hbone_bench --json bench/results/hbone.json --record bench/RESULTS.md
+	$(VPY) -m bench.mesh_bench --json bench/results/mesh.json --record bench/RESULTS.md \
+		--logs bench/results/mesh-logs
 	$(VPY) -m bench.meshd_bench --json bench/results/meshd.json --record bench/RESULTS.md
 
 lint: venv protos

@@ -1,0 +1,149 @@
+"""The targets, the mesh's logs scanned, verdicts, the table, the description, the record."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from bench.mesh.topology import PLACEMENTS
+
+# Targets of the issue, as ratios ours/envoy: (direction, bound).
+TARGETS: dict[str, tuple[str, float]] = {
+    "iperf_gbps": (">=", 0.5),
+    "keepalive_rps": (">=", 0.5),
+    "keepalive_p50_ms": ("<=", 2.0),
+    "keepalive_p99_ms": ("<=", 2.0),
+    "newconn_rps": (">=", 0.5),
+    "added_p99_ms": ("<=", 2.0),
+}
+LABELS = {
+    "iperf_gbps": "iperf3 1 stream (Gbit/s)",
+    "keepalive_rps": "wrk keep-alive (req/s)",
+    "keepalive_p50_ms": "wrk keep-alive p50 (ms)",
+    "keepalive_p99_ms": "wrk keep-alive p99 (ms)",
+    "newconn_rps": "new connections (conn/s)",
+    "added_p99_ms": "added p99 over the floor (ms)",
+}
+# Shown beside the targets, to read them by (the machine is shared: CPU per unit of
+# work moves less with the load of other processes than rates do).
+INFORMATIONAL = {
+    "cpu_s_per_gb": "proxies' CPU-seconds per GB (both ends)",
+    "cpu_us_per_conn": "proxies' CPU per new connection (us, both ends)",
+}
+
+
+_NOISE = re.compile(r"^\S+ \S+ ")  # the timestamp
+
+
+_GRPC_CORE = re.compile(r"^[EW]\d{4} ")  # gRPC core's own (glog) errors and warnings
+
+
+def scan_logs(directory: Path) -> dict[str, Any]:
+    """Warnings, errors and tracebacks in the mesh's kept logs, counted by message."""
+    found: dict[str, Any] = {}
+    paths = [
+        *sorted(directory.glob("ztunnel.*.log")),
+        *sorted(directory.glob("node-agent.*.log")),
+        *sorted(directory.glob("meshd.log")),
+    ]
+    for path in paths:
+        counts: dict[str, int] = {}
+        tracebacks = 0
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("Traceback"):
+                tracebacks += 1
+            if _GRPC_CORE.match(line):
+                message = re.sub(r"^\S+ \S+ +\d+ ", "grpc ", line)
+                counts[message] = counts.get(message, 0) + 1
+            elif " WARNING " in line or " ERROR " in line or " CRITICAL " in line:
+                message = _NOISE.sub("", line)
+                # Addresses and ports vary: count the kind of message.
+                message = re.sub(r"\d+\.\d+\.\d+\.\d+(:\d+)?", "ADDR", message)
+                counts[message] = counts.get(message, 0) + 1
+        found[path.name] = {"tracebacks": tracebacks, "messages": counts}
+    return found
+
+
+def verdict(figure: str, ratio: float) -> str:
+    op, bound = TARGETS[figure]
+    ok = ratio >= bound if op == ">=" else ratio <= bound
+    return f"{'pass' if ok else 'MISS'} ({op} {bound:g})"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    figures, ratios = result["figures"], result["ratios"]
+    rows = [
+        "| figure | floor (no mesh) | ours | envoy | ours/envoy | target |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for figure in TARGETS:
+        floor = figures["floor"].get(figure) if figure != "added_p99_ms" else None
+        ratio = ratios.get(figure)
+        rows.append(
+            f"| {LABELS[figure]} | {_fmt(floor)} | {_fmt(figures['ours'].get(figure))} | "
+            f"{_fmt(figures['envoy'].get(figure))} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} | "
+            f"{'n/a' if ratio is None else verdict(figure, ratio)} |"
+        )
+    for figure, label in INFORMATIONAL.items():
+        ratio = ratios.get(figure)
+        rows.append(
+            f"| {label} | - | {_fmt(figures['ours'].get(figure))} | "
+            f"{_fmt(figures['envoy'].get(figure))} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} | (no target) |"
+        )
+    return "\n".join(rows)
+
+
+def describe(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    ciphers = result["ciphers"]
+    pinned = (
+        "ztunnel pinned to it with an OpenSSL config"
+        if result["pinned_cipher"]
+        else "ztunnel as meshlab starts it"
+    )
+    errors = result["errors"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; Python {m['python']}, "
+        f"{m['openssl']}, uvloop {m['uvloop']}; Envoy {m['envoy']} (`--concurrency 1`, "
+        "one per pod).",
+        f"TLS: ours {ciphers['ours']} ({pinned}), Envoy {ciphers['envoy']}.",
+        f"Each figure: median of {result['rounds']} interleaved rounds (floor, ours, envoy) of "
+        f"{result['seconds']:g} s; client pod on node1, server pod on node2 of a meshlab "
+        "cluster (veth pairs and a bridge underlay); `make bench` (`python -m bench.mesh_bench`).",
+    ]
+    if result["failures"]:
+        lines.append(
+            f"{len(result['failures'])} load(s) failed and are left out: "
+            + "; ".join(result["failures"])
+        )
+    if any(errors.values()):
+        lines.append(
+            "Failed requests (non-2xx + socket errors, all rounds): "
+            + ", ".join(f"{p} {errors[p]:.0f}" for p in PLACEMENTS)
+            + "."
+        )
+    return lines
+
+
+def record(path: Path, result: dict[str, Any]) -> None:
+    section = [
+        f"## Mesh, pod to pod across nodes, {result['date']}",
+        "",
+        *describe(result),
+        "",
+        table(result),
+        "",
+    ]
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    path.write_text(text.rstrip() + "\n\n" + "\n".join(section))
