@@ -37,8 +37,10 @@ from prometheus_client import (
 from mesh.model import Service, Workload
 
 access_log = logging.getLogger("ztunnel.access")
-# Istio exports no *_created series beside its counters.
-disable_created_metrics()
+# Istio exports no *_created series beside its counters. (Some prometheus-client
+# releases leave this function unannotated: called through a typed name.)
+_disable_created: Callable[[], None] = disable_created_metrics
+_disable_created()
 
 UNKNOWN = "unknown"
 LABELS = (
