@@ -56,6 +56,7 @@ class Ztunnel:
         self.telemetry = Telemetry()
         self.telemetry.pods.set_function(lambda: len(self.pods))
         self.telemetry.xds_connected.set_function(lambda: 1 if self.xds.connected else 0)
+        self.telemetry.xds_connects = lambda: self.xds.connects
         self.snapshot_applied = False  # the node agent's ZDS snapshot has been taken
         self._index = StateIndex.build(XdsState())
         xds.on_update = self._on_state
@@ -132,6 +133,9 @@ class Ztunnel:
             service_account=event.pod.service_account,
         )
         await self.certificates.certificate(identity)  # none: the add is refused
+        self.telemetry.certificate_expiry.labels(identity=str(identity)).set_function(
+            lambda: _expiry(self.certificates.get(identity))
+        )
         pod = PodProxy(
             event.uid,
             event.pod,
@@ -171,3 +175,8 @@ def _same_netns(a: int, b: int) -> bool:
     except OSError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _expiry(cert: WorkloadCertificate | None) -> float:
+    """When the served certificate expires (Unix time); 0 when none is served."""
+    return cert.not_after.timestamp() if cert is not None else 0.0

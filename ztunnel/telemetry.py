@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,8 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mesh.model import Service, Workload
 
@@ -75,6 +77,21 @@ Counters = Callable[[], tuple[int, int]]
 
 def _no_bytes() -> tuple[int, int]:
     return 0, 0
+
+
+class _XdsConnects(Collector):
+    """``ztunnel_xds_connections_total``: streams opened to the control plane, read
+    from the xDS client when scraped."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "ztunnel_xds_connections",
+            "xDS streams opened to the control plane",
+            value=self.telemetry.xds_connects(),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +227,8 @@ class Telemetry:
         self.xds_connected = Gauge(
             "ztunnel_xds_connected", "1 while the xDS stream to the control plane is up", registry=r
         )
-        self.xds_connections = Counter(
-            "ztunnel_xds_connections", "xDS streams opened to the control plane", registry=r
-        )
+        self.xds_connects: Callable[[], int] = lambda: 0
+        r.register(_XdsConnects(self))
         self.pods = Gauge("ztunnel_enrolled_pods", "Pods this ztunnel serves", registry=r)
         self.certificate_expiry = Gauge(
             "ztunnel_certificate_expiration_timestamp_seconds",

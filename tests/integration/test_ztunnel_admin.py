@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,22 @@ def test_admin_metrics_and_readiness_tell_what_the_traffic_did(tmp_path: Path) -
                     assert got == {"source": 10.0, "destination": 10.0}  # 2 x "hello"
                     assert sent == {"source": 2.0 * reply, "destination": 2.0 * reply}
 
+                    # Health beside the traffic: the feed, the pods, each certificate.
+                    assert samples(text, "ztunnel_xds_connected") == [({}, 1.0)]
+                    assert samples(text, "ztunnel_xds_connections_total") == [({}, 1.0)]
+                    assert samples(text, "ztunnel_enrolled_pods") == [({}, 2.0)]  # not "outside"
+                    expiry = dict(
+                        (lab["identity"], v)
+                        for lab, v in samples(
+                            text, "ztunnel_certificate_expiration_timestamp_seconds"
+                        )
+                    )
+                    client_leaf = client_cert["certChain"][0]["expirationTime"]
+                    assert expiry["spiffe://cluster.local/ns/shop/sa/client"] == (
+                        datetime.fromisoformat(client_leaf.replace("Z", "+00:00")).timestamp()
+                    )
+                    assert samples(text, "process_resident_memory_bytes")
+
                     # Logging: read, changed, refused when unknown.
                     _, text = await get(s, url["admin"] + "/logging")
                     assert text.startswith("current log level is")
@@ -161,6 +178,9 @@ def test_admin_metrics_and_readiness_tell_what_the_traffic_did(tmp_path: Path) -
                         assert "debug" in await answer.text()
                     async with s.post(url["admin"] + "/logging?level=loud") as answer:
                         assert answer.status == 400
+                    _, text = await get(s, url["admin"] + "/logging?level=info")
+                    assert text == "current log level is info\n"
+                    assert logging.getLogger().level == logging.INFO
                     async with s.post(url["admin"] + "/quitquitquit") as answer:
                         assert answer.status == 200
                     assert quits == [True]

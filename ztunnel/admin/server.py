@@ -1,7 +1,8 @@
 """ztunnel's three HTTP servers, as Istio's ztunnel has them.
 
 * admin, ``127.0.0.1:15000`` (the node's loopback only): ``GET /config_dump``,
-  ``GET /connections``, ``GET /logging`` and ``POST /logging?level=LEVEL``,
+  ``GET /connections``, ``GET /logging`` (the level) and ``/logging?level=LEVEL``
+  (GET or POST: sets it),
   ``POST /quitquitquit`` (a graceful stop);
 * metrics, ``:15020``: ``/metrics`` and ``/stats/prometheus``, Prometheus text;
 * readiness, ``:15021``: ``/healthz/ready``, 200 once the xDS feed is synced
@@ -64,7 +65,9 @@ class AdminServers:
         live = sorted(self.ztunnel.telemetry.live, key=lambda c: c.started)
         return web.json_response({"connections": [c.as_dict() for c in live]})
 
-    async def _get_logging(self, _: web.Request) -> web.Response:
+    async def _get_logging(self, request: web.Request) -> web.Response:
+        if "level" in request.query:  # GET /logging?level=debug sets it too, as Envoy's
+            return await self._set_logging(request)
         level = _level_name(logging.getLogger().getEffectiveLevel())
         return web.Response(text=f"current log level is {level}\n")
 
