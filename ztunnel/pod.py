@@ -59,6 +59,7 @@ T = TypeVar("T")
 
 OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT = 15001, 15006, 15008
 SO_ORIGINAL_DST = 80
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -293,6 +294,11 @@ class PodProxy:
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netns.INPOD_MARK)
                 s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+                # The port is picked at connect, by the whole 4-tuple: a bind to
+                # (ip, 0) would search for a port free for every destination, which
+                # gets slow once thousands of connections sit in TIME_WAIT (Envoy
+                # sets this for its source-address binds too).
+                s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 s.bind((source_ip, 0))
                 s.setblocking(False)
             except BaseException:

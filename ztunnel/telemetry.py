@@ -94,6 +94,11 @@ class _XdsConnects(Collector):
         )
 
 
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """The same objects, one by one (an ``id()`` reused by a new object is not)."""
+    return all(x is y for x, y in zip(a, b, strict=True))
+
+
 @dataclass(frozen=True, slots=True)
 class _Series:
     """One label set's counters."""
@@ -254,10 +259,8 @@ class Telemetry:
             id(conn.dst_service),
         )
         found = self._children.get(key)
-        if found is None or found[0] is not (
-            conn.src_workload,
-            conn.dst_workload,
-            conn.dst_service,
+        if found is None or not _same(
+            found[0], (conn.src_workload, conn.dst_workload, conn.dst_service)
         ):
             labels = traffic_labels(conn)
             series = _Series(

@@ -102,3 +102,22 @@ def _value(text: str, name: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
     )
+
+
+def test_labels_are_built_once_per_kind_of_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ztunnel.telemetry as telemetry
+
+    built: list[Conn] = []
+    real = telemetry.traffic_labels
+
+    def counting(c: Conn) -> dict[str, str]:
+        built.append(c)
+        return real(c)
+
+    monkeypatch.setattr(telemetry, "traffic_labels", counting)
+    t = Telemetry()
+    for _ in range(50):
+        t.close(t.open(conn()))
+    assert len(built) == 1
+    t.close(t.open(conn("inbound")))
+    assert len(built) == 2
