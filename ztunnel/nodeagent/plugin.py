@@ -16,7 +16,8 @@ previous plugin's result on stdin). It never changes the pod's network:
 When the agent cannot be reached, a pod of a namespace the agent last saw
 as ambient fails ADD with an error the runtime retries (it must not start
 uncaptured); any other pod starts normally, so the mesh being down never
-breaks pods outside it.
+breaks pods outside it. Before the agent has ever written its list of
+ambient namespaces, every pod fails ADD: which are the mesh's is unknown.
 
 Config: ``{"type": "ztunnel-cni", "runDir": "/var/run/ztunnel"}`` (socket
 ``plugin.sock``, records in ``pods/``, the ambient namespaces hint in
