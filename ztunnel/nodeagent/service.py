@@ -72,6 +72,7 @@ class NodeAgent:
         self.zds = ZdsAgent(run_dir / ZDS_SOCKET)
         self.enrolled: dict[str, PodInfo] = {}
         self.failed: dict[str, tuple[float, str]] = {}  # uid -> (retry after, reason)
+        self._capture_retry: dict[str, float] = {}  # uid -> when to try capturing again
         self._lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._hint: list[str] | None = None
@@ -128,13 +129,21 @@ class NodeAgent:
             for uid in step.unenroll:
                 await self._unenroll(uid, records.get(uid))
             for uid in step.forget:
+                self._capture_retry.pop(uid, None)
                 with contextlib.suppress(RecordError, OSError):
                     self.records.remove(uid)
+            for uid in set(self._capture_retry) - set(records):
+                del self._capture_retry[uid]  # the pod went (CNI DEL) before it was captured
             for record, info in step.enroll:
+                if self._capture_retry.get(record.uid, 0.0) > now:
+                    continue  # its capture failed a moment ago: not every poll
                 try:
                     await self._enroll(record, info, wait_for_proxy=False)
                 except EnrollError as e:
+                    self._capture_retry[record.uid] = now + RETRY_S
                     log.warning("node agent: %s/%s: %s", record.namespace, record.name, e)
+                else:
+                    self._capture_retry.pop(record.uid, None)
             for uid, why in self.zds.refused.items():
                 if uid in self.enrolled and uid not in self.failed:
                     self.failed[uid] = (now + RETRY_S, why)  # refused in a snapshot
@@ -193,6 +202,7 @@ class NodeAgent:
     async def _unenroll(self, uid: str, record: PodRecord | None) -> None:
         info = self.enrolled.pop(uid, None)
         self.failed.pop(uid, None)
+        self._capture_retry.pop(uid, None)
         if record is not None and self.netns_exists(record.netns):
             try:
                 await asyncio.to_thread(inpod.uninstall, Path(record.netns))
