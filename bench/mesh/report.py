@@ -118,9 +118,10 @@ def describe(result: dict[str, Any]) -> list[str]:
         f"{m['openssl']}, uvloop {m['uvloop']}; Envoy {m['envoy']} (`--concurrency 1`, "
         "one per pod).",
         f"TLS: ours {ciphers['ours']} ({pinned}), Envoy {ciphers['envoy']}.",
-        f"Each figure: median of {result['rounds']} interleaved rounds (floor, ours, envoy) of "
-        f"{result['seconds']:g} s; client pod on node1, server pod on node2 of a meshlab "
-        "cluster (veth pairs and a bridge underlay); `make bench` (`python -m bench.mesh_bench`).",
+        f"Each figure: median of {result['rounds']} interleaved rounds (floor, ours, envoy, "
+        f"the order turning each round) of {result['seconds']:g} s; client pod on node1, "
+        "server pod on node2 of a meshlab cluster (veth pairs and a bridge underlay); "
+        "`make bench` (`python -m bench.mesh_bench`).",
     ]
     if result["failures"]:
         lines.append(
