@@ -306,13 +306,7 @@ class Envoy:
 
     def stats(self) -> dict[str, int]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats", timeout=2) as r:
-            lines = r.read().decode().splitlines()
-        result: dict[str, int] = {}
-        for line in lines:
-            name, _, value = line.partition(": ")
-            if value.isdigit():
-                result[name] = int(value)
-        return result
+            return parse_stats(r.read().decode())
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -322,3 +316,20 @@ class Envoy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """Envoy's ``/stats`` text: the counters and gauges with integer values."""
+    result: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.isdigit():
+            result[name] = int(value)
+    return result
+
+
+def negotiated_cipher(stats: dict[str, int]) -> str:
+    """The TLS ciphers and curves Envoy's stats show in use, as ``CIPHER / CURVE``."""
+    names = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.ciphers." in k and v]
+    curves = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.curves." in k and v]
+    return f"{','.join(names) or 'unknown'} / {','.join(curves) or 'unknown'}"

@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.envoy import Envoy, client_config, envoy_binary, free_port, server_config
+from bench.envoy import (
+    Envoy,
+    client_config,
+    envoy_binary,
+    free_port,
+    negotiated_cipher,
+    server_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SAN = "spiffe://cluster.local/ns/bench/sa/server"
@@ -174,30 +181,8 @@ class Lab:
 
     def nginx(self) -> int:
         port = free_port()
-        root = self.dir / "nginx"
-        root.mkdir(exist_ok=True)
-        conf = root / "nginx.conf"
-        conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    keepalive_requests 10000000;
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        location / {{ return 200 "hello from nginx\\n"; }}
-    }}
-}}
-""")
-        self.spawn(["nginx", "-c", str(conf), "-p", str(root)], "nginx")
+        conf = nginx_config(self.dir / "nginx", f"127.0.0.1:{port}")
+        self.spawn(["nginx", "-c", str(conf), "-p", str(conf.parent)], "nginx")
         wait_port(port)
         return port
 
@@ -300,6 +285,33 @@ http {{
 
 
 # -------------------------------------------------------------------- loads
+
+
+def nginx_config(root: Path, listen: str) -> Path:
+    """An nginx that answers every request with a short body, under ``root``."""
+    root.mkdir(exist_ok=True)
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    keepalive_requests 10000000;
+    server {{
+        listen {listen} reuseport;
+        location / {{ return 200 "hello from nginx\\n"; }}
+    }}
+}}
+""")
+    return conf
 
 
 def iperf(port: int, seconds: float, streams: int) -> tuple[float, int]:
@@ -451,10 +463,7 @@ def _our_cipher(work: Path) -> str:
 
 def _envoy_cipher(pair: Pair) -> str:
     envoy: Envoy = pair.envoy_server  # type: ignore[attr-defined]
-    stats = envoy.stats()
-    names = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.ciphers." in k and v]
-    curves = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.curves." in k and v]
-    return f"{','.join(names) or 'unknown'} / {','.join(curves) or 'unknown'}"
+    return negotiated_cipher(envoy.stats())
 
 
 # ---------------------------------------------------------------- reporting

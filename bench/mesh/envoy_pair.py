@@ -12,7 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.envoy import client_config, envoy_binary, server_config
+from bench.envoy import (
+    client_config,
+    envoy_binary,
+    parse_stats,
+    server_config,
+)
 from bench.mesh.shell import BenchError
 from bench.mesh.topology import (
     CLIENT_SAN,
@@ -195,12 +200,7 @@ class PodEnvoy:
         raise BenchError(f"envoy {self.name} not ready after {timeout_s:g} s")
 
     def stats(self) -> dict[str, int]:
-        result: dict[str, int] = {}
-        for line in admin_get(self.admin, "/stats")[1].splitlines():
-            name, _, value = line.partition(": ")
-            if value.isdigit():
-                result[name] = int(value)
-        return result
+        return parse_stats(admin_get(self.admin, "/stats")[1])
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -210,9 +210,3 @@ class PodEnvoy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def envoy_cipher(stats: dict[str, int]) -> str:
-    names = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.ciphers." in k and v]
-    curves = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.curves." in k and v]
-    return f"{','.join(names) or 'unknown'} / {','.join(curves) or 'unknown'}"

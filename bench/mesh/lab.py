@@ -15,10 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.hbone_bench import OPENSSL_CONF
+from bench.envoy import negotiated_cipher
+from bench.hbone_bench import OPENSSL_CONF, nginx_config
 from bench.mesh.envoy_pair import (
     PodEnvoy,
-    envoy_cipher,
     envoy_client_config,
     envoy_server_config,
 )
@@ -174,30 +174,10 @@ class MeshLab:
 
     def _start_apps(self) -> None:
         self.start_iperf()
-        root = self.dir / "nginx"
-        root.mkdir(exist_ok=True)
-        conf = root / "nginx.conf"
-        conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    keepalive_requests 10000000;
-    server {{
-        listen 0.0.0.0:{HTTP_PORT} reuseport;
-        location / {{ return 200 "hello from nginx\\n"; }}
-    }}
-}}
-""")
-        nginx = self.spawn(self.server_ns, ["nginx", "-c", str(conf), "-p", str(root)], "nginx")
+        conf = nginx_config(self.dir / "nginx", f"0.0.0.0:{HTTP_PORT}")
+        nginx = self.spawn(
+            self.server_ns, ["nginx", "-c", str(conf), "-p", str(conf.parent)], "nginx"
+        )
         self._wait_listening(self.server_ns, HTTP_PORT, nginx)
         self.log(f"server pod: iperf3 -s on {IPERF_PORT}, nginx on {HTTP_PORT}")
 
@@ -476,7 +456,7 @@ http {{
     def _stop_envoys(self) -> None:
         if self.envoys and "envoy" not in self.ciphers:
             with contextlib.suppress(OSError, http.client.HTTPException, StopIteration):
-                self.ciphers["envoy"] = envoy_cipher(self.envoys[0].stats())
+                self.ciphers["envoy"] = negotiated_cipher(self.envoys[0].stats())
         for envoy in self.envoys:
             envoy.stop()
         self.envoys = []
