@@ -3,7 +3,9 @@
 A node agent (ztunnel) sends a CSR for one of its pods, names the identity in
 the ``ImpersonatedIdentity`` metadata field, and proves who it is with a bearer
 token in the ``authorization`` gRPC metadata. The service answers with the
-signed leaf (``cert_chain``, leaf first) and the mesh roots (``root_cert``).
+signed chain as istiod does: ``cert_chain`` holds the leaf first, then any
+intermediates, and the root last (Istio's ztunnel takes the last element as
+its trust anchor and refuses an answer without one).
 
 The rule that makes this safe is Istio's node authorizer: a node agent may
 only obtain the identities of pods scheduled on its own node, so a
@@ -26,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol, cast
 
 import grpc
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from controlplane.state import ROOT_NAMESPACE, SourceState
 from mesh.identity import (
@@ -37,6 +40,7 @@ from mesh.identity import (
     InvalidSpiffeId,
     SpiffeId,
     TrustDomainMismatch,
+    load_pem_chain,
 )
 from mesh.proto.istio.ca import ca_pb2
 
@@ -399,10 +403,9 @@ class CaService:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(e)) from e
         except IdentityError as e:  # InvalidCsr, CsrIdentityMismatch, InvalidTtl
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-        return ca_pb2.IstioCertificateResponse(
-            cert_chain=[issued.chain_pem.decode()],
-            root_cert=ca_pb2.Roots(ca_cert=[issued.root_pem.decode()]),
-        )
+        # One PEM block per element, as istiod sends them: leaf, intermediates, root.
+        blocks = [c.public_bytes(Encoding.PEM).decode() for c in load_pem_chain(issued.chain_pem)]
+        return ca_pb2.IstioCertificateResponse(cert_chain=[*blocks, issued.root_pem.decode()])
 
     def _record(self, decision: Decision) -> None:
         refusal = decision.refusal

@@ -91,6 +91,22 @@ def _holds_key(leaf: x509.Certificate, key_pem: bytes) -> bool:
     return leaf.public_key().public_bytes(der, spki) == ours.public_bytes(der, spki)
 
 
+def split_chain(response: ca_pb2.IstioCertificateResponse) -> tuple[list[str], list[str]]:
+    """The chain to present and the roots to trust, from either shape of answer.
+
+    istiod's: ``cert_chain`` is leaf, intermediates, root, and the last
+    element is the trust anchor (Istio's ztunnel reads it so). meshd's older
+    answers carried the leaf alone in ``cert_chain`` and the roots in
+    ``root_cert`` (a field Istio does not have); those are still read.
+    """
+    blocks = list(response.cert_chain)
+    if response.root_cert.ca_cert:
+        return blocks, list(response.root_cert.ca_cert)
+    if len(blocks) < 2:
+        return blocks, []
+    return blocks[:-1], blocks[-1:]
+
+
 def _pem(blocks: list[str]) -> bytes:
     """Join PEM blocks, each ending with a newline (Istio's CA omits it on some)."""
     return "".join(b if b.endswith("\n") else b + "\n" for b in blocks).encode()
@@ -175,10 +191,11 @@ class CaClient:
 
         if not response.cert_chain:
             raise bad("the answer has no certificate chain")
-        if not response.root_cert.ca_cert:
-            raise bad("the answer has no root certificates")
-        chain_pem = _pem(list(response.cert_chain))
-        root_pem = _pem(list(response.root_cert.ca_cert))
+        chain, roots = split_chain(response)
+        if not roots:
+            raise bad("no root certificate present (cert_chain must end with the root)")
+        chain_pem = _pem(chain)
+        root_pem = _pem(roots)
         try:
             leaf = verify_chain(chain_pem, root_pem, datetime.now(UTC))
             got = peer_identity(leaf)

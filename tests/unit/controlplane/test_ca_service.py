@@ -384,7 +384,11 @@ def test_token_review_workload_gets_its_own_identity(
     response = run(body)
     leaf = load_pem_chain(response.cert_chain[0].encode())[0]
     assert peer_identity(leaf) == WEB
-    assert response.root_cert.ca_cert[0].encode() == ca.root_pem
+    # As istiod answers: the leaf first and the root as the last element (Istio's
+    # ztunnel takes the last element as its trust anchor), no field of our own.
+    assert len(response.cert_chain) == 2
+    assert response.cert_chain[-1].encode() == ca.root_pem
+    assert not response.HasField("root_cert")
 
 
 def test_token_review_workload_may_not_impersonate(k8s_service: CaService) -> None:
@@ -413,9 +417,37 @@ class RogueService(CaService):
         self, csr: str, identity: SpiffeId, ttl: timedelta
     ) -> ca_pb2.IstioCertificateResponse:
         response = super()._sign(csr, identity, ttl)
-        del response.root_cert.ca_cert[:]
-        response.root_cert.ca_cert.append(self.claimed_root.decode())
+        response.cert_chain[-1] = self.claimed_root.decode()
         return response
+
+
+class OldShapeService(CaService):
+    """meshd before it followed istiod: the leaf alone, the roots in ``root_cert``."""
+
+    def __init__(self, ca: CertificateAuthority, *, with_roots: bool = True) -> None:
+        super().__init__(ca, NodeTokenAuthenticator(lambda: TOKENS), World())
+        self.with_roots = with_roots
+
+    def _sign(
+        self, csr: str, identity: SpiffeId, ttl: timedelta
+    ) -> ca_pb2.IstioCertificateResponse:
+        response = super()._sign(csr, identity, ttl)
+        root = response.cert_chain.pop()
+        if self.with_roots:
+            response.root_cert.ca_cert.append(root)
+        return response
+
+
+def test_the_client_reads_the_older_answer_with_roots_apart(ca: CertificateAuthority) -> None:
+    issued = run(lambda: fetch(OldShapeService(ca), "token-of-node-a", WEB))
+    assert issued.identity == WEB
+    assert issued.root_pem == ca.root_pem
+
+
+def test_the_client_refuses_an_answer_without_a_root(ca: CertificateAuthority) -> None:
+    error = refused(OldShapeService(ca, with_roots=False), "token-of-node-a", WEB)
+    assert isinstance(error, CaResponseError)
+    assert "no root certificate present" in error.message
 
 
 def test_the_client_refuses_a_chain_its_roots_do_not_verify(ca: CertificateAuthority) -> None:
