@@ -333,3 +333,66 @@ def negotiated_cipher(stats: dict[str, int]) -> str:
     names = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.ciphers." in k and v]
     curves = [k.rsplit(".", 1)[1] for k, v in stats.items() if ".ssl.curves." in k and v]
     return f"{','.join(names) or 'unknown'} / {','.join(curves) or 'unknown'}"
+
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def waypoint_config(
+    *,
+    xds_port: int,
+    admin_port: int,
+    namespace: str,
+    gateway: str,
+    pod_ip: str = "127.0.0.1",
+    static_listeners: list[dict[str, Any]] | None = None,
+    static_clusters: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """An Envoy that subscribes to meshd's Delta ADS feed as the waypoint ``namespace/gateway``.
+
+    The node is an Istio waypoint's (``waypoint~ip~pod.ns~ns.svc.cluster.local``, the
+    Gateway named in its labels), so meshd serves it that waypoint's Listener,
+    routes, clusters and endpoints. Internal listeners are enabled (the feed's
+    ``waypoint`` listener is one); ``static_listeners`` may reach its routes.
+    """
+    xds = _static_cluster("xds", "127.0.0.1", xds_port)
+    xds["typed_extension_protocol_options"] = {
+        HTTP_PROTOCOL_OPTIONS: {
+            "@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    return {
+        "node": {
+            "id": f"waypoint~{pod_ip}~{gateway}.{namespace}~{namespace}.svc.cluster.local",
+            "cluster": f"{gateway}.{namespace}",
+            "metadata": {
+                "NAMESPACE": namespace,
+                "LABELS": {"gateway.networking.k8s.io/gateway-name": gateway},
+            },
+        },
+        "admin": _admin(admin_port),
+        "bootstrap_extensions": [
+            {
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+                },
+            }
+        ],
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+                "set_node_on_first_message_only": True,
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "listeners": static_listeners or [],
+            "clusters": [xds, *(static_clusters or [])],
+        },
+    }

@@ -47,7 +47,6 @@ from controlplane.translate import (
     service_key_of,
     service_vips,
     translate,
-    waypoint_labels,
     workload_uid,
 )
 from mesh.model import Policy, Port, Service, Workload
@@ -348,12 +347,13 @@ class IncrementalTranslator:
             return
         for vip in vips:
             self._vip_users.setdefault(vip, set()).add(key)
-        labels = {
-            **self._globals.namespaces.get(info.namespace, _NO_LABELS),
-            **waypoint_labels(info.labels),
-        }
         waypoint, error = resolve_waypoint(
-            labels, info.namespace, self._globals.waypoints, f"service {key}"
+            "service",
+            f"service {key}",
+            info.namespace,
+            info.labels,
+            self._globals.namespaces,
+            self._globals.waypoints,
         )
         if error:
             self._service_lines[key] = (error,)
@@ -469,7 +469,7 @@ class IncrementalTranslator:
             service = self._service_out[key]
             backing[service.resource_name] = service.ports
         waypoint, error = resolve_waypoint(
-            {**ns_labels, **waypoint_labels(pod.labels)}, pod.namespace, glob.waypoints, where
+            "workload", where, pod.namespace, pod.labels, glob.namespaces, glob.waypoints
         )
         if error:
             self._pod_lines[pk] = (error,)

@@ -31,13 +31,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+from envoy.config.core.v3.base_pb2 import Node
 
 from controlplane import ca_service
-from controlplane.ads.cache import SnapshotCache
-from controlplane.ads.feed import TYPE_URLS, Feed
+from controlplane.ads.cache import GLOBAL, SnapshotCache
+from controlplane.ads.feed import TYPE_URLS, Feed, ScopedFeed
 from controlplane.ads.server import AdsServer
 from controlplane.gcpause import QuietCollector
 from controlplane.incremental import IncrementalTranslator
+from controlplane.l7 import envoy
+from controlplane.l7.build import L7Result, build
 from controlplane.serving import ServingCertificate, serving_ips
 from controlplane.state import SourceState
 from controlplane.translate import Resources
@@ -85,9 +88,11 @@ class Meshd:
 
     def __init__(self, *, logger: logging.Logger = log) -> None:
         self.log = logger
-        self.cache = SnapshotCache(TYPE_URLS)
-        self.ads = AdsServer(self.cache)
+        self.cache = SnapshotCache(TYPE_URLS, envoy.TYPE_URLS)
+        self.ads = AdsServer(self.cache, scope_of=self.scope_of)
         self.feed = Feed()
+        self.scoped_feed = ScopedFeed()
+        self.l7 = L7Result()
         self.translator = IncrementalTranslator()
         self.state: SourceState | None = None
         self.resources = Resources()
@@ -103,12 +108,18 @@ class Meshd:
         started = time.perf_counter()
         resources = self.translator.translate(state)
         entries = self.feed.entries(resources)
-        changed = self.cache.update(entries)
+        l7 = build(state)
+        scopes = self.scoped_feed.entries(
+            {key: envoy.translate(share).by_type() for key, share in l7.shares.items()}
+        )
+        changed = self.cache.update(entries, scopes)
         self.state = state
         self.resources = resources
-        for line in sorted(set(resources.rejected) - set(self.rejected)):
+        self.l7 = l7
+        rejected = tuple(sorted(set(resources.rejected) | set(l7.rejected)))
+        for line in sorted(set(rejected) - set(self.rejected)):
             self.log.warning("meshd: refused %s", line)
-        self.rejected = resources.rejected
+        self.rejected = rejected
         self.updates += 1
         self.last_update_ms = (time.perf_counter() - started) * 1000
         self.ready.set()
@@ -122,9 +133,19 @@ class Meshd:
                 len(resources.workloads),
                 len(resources.services),
                 len(resources.policies),
-                ", ".join(f"{len(n)} {t.rsplit('.', 1)[-1]}" for t, n in changed.items()),
+                ", ".join(
+                    f"{len(n)} {t.rsplit('.', 1)[-1]}" + (f" of {scope}" if scope else "")
+                    for (scope, t), n in changed.items()
+                ),
                 self.last_update_ms,
             )
+
+    def scope_of(self, node: Node) -> str:
+        """The waypoint a subscriber is, from its node: Istio's waypoints say so in their
+        metadata (the pod's ``gateway.networking.k8s.io/gateway-name`` label and
+        ``NAMESPACE``); otherwise the node id's ``pod.namespace`` names a pod whose
+        label meshd knows. Anything else (a ztunnel) is in no scope."""
+        return waypoint_scope(node, self.state)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -133,6 +154,8 @@ class Meshd:
             "services": len(self.resources.services),
             "policies": len(self.resources.policies),
             "rejected": list(self.rejected),
+            "waypoints": sorted(self.l7.shares),
+            "objects": [o.to_dict() for o in self.l7.statuses],
             "updates": self.updates,
             "lastUpdateMs": round(self.last_update_ms, 2),
             "subscribers": self.ads.status(),
@@ -142,6 +165,30 @@ class Meshd:
             },
             "gc": self.collector.status() if self.collector is not None else None,
         }
+
+
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+def waypoint_scope(node: Node, state: SourceState | None) -> str:
+    """``namespace/name`` of the waypoint Gateway a node is an instance of, or ""."""
+    fields = node.metadata.fields
+    labels = fields["LABELS"].struct_value.fields if "LABELS" in fields else {}
+    name = labels[GATEWAY_NAME_LABEL].string_value if GATEWAY_NAME_LABEL in labels else ""
+    namespace = fields["NAMESPACE"].string_value if "NAMESPACE" in fields else ""
+    parts = node.id.split("~")
+    pod = ""
+    if len(parts) == 4:  # type~ip~pod.namespace~namespace.svc.cluster.local
+        pod, _, ns = parts[2].partition(".")
+        namespace = namespace or ns
+    if not name and pod and state is not None:
+        for info in state.pods:
+            if info.name == pod and info.namespace == namespace:
+                name = info.labels.get(GATEWAY_NAME_LABEL, "")
+                break
+    if not name or not namespace:
+        return GLOBAL
+    return f"{namespace}/{name}"
 
 
 async def serve_status(meshd: Meshd, host: str, port: int) -> asyncio.Server:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from mesh.model import Rule
 
@@ -20,6 +21,10 @@ DEFAULT_CLUSTER_ID = "Kubernetes"
 # Labels Istio's ambient mode reads (istio.io/dataplane-mode: mesh.ambient).
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
+# On a waypoint Gateway: what traffic it handles (service is the default).
+WAYPOINT_FOR = "istio.io/waypoint-for"
+WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
+WAYPOINT_CLASS = "istio-waypoint"
 
 # Istio's annotation for a service's traffic distribution, from before (and
 # beside) spec.trafficDistribution; its value is compared case-insensitively.
@@ -61,6 +66,7 @@ class ServicePortInfo:
     target_port: int
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""  # spec.ports[].appProtocol ("": unset)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,12 +97,66 @@ class AuthorizationPolicyInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointListener:
+    name: str
+    port: int
+    protocol: str
+    allowed_from: str = "Same"  # allowedRoutes.namespaces.from: Same, All or Selector
+    allowed_selector: Labels = field(default_factory=frozen_labels)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WaypointInfo:
-    """A Gateway of class istio-waypoint, and where it listens."""
+    """A Gateway of class istio-waypoint, and where it listens.
+
+    ``address`` is its instance's address (the Gateway's status address);
+    ``problem`` says why the Gateway cannot be accepted (then whatever binds
+    to it fails closed).
+    """
 
     name: str
     namespace: str
     address: str | None
+    waypoint_for: str = "service"
+    listeners: tuple[WaypointListener, ...] = ()
+    problem: str = ""
+    labels: Labels = field(default_factory=frozen_labels)
+    generation: int = 0
+    created: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def accepts_namespace(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        """Whether bindings from ``namespace`` are allowed by the mesh listener."""
+        if namespace == self.namespace:
+            return True
+        for listener in self.listeners:
+            if listener.protocol != "HBONE":
+                continue
+            if listener.allowed_from == "All":
+                return True
+            if listener.allowed_from == "Selector" and all(
+                labels.get(k) == v for k, v in listener.allowed_selector.items()
+            ):
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class L7Object:
+    """A route or traffic policy as written (HTTPRoute, GRPCRoute, VirtualService,
+    DestinationRule): ``raw`` is the whole object; :mod:`controlplane.l7` reads it."""
+
+    kind: str
+    namespace: str
+    name: str
+    raw: Mapping[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,6 +177,8 @@ class SourceState:
     policies: tuple[AuthorizationPolicyInfo, ...] = ()
     waypoints: tuple[WaypointInfo, ...] = ()
     endpoint_slices: tuple[EndpointSliceInfo, ...] = ()
+    # HTTPRoutes, GRPCRoutes, VirtualServices, DestinationRules, as written.
+    l7: tuple[L7Object, ...] = ()
     trust_domain: str = "cluster.local"
     cluster_id: str = DEFAULT_CLUSTER_ID
     root_namespace: str = ROOT_NAMESPACE

@@ -19,8 +19,10 @@ rules:
   zone, ``PreferSameNode`` those and its subzone and node (FAILOVER); an
   unknown value is no preference at all;
 * ``istio.io/use-waypoint`` on the pod, the service or the namespace (in
-  that order of precedence) names a waypoint Gateway; its address becomes
-  the workload's or service's waypoint;
+  that order of precedence) names a waypoint Gateway, by Istio's rules
+  (:mod:`controlplane.l7.binding`); its address becomes the workload's or
+  service's waypoint, and a waypoint asked for that cannot be used is named
+  by hostname alone, so that ztunnel refuses the traffic (fail closed);
 * an AuthorizationPolicy with a selector is WORKLOAD_SELECTOR-scoped and
   named in each selected workload; without one it is NAMESPACE-scoped, or
   GLOBAL in the root namespace;
@@ -40,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from controlplane.l7.binding import bind
 from controlplane.state import (
     NODE_LOCAL_TRAFFIC_POLICY,
     PREFER_CLOSE,
@@ -179,22 +182,41 @@ def waypoint_labels(labels: Mapping[str, str]) -> dict[str, str]:
 
 
 def resolve_waypoint(
-    labels: Mapping[str, str],
-    namespace: str,
-    waypoints: Mapping[tuple[str, str], WaypointInfo],
+    kind: str,
     what: str,
+    namespace: str,
+    object_labels: Mapping[str, str],
+    namespaces: Mapping[str, Mapping[str, str]],
+    waypoints: Mapping[tuple[str, str], WaypointInfo],
 ) -> tuple[GatewayAddress | None, str | None]:
-    """The waypoint ``labels`` ask for, and a refusal line when it cannot be used."""
-    name = labels.get(USE_WAYPOINT)
-    if not name or name == "none":
+    """The waypoint a ``service`` or ``workload`` asks for, and a refusal line when it
+    cannot be used.
+
+    A waypoint that is asked for but cannot be used (missing, not accepted,
+    without an address) is still named, by hostname only: ztunnel cannot
+    reach it and refuses the connection, rather than skipping the waypoint
+    and its L7 policy (Istio sends such traffic straight to the destination).
+    """
+    binding = bind(
+        kind=kind,
+        what=what,
+        namespace=namespace,
+        object_labels=object_labels,
+        namespace_labels=namespaces.get(namespace, {}),
+        waypoints=waypoints,
+        all_namespaces=namespaces,
+    )
+    if binding is None:
         return None, None
-    ns = labels.get(USE_WAYPOINT_NAMESPACE, namespace)
-    gateway = waypoints.get((ns, name))
-    if gateway is None or gateway.address is None:
-        return None, f"{what}: waypoint {ns}/{name} not found or without an address"
-    ip = parse_ip(gateway.address)
+    if not binding.usable:
+        return GatewayAddress(hostname=f"{binding.namespace}/{binding.hostname}"), binding.problem
+    assert binding.waypoint is not None and binding.waypoint.address is not None
+    ip = parse_ip(binding.waypoint.address)
     if ip is None:
-        return None, f"{what}: waypoint {ns}/{name} address {gateway.address!r} is not an IP"
+        problem = (
+            f"{what}: waypoint {binding.key} address {binding.waypoint.address!r} is not an IP"
+        )
+        return GatewayAddress(hostname=f"{binding.namespace}/{binding.hostname}"), problem
     return GatewayAddress(address=ip), None
 
 
@@ -315,8 +337,9 @@ def translate(state: SourceState) -> Resources:
         for vip in vips:
             vip_owner[vip] = f"{info.namespace}/{info.name}"
         key = service_key(info)
-        labels = {**namespaces.get(info.namespace, no_labels), **waypoint_labels(info.labels)}
-        waypoint, error = resolve_waypoint(labels, info.namespace, waypoints, f"service {key}")
+        waypoint, error = resolve_waypoint(
+            "service", f"service {key}", info.namespace, info.labels, namespaces, waypoints
+        )
         if error:
             rejected.add(error)
         service = build_service(info, vips, waypoint)
@@ -355,7 +378,7 @@ def translate(state: SourceState) -> Resources:
             )
         )
         waypoint, error = resolve_waypoint(
-            {**ns_labels, **waypoint_labels(pod.labels)}, pod.namespace, waypoints, where
+            "workload", where, pod.namespace, pod.labels, namespaces, waypoints
         )
         if error:
             rejected.add(error)

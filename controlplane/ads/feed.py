@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from google.protobuf.message import Message
+
 from controlplane.ads.cache import Entry, pack
 from controlplane.translate import Resources
 from mesh.model import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, Policy, Service, Workload
@@ -63,3 +65,22 @@ class Feed:
 def by_type(resources: Resources) -> Mapping[str, Mapping[str, Entry]]:
     """One-off packing (tests, tools)."""
     return Feed().entries(resources)
+
+
+class ScopedFeed:
+    """Each waypoint's Envoy resources as cache entries, per scope (``namespace/name``).
+
+    Packing hashes the serialized bytes, so a resource that did not change
+    keeps its version and is not sent again.
+    """
+
+    def entries(
+        self, scopes: Mapping[str, Mapping[str, Mapping[str, Message]]]
+    ) -> dict[str, dict[str, dict[str, Entry]]]:
+        return {
+            scope: {
+                type_url: {name: pack(message, type_url) for name, message in items.items()}
+                for type_url, items in by_type.items()
+            }
+            for scope, by_type in scopes.items()
+        }

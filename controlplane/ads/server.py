@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from controlplane.ads.cache import Snapshot, SnapshotCache
-from controlplane.ads.subscription import InvalidRequest, Subscription
+from controlplane.ads.cache import Changes, Snapshot, SnapshotCache
+from controlplane.ads.subscription import InvalidRequest, ScopeOf, Subscription, no_scope
 
 log = logging.getLogger("controlplane.ads")
 
@@ -27,9 +27,12 @@ log = logging.getLogger("controlplane.ads")
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """Serves a :class:`SnapshotCache` to every subscriber over Delta ADS."""
 
-    def __init__(self, cache: SnapshotCache, *, logger: logging.Logger = log) -> None:
+    def __init__(
+        self, cache: SnapshotCache, *, logger: logging.Logger = log, scope_of: ScopeOf = no_scope
+    ) -> None:
         self.cache = cache
         self.log = logger
+        self.scope_of = scope_of
         self.subscriptions: set[Subscription] = set()
         self.streams_total = 0
 
@@ -50,10 +53,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         context: grpc.aio.ServicerContext,
     ) -> None:
         peer = context.peer()
-        subscription = Subscription(self.cache.type_urls, peer)
+        subscription = Subscription(
+            self.cache.type_urls,
+            peer,
+            scoped_types=self.cache.scoped_type_urls,
+            scope_of=self.scope_of,
+        )
         wake = asyncio.Event()
 
-        def changed(snapshot: Snapshot, names: Mapping[str, frozenset[str]]) -> None:
+        def changed(snapshot: Snapshot, names: Changes) -> None:
             subscription.on_change(names)
             wake.set()
 

@@ -17,13 +17,14 @@ version is not sent again; the next change of that resource is.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DeltaDiscoveryResponse
 from google.protobuf import struct_pb2
 
-from controlplane.ads.cache import Snapshot
+from controlplane.ads.cache import GLOBAL, Changes, Entry, Snapshot
 
 WILDCARD = "*"
 # Resources per response: an initial response for 10,000 workloads stays a
@@ -65,13 +66,36 @@ class _TypeState:
 _nonces = itertools.count(1)
 
 
-class Subscription:
-    """The state of one subscriber (one ADS stream)."""
+ScopeOf = Callable[[Node], str]
 
-    def __init__(self, served_types: Iterable[str], peer: str = "?") -> None:
-        self.served = frozenset(served_types)
+
+def no_scope(node: Node) -> str:
+    return GLOBAL
+
+
+class Subscription:
+    """The state of one subscriber (one ADS stream).
+
+    ``scoped_types`` are served per scope: ``scope_of`` names the subscriber's
+    scope from the node of its first request (a waypoint's ``namespace/name``),
+    and only that scope's resources of those types are ever sent to it.
+    """
+
+    def __init__(
+        self,
+        served_types: Iterable[str],
+        peer: str = "?",
+        *,
+        scoped_types: Iterable[str] = (),
+        scope_of: ScopeOf = no_scope,
+    ) -> None:
+        self.scoped = frozenset(scoped_types)
+        self.served = frozenset(served_types) | self.scoped
         self.peer = peer
         self.node_id = ""
+        self.scope = GLOBAL
+        self._scope_of = scope_of
+        self._scope_known = False
         self._types: dict[str, _TypeState] = {}
         self.nacks: list[Nack] = []
         self.responses_sent = 0
@@ -86,6 +110,9 @@ class Subscription:
             raise InvalidRequest("DeltaDiscoveryRequest without a type_url")
         if request.HasField("node") and request.node.id:
             self.node_id = request.node.id
+            if not self._scope_known:
+                self._scope_known = True
+                self.scope = self._scope_of(request.node)
         state = self._types.get(type_url)
         first = state is None
         if state is None:
@@ -99,14 +126,14 @@ class Subscription:
             # An empty first subscription means "everything" (legacy wildcard).
             state.wildcard = not subscribe or WILDCARD in subscribe
             state.view = dict(request.initial_resource_versions)
-            state.dirty.update(snapshot.entries(type_url))
+            state.dirty.update(self._entries(snapshot, type_url))
             state.dirty.update(state.view)
         elif request.initial_resource_versions:
             raise InvalidRequest("initial_resource_versions after the first request of a type")
         for name in subscribe:
             if name == WILDCARD:
                 state.wildcard = True
-                state.dirty.update(snapshot.entries(type_url))
+                state.dirty.update(self._entries(snapshot, type_url))
             elif name not in state.names:
                 state.names.add(name)
                 state.dirty.add(name)
@@ -147,8 +174,17 @@ class Subscription:
         del self.nacks[:-20]
         return nack
 
-    def on_change(self, changed: Mapping[str, frozenset[str]]) -> None:
-        for type_url, names in changed.items():
+    def _entries(self, snapshot: Snapshot, type_url: str) -> Mapping[str, Entry]:
+        if type_url in self.scoped:
+            if self.scope == GLOBAL:
+                return {}
+            return snapshot.entries(type_url, self.scope)
+        return snapshot.entries(type_url)
+
+    def on_change(self, changed: Changes) -> None:
+        for (scope, type_url), names in changed.items():
+            if scope != (self.scope if type_url in self.scoped else GLOBAL):
+                continue
             state = self._types.get(type_url)
             if state is not None and state.subscribed:
                 state.dirty.update(n for n in names if state.interested(n))
@@ -168,7 +204,7 @@ class Subscription:
         return None
 
     def _build(self, state: _TypeState, snapshot: Snapshot) -> DeltaDiscoveryResponse | None:
-        entries = snapshot.entries(state.type_url)
+        entries = self._entries(snapshot, state.type_url)
         response = DeltaDiscoveryResponse(
             type_url=state.type_url, system_version_info=str(snapshot.generation)
         )
@@ -211,6 +247,7 @@ class Subscription:
         return {
             "peer": self.peer,
             "node": self.node_id,
+            "scope": self.scope,
             "types": {
                 t: {
                     "resources": len(s.view),
@@ -231,7 +268,7 @@ class Subscription:
         for state in self._types.values():
             if state.inflight_nonce is not None or state.dirty:
                 return False
-            entries = snapshot.entries(state.type_url)
+            entries = self._entries(snapshot, state.type_url)
             for name, entry in entries.items():
                 if (
                     state.interested(name)

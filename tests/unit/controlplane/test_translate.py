@@ -220,8 +220,10 @@ def test_use_waypoint_precedence_pod_then_service_then_namespace() -> None:
             svc("web", "10.96.0.1", selector={"app": "web"}, **{"istio.io/use-waypoint": "svc-wp"}),
         ),
         waypoints=(
-            WaypointInfo(name="ns-wp", namespace="apps", address="10.0.9.1"),
-            WaypointInfo(name="pod-wp", namespace="apps", address="10.0.9.2"),
+            WaypointInfo(name="ns-wp", namespace="apps", address="10.0.9.1", waypoint_for="all"),
+            WaypointInfo(
+                name="pod-wp", namespace="apps", address="10.0.9.2", waypoint_for="workload"
+            ),
             WaypointInfo(name="svc-wp", namespace="apps", address="10.0.9.3"),
         ),
     )
@@ -233,16 +235,97 @@ def test_use_waypoint_precedence_pod_then_service_then_namespace() -> None:
     (service,) = r.services.values()
     assert service.waypoint is not None and str(service.waypoint.address) == "10.0.9.3"
     assert service.waypoint.port == 15008
+    assert r.rejected == ()
 
 
-def test_a_missing_waypoint_is_reported_not_invented() -> None:
+def test_a_namespace_bound_to_a_service_waypoint_leaves_its_pods_alone() -> None:
+    """Istio's rule: a waypoint for services (the default) binds the namespace's
+    services only; its pods are reached through them."""
+    state = SourceState(
+        namespaces=(ns("apps", **{"istio.io/use-waypoint": "wp"}),),
+        pods=(pod("a", "10.0.0.1", app="web"),),
+        services=(svc("web", "10.96.0.1", selector={"app": "web"}),),
+        waypoints=(WaypointInfo(name="wp", namespace="apps", address="10.0.9.1"),),
+    )
+    r = translate(state)
+    assert by_name(r)["a"].waypoint is None
+    (service,) = r.services.values()
+    assert service.waypoint is not None and str(service.waypoint.address) == "10.0.9.1"
+
+
+def test_a_pod_asking_for_a_service_waypoint_fails_closed() -> None:
+    state = SourceState(
+        namespaces=(ns("apps"),),
+        pods=(pod("a", "10.0.0.1", labels={"istio.io/use-waypoint": "wp"}),),
+        waypoints=(WaypointInfo(name="wp", namespace="apps", address="10.0.9.1"),),
+    )
+    r = translate(state)
+    gateway = by_name(r)["a"].waypoint
+    assert gateway is not None and gateway.address is None
+    assert gateway.hostname == "apps/wp.apps.svc.cluster.local"
+    assert any("is for service traffic" in line for line in r.rejected)
+
+
+def test_a_missing_waypoint_fails_closed_and_is_reported() -> None:
+    """Istio would send the traffic straight to the pod, past the waypoint's L7 policy:
+    the waypoint is named by hostname alone, which ztunnel cannot reach, so it refuses."""
     state = SourceState(
         namespaces=(ns("apps"),),
         pods=(pod("a", "10.0.0.1", labels={"istio.io/use-waypoint": "ghost"}),),
+        services=(svc("web", "10.96.0.1", **{"istio.io/use-waypoint": "ghost"}),),
     )
     r = translate(state)
-    assert next(iter(r.workloads.values())).waypoint is None
-    assert any("ghost" in line for line in r.rejected)
+    workload = next(iter(r.workloads.values()))
+    assert workload.waypoint is not None and workload.waypoint.address is None
+    (service,) = r.services.values()
+    assert service.waypoint is not None and service.waypoint.address is None
+    assert service.waypoint.hostname == "apps/ghost.apps.svc.cluster.local"
+    assert sum("waypoint apps/ghost does not exist" in line for line in r.rejected) == 2
+
+
+def test_a_waypoint_without_an_address_or_accepting_listener_fails_closed() -> None:
+    broken = WaypointInfo(name="wp", namespace="apps", address="10.0.9.1", problem="no listener")
+    pending = WaypointInfo(name="wp2", namespace="apps", address=None)
+    state = SourceState(
+        namespaces=(ns("apps"),),
+        services=(
+            svc("a", "10.96.0.1", **{"istio.io/use-waypoint": "wp"}),
+            svc("b", "10.96.0.2", **{"istio.io/use-waypoint": "wp2"}),
+        ),
+        waypoints=(broken, pending),
+    )
+    r = translate(state)
+    assert all(s.waypoint is not None and s.waypoint.address is None for s in r.services.values())
+    assert any("not accepted: no listener" in line for line in r.rejected)
+    assert any("has no address yet" in line for line in r.rejected)
+
+
+def test_a_waypoint_of_another_namespace_must_allow_it() -> None:
+    from controlplane.state import WaypointListener
+
+    shared = WaypointInfo(
+        name="shared",
+        namespace="infra",
+        address="10.0.9.1",
+        listeners=(
+            WaypointListener(name="mesh", port=15008, protocol="HBONE", allowed_from="All"),
+        ),
+    )
+    own = WaypointInfo(name="own", namespace="infra", address="10.0.9.2")
+    use = {"istio.io/use-waypoint-namespace": "infra"}
+    state = SourceState(
+        namespaces=(ns("apps"), ns("infra")),
+        services=(
+            svc("a", "10.96.0.1", **{"istio.io/use-waypoint": "shared", **use}),
+            svc("b", "10.96.0.2", **{"istio.io/use-waypoint": "own", **use}),
+        ),
+        waypoints=(shared, own),
+    )
+    r = translate(state)
+    by = {s.name: s.waypoint for s in r.services.values()}
+    assert by["a"] is not None and str(by["a"].address) == "10.0.9.1"
+    assert by["b"] is not None and by["b"].address is None
+    assert any("does not allow namespace apps" in line for line in r.rejected)
 
 
 def test_bad_objects_are_rejected_alone() -> None:

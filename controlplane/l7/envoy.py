@@ -1,0 +1,627 @@
+"""One waypoint's share as standard Envoy v3 resources: what meshd serves it.
+
+A portable subset a stock Envoy 1.40 accepts unchanged (no Istio-internal
+listeners or filters), consumed by our waypoint and by a real Envoy alike:
+
+* one ``Listener`` named ``waypoint``: an internal listener (the traffic
+  arrives in HBONE CONNECT streams, whose ``:authority`` is the original
+  destination, as Envoy's ``original_dst`` listener filter would restore it),
+  with one filter chain per service port, matched on the service's VIPs and
+  port: an HTTP connection manager taking its routes by RDS, or a
+  ``tcp_proxy`` to the service;
+* one ``RouteConfiguration`` per HTTP service port, named like its cluster
+  (``inbound-vip|<port>|http|<host>``, as Istio's waypoint names them), one
+  virtual host for every domain, the rules in order;
+* one ``Cluster`` (EDS) per service port and subset the routes send to, with
+  the DestinationRule's load balancing, circuit breakers and outlier
+  detection, Istio's defaults otherwise;
+* one ``ClusterLoadAssignment`` per cluster: the pods, healthy or not; a pod in
+  the mesh carries Istio's tunnel marker (``envoy.transport_socket_match``
+  ``tunnel: http``) and its SPIFFE ID in the ``istio`` metadata: the waypoint
+  reaches it over HBONE at ``ip:15008`` with ``:authority`` ``ip:port``.
+
+Resource names are unique within one waypoint only: the feed is scoped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from controlplane.l7.build import ClusterSpec, ServiceSpec, WaypointShare, cluster_name
+from controlplane.l7.ir import (
+    BackendRef,
+    Fault,
+    HashPolicy,
+    HeaderMatch,
+    HeaderOps,
+    LbPolicy,
+    PathKind,
+    PathMatch,
+    PortRoutes,
+    Protocol,
+    Redirect,
+    RequestMatch,
+    Retry,
+    Rule,
+    StringKind,
+    StringMatch,
+    TrafficPolicy,
+)
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+TYPE_URLS = (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE)
+
+LISTENER_NAME = "waypoint"
+FAULT_FILTER = "envoy.filters.http.fault"
+ROUTER_FILTER = "envoy.filters.http.router"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TUNNEL_MATCH = "envoy.transport_socket_match"  # Istio's marker of an HBONE endpoint
+UINT32_MAX = 2**32 - 1
+SERVER_NAME = "istio-envoy"  # Istio's waypoint HCM
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyResources:
+    """One waypoint's resources, by type URL and name."""
+
+    listeners: Mapping[str, listener_pb2.Listener]
+    routes: Mapping[str, route_pb2.RouteConfiguration]
+    clusters: Mapping[str, cluster_pb2.Cluster]
+    endpoints: Mapping[str, endpoint_pb2.ClusterLoadAssignment]
+
+    def by_type(self) -> dict[str, Mapping[str, Message]]:
+        return {
+            LISTENER_TYPE: self.listeners,
+            ROUTE_TYPE: self.routes,
+            CLUSTER_TYPE: self.clusters,
+            ENDPOINT_TYPE: self.endpoints,
+        }
+
+
+def _any(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _percent(value: float) -> percent_pb2.FractionalPercent:
+    """Istio's form: a percentage as parts per million."""
+    return percent_pb2.FractionalPercent(
+        numerator=round(value * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
+    )
+
+
+def translate(share: WaypointShare) -> EnvoyResources:
+    routes: dict[str, route_pb2.RouteConfiguration] = {}
+    chains = []
+    for service in share.services:
+        for pr in service.ports:
+            chains.append(_filter_chain(service, pr))
+            if pr.protocol.is_http:
+                rc = _route_config(service, pr, share.clusters)
+                routes[rc.name] = rc
+    listener = listener_pb2.Listener(
+        name=LISTENER_NAME,
+        internal_listener=listener_pb2.Listener.InternalListenerConfig(),
+        listener_filters=[
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.original_dst",
+                typed_config=_any(original_dst_pb2.OriginalDst()),
+            )
+        ],
+        filter_chains=chains,
+    )
+    clusters = {name: _cluster(spec) for name, spec in share.clusters.items()}
+    endpoints = {name: _load_assignment(spec) for name, spec in share.clusters.items()}
+    return EnvoyResources(
+        listeners={LISTENER_NAME: listener},
+        routes=routes,
+        clusters=clusters,
+        endpoints=endpoints,
+    )
+
+
+# ------------------------------------------------------------------ listener
+
+
+def _filter_chain(service: ServiceSpec, pr: PortRoutes) -> listener_components_pb2.FilterChain:
+    name = cluster_name(service.hostname, pr.port, pr.protocol)
+    match = listener_components_pb2.FilterChainMatch(
+        destination_port=wrappers_pb2.UInt32Value(value=pr.port),
+        prefix_ranges=[
+            address_pb2.CidrRange(
+                address_prefix=vip,
+                prefix_len=wrappers_pb2.UInt32Value(value=128 if ":" in vip else 32),
+            )
+            for vip in service.vips
+        ],
+    )
+    if pr.protocol.is_http:
+        hcm = hcm_pb2.HttpConnectionManager(
+            stat_prefix=name,
+            codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+            rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=name),
+            http_filters=[
+                hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_any(fault_pb2.HTTPFault())),
+                hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_any(router_pb2.Router())),
+            ],
+            server_name=SERVER_NAME,
+            server_header_transformation=hcm_pb2.HttpConnectionManager.OVERWRITE,
+            use_remote_address=wrappers_pb2.BoolValue(value=False),
+            normalize_path=wrappers_pb2.BoolValue(value=True),
+            upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
+        )
+        network = listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm)
+        )
+    else:
+        (backend,) = pr.tcp_backends
+        proxy = tcp_proxy_pb2.TcpProxy(
+            stat_prefix=name,
+            cluster=cluster_name(backend.service.split("/", 1)[1], backend.port, Protocol.TCP),
+        )
+        network = listener_components_pb2.Filter(
+            name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
+        )
+    return listener_components_pb2.FilterChain(
+        name=f"{service.hostname}:{pr.port}", filter_chain_match=match, filters=[network]
+    )
+
+
+# ------------------------------------------------------------------ routes
+
+
+def _route_config(
+    service: ServiceSpec, pr: PortRoutes, clusters: Mapping[str, ClusterSpec]
+) -> route_pb2.RouteConfiguration:
+    name = cluster_name(service.hostname, pr.port, pr.protocol)
+    routes = []
+    for rule in pr.rules:
+        for match in rule.matches:
+            routes.append(_route(rule, match, pr, clusters))
+    return route_pb2.RouteConfiguration(
+        name=name,
+        validate_clusters=wrappers_pb2.BoolValue(value=False),
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=f"inbound|http|{pr.port}", domains=["*"], routes=routes
+            )
+        ],
+    )
+
+
+def _string_matcher(m: StringMatch) -> string_pb2.StringMatcher:
+    if m.kind is StringKind.REGEX:
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=m.value))
+    return string_pb2.StringMatcher(**{m.kind.value: m.value}, ignore_case=m.ignore_case)
+
+
+def _header_matcher(h: HeaderMatch) -> route_components_pb2.HeaderMatcher:
+    out = route_components_pb2.HeaderMatcher(name=h.name, invert_match=h.invert)
+    if h.match is None:
+        out.present_match = True
+    else:
+        out.string_match.CopyFrom(_string_matcher(h.match))
+    if h.missing_as_empty:
+        out.treat_missing_header_as_empty = True
+    return out
+
+
+def _route_match(m: RequestMatch) -> route_components_pb2.RouteMatch:
+    out = route_components_pb2.RouteMatch()
+    path = m.path or PathMatch(kind=PathKind.PREFIX, value="/")
+    if path.kind is PathKind.EXACT:
+        out.path = path.value
+    elif path.kind is PathKind.PREFIX or (
+        path.kind is PathKind.SEGMENT_PREFIX and path.value.rstrip("/") == ""
+    ):
+        out.prefix = path.value if path.kind is PathKind.PREFIX else "/"
+    elif path.kind is PathKind.SEGMENT_PREFIX:
+        out.path_separated_prefix = path.value.rstrip("/")
+    else:
+        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=path.value))
+    if m.path is not None and path.kind is not PathKind.REGEX:
+        out.case_sensitive.value = not path.ignore_case
+    out.headers.extend(_header_matcher(h) for h in m.headers)
+    if m.method:
+        out.headers.append(
+            route_components_pb2.HeaderMatcher(
+                name=":method", string_match=string_pb2.StringMatcher(exact=m.method)
+            )
+        )
+    for q in m.query:
+        qm = route_components_pb2.QueryParameterMatcher(name=q.name)
+        if q.match is None:
+            qm.present_match = True
+        else:
+            qm.string_match.CopyFrom(_string_matcher(q.match))
+        out.query_parameters.append(qm)
+    return out
+
+
+def _header_options(ops: HeaderOps) -> list[base_pb2.HeaderValueOption]:
+    options = []
+    for pairs, action in (
+        (ops.set, base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD),
+        (ops.add, base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD),
+    ):
+        for name, value in sorted(pairs):
+            if name in ("host", ":authority") or name.startswith(":"):
+                continue  # becomes host_rewrite_literal (request side), as Istio does
+            options.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=name, value=value), append_action=action
+                )
+            )
+    return options
+
+
+def _host_from_headers(ops: HeaderOps) -> str | None:
+    for pairs in (ops.set, ops.add):
+        for name, value in pairs:
+            if name in ("host", ":authority"):
+                return value
+    return None
+
+
+def _backend_cluster(b: BackendRef, clusters: Mapping[str, ClusterSpec]) -> str:
+    host = b.service.split("/", 1)[1]
+    for protocol in (Protocol.HTTP, Protocol.HTTP2, Protocol.GRPC):
+        name = cluster_name(host, b.port, protocol, b.subset)
+        if name in clusters:
+            return name
+    # Not built (a backend that cannot be used): Envoy answers cluster_not_found.
+    return cluster_name(host, b.port, Protocol.HTTP, b.subset)
+
+
+def _retry_policy(retry: Retry, hashed: bool) -> route_components_pb2.RetryPolicy:
+    out = route_components_pb2.RetryPolicy(
+        retry_on=retry.retry_on,
+        num_retries=wrappers_pb2.UInt32Value(value=retry.attempts),
+        retriable_status_codes=list(retry.codes),
+    )
+    if retry.per_try_timeout_s:
+        out.per_try_timeout.CopyFrom(_duration(retry.per_try_timeout_s))
+    if retry.backoff_base_s:
+        out.retry_back_off.base_interval.CopyFrom(_duration(retry.backoff_base_s))
+    if retry.other_host and not hashed:
+        out.retry_host_predicate.append(
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
+            )
+        )
+        out.host_selection_retry_max_attempts = 5
+    return out
+
+
+def _hash_policy(h: HashPolicy) -> route_components_pb2.RouteAction.HashPolicy:
+    out = route_components_pb2.RouteAction.HashPolicy()
+    if h.header:
+        out.header.header_name = h.header
+    elif h.cookie:
+        out.cookie.name = h.cookie
+        out.cookie.path = h.cookie_path
+        if h.cookie_ttl_s is not None:
+            out.cookie.ttl.CopyFrom(_duration(h.cookie_ttl_s))
+    elif h.source_ip:
+        out.connection_properties.source_ip = True
+    else:
+        out.query_parameter.name = h.query
+    return out
+
+
+def _redirect(r: Redirect, port: int) -> route_components_pb2.RedirectAction:
+    codes = {
+        301: route_components_pb2.RedirectAction.MOVED_PERMANENTLY,
+        302: route_components_pb2.RedirectAction.FOUND,
+        303: route_components_pb2.RedirectAction.SEE_OTHER,
+        307: route_components_pb2.RedirectAction.TEMPORARY_REDIRECT,
+        308: route_components_pb2.RedirectAction.PERMANENT_REDIRECT,
+    }
+    out = route_components_pb2.RedirectAction(response_code=codes[r.status])
+    if r.scheme:
+        out.scheme_redirect = r.scheme
+    if r.host:
+        out.host_redirect = r.host
+    new_port = r.port if r.port is not None else (port if r.request_port else None)
+    if new_port is not None and ((r.scheme or "http"), new_port) not in (
+        ("http", 80),
+        ("https", 443),
+    ):
+        out.port_redirect = new_port
+    if r.path is not None:
+        out.path_redirect = r.path
+    elif r.prefix is not None:
+        out.prefix_rewrite = r.prefix
+    return out
+
+
+def _fault(f: Fault) -> fault_pb2.HTTPFault:
+    out = fault_pb2.HTTPFault()
+    if f.delay_s is not None:
+        out.delay.CopyFrom(
+            common_fault_pb2.FaultDelay(
+                fixed_delay=_duration(f.delay_s), percentage=_percent(f.delay_percent)
+            )
+        )
+    if f.abort_status is not None:
+        out.abort.http_status = f.abort_status
+        out.abort.percentage.CopyFrom(_percent(f.abort_percent))
+    elif f.abort_grpc_status is not None:
+        out.abort.grpc_status = f.abort_grpc_status
+        out.abort.percentage.CopyFrom(_percent(f.abort_percent))
+    return out
+
+
+def _route(
+    rule: Rule, match: RequestMatch, pr: PortRoutes, clusters: Mapping[str, ClusterSpec]
+) -> route_components_pb2.Route:
+    out = route_components_pb2.Route(name=rule.name, match=_route_match(match))
+    if rule.operation:
+        out.decorator.operation = rule.operation
+    out.request_headers_to_add.extend(_header_options(rule.request_headers))
+    out.request_headers_to_remove.extend(
+        n for n in rule.request_headers.remove if not n.startswith(":") and n != "host"
+    )
+    out.response_headers_to_add.extend(_header_options(rule.response_headers))
+    out.response_headers_to_remove.extend(rule.response_headers.remove)
+    if rule.fault is not None:
+        out.typed_per_filter_config[FAULT_FILTER].CopyFrom(_any(_fault(rule.fault)))
+    if rule.redirect is not None:
+        out.redirect.CopyFrom(_redirect(rule.redirect, pr.port))
+        return out
+    if rule.direct_status is not None:
+        out.direct_response.status = rule.direct_status
+        if rule.direct_body:
+            out.direct_response.body.inline_string = rule.direct_body
+        return out
+    action = out.route
+    names = [_backend_cluster(b, clusters) for b in rule.backends]
+    if len(rule.backends) == 1:
+        action.cluster = names[0]
+    else:
+        for b, name in zip(rule.backends, names, strict=True):
+            action.weighted_clusters.clusters.append(
+                route_components_pb2.WeightedCluster.ClusterWeight(
+                    name=name, weight=wrappers_pb2.UInt32Value(value=b.weight)
+                )
+            )
+    # Gateway API: an unusable backend's share of requests is answered with 500.
+    action.cluster_not_found_response_code = (
+        route_components_pb2.RouteAction.INTERNAL_SERVER_ERROR
+        if pr.source in ("HTTPRoute", "GRPCRoute")
+        else route_components_pb2.RouteAction.SERVICE_UNAVAILABLE
+    )
+    action.timeout.CopyFrom(_duration(rule.timeout_s or 0.0))
+    hashes = [
+        clusters[n].policy.hash_policy
+        for n in names
+        if n in clusters and clusters[n].policy.hash_policy is not None
+    ]
+    for h in _unique(hashes):
+        action.hash_policy.append(_hash_policy(h))
+    if rule.retry is not None:
+        action.retry_policy.CopyFrom(_retry_policy(rule.retry, hashed=bool(hashes)))
+    for mirror in rule.mirrors:
+        if mirror.backend.problem:
+            continue  # Istio drops a mirror it cannot resolve (and says so in status)
+        action.request_mirror_policies.append(
+            route_components_pb2.RouteAction.RequestMirrorPolicy(
+                cluster=_backend_cluster(mirror.backend, clusters),
+                runtime_fraction=base_pb2.RuntimeFractionalPercent(
+                    default_value=_percent(mirror.percent)
+                ),
+                trace_sampled=wrappers_pb2.BoolValue(value=False),
+            )
+        )
+    rewrite = rule.rewrite
+    host = (rewrite.host if rewrite is not None else None) or _host_from_headers(
+        rule.request_headers
+    )
+    if host:
+        action.host_rewrite_literal = host
+    if rewrite is not None:
+        _path_rewrite(action, rewrite.path, rewrite.prefix, rewrite.regex, match)
+    return out
+
+
+def _unique(hashes: Iterable[HashPolicy | None]) -> list[HashPolicy]:
+    seen: list[HashPolicy] = []
+    for h in hashes:
+        if h is not None and h not in seen:
+            seen.append(h)
+    return seen
+
+
+def _path_rewrite(
+    action: route_components_pb2.RouteAction,
+    full: str | None,
+    prefix: str | None,
+    regex: tuple[str, str] | None,
+    match: RequestMatch,
+) -> None:
+    """Istio's conversions of URLRewrite (and VirtualService rewrite.uri)."""
+    if regex is not None:
+        action.regex_rewrite.pattern.regex = regex[0]
+        action.regex_rewrite.substitution = regex[1]
+    elif full is not None:
+        action.regex_rewrite.pattern.regex = "/.*"
+        action.regex_rewrite.substitution = full
+    elif prefix is not None:
+        segment = match.path is not None and match.path.kind is PathKind.SEGMENT_PREFIX
+        if not segment:
+            action.prefix_rewrite = prefix
+            return
+        value = prefix.rstrip("/") or "/"
+        if value == "/":
+            # Replacing a prefix with "/" must not leave "//": keep one slash.
+            assert match.path is not None
+            matched = match.path.value.rstrip("/")
+            action.regex_rewrite.pattern.regex = f"^{_quote_meta(matched)}(/?)(.*)"
+            action.regex_rewrite.substitution = "/\\2"
+        else:
+            action.prefix_rewrite = value
+
+
+def _quote_meta(text: str) -> str:
+    """Go's regexp.QuoteMeta (what Istio uses): escape RE2's special characters."""
+    return "".join("\\" + c if c in r"\.+*?()|[]{}^$" else c for c in text)
+
+
+# ------------------------------------------------------------------ clusters
+
+
+_LB = {
+    LbPolicy.LEAST_REQUEST: cluster_pb2.Cluster.LEAST_REQUEST,
+    LbPolicy.ROUND_ROBIN: cluster_pb2.Cluster.ROUND_ROBIN,
+    LbPolicy.RANDOM: cluster_pb2.Cluster.RANDOM,
+    LbPolicy.RING_HASH: cluster_pb2.Cluster.RING_HASH,
+    LbPolicy.MAGLEV: cluster_pb2.Cluster.MAGLEV,
+}
+
+
+def _thresholds(policy: TrafficPolicy) -> circuit_breaker_pb2.CircuitBreakers:
+    b = policy.breakers
+
+    def limit(value: int | None) -> wrappers_pb2.UInt32Value:
+        return wrappers_pb2.UInt32Value(value=UINT32_MAX if value is None else value)
+
+    return circuit_breaker_pb2.CircuitBreakers(
+        thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                max_connections=limit(b.max_connections),
+                max_pending_requests=limit(b.max_pending_requests),
+                max_requests=limit(b.max_requests),
+                max_retries=limit(b.max_retries),
+                track_remaining=True,
+            )
+        ]
+    )
+
+
+def _cluster(spec: ClusterSpec) -> cluster_pb2.Cluster:
+    policy = spec.policy
+    out = cluster_pb2.Cluster(
+        name=spec.name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            eds_config=_ads(), service_name=spec.name
+        ),
+        connect_timeout=_duration(policy.connect_timeout_s),
+        lb_policy=_LB[policy.lb],
+        circuit_breakers=_thresholds(policy),
+    )
+    if policy.lb is LbPolicy.RING_HASH and policy.minimum_ring_size:
+        out.ring_hash_lb_config.minimum_ring_size.value = policy.minimum_ring_size
+    od = policy.outlier
+    if od is not None:
+        detection = outlier_detection_pb2.OutlierDetection(
+            interval=_duration(od.interval_s),
+            base_ejection_time=_duration(od.base_ejection_time_s),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=od.max_ejection_percent),
+            enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
+        )
+        if od.consecutive_5xx:
+            detection.consecutive_5xx.value = od.consecutive_5xx
+            detection.enforcing_consecutive_5xx.value = 100
+        else:
+            detection.enforcing_consecutive_5xx.value = 0
+        if od.consecutive_gateway_errors:
+            detection.consecutive_gateway_failure.value = od.consecutive_gateway_errors
+            detection.enforcing_consecutive_gateway_failure.value = 100
+        out.outlier_detection.CopyFrom(detection)
+        out.common_lb_config.healthy_panic_threshold.value = float(od.min_health_percent)
+    if spec.protocol.is_http:
+        options = http_protocol_options_pb2.HttpProtocolOptions()
+        if spec.protocol in (Protocol.HTTP2, Protocol.GRPC):
+            options.explicit_http_config.http2_protocol_options.SetInParent()
+        else:
+            options.explicit_http_config.http_protocol_options.SetInParent()
+        if policy.idle_timeout_s:
+            options.common_http_protocol_options.idle_timeout.CopyFrom(
+                _duration(policy.idle_timeout_s)
+            )
+        if policy.max_requests_per_connection:
+            options.common_http_protocol_options.max_requests_per_connection.value = (
+                policy.max_requests_per_connection
+            )
+        out.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_any(options))
+    name, namespace = spec.hostname.split(".")[:2]
+    services = struct_pb2.Struct()
+    services.update({"services": [{"host": spec.hostname, "name": name, "namespace": namespace}]})
+    if spec.subset:
+        services.update({"subset": spec.subset})
+    out.metadata.filter_metadata["istio"].CopyFrom(services)
+    return out
+
+
+def _load_assignment(spec: ClusterSpec) -> endpoint_pb2.ClusterLoadAssignment:
+    lb_endpoints = []
+    for ep in spec.endpoints:
+        metadata = base_pb2.Metadata()
+        if ep.hbone:
+            metadata.filter_metadata[TUNNEL_MATCH].update({"tunnel": "http"})
+        metadata.filter_metadata["istio"].update(
+            {
+                "workload": f"{ep.pod};{ep.namespace};{ep.canonical_name};"
+                f"{ep.canonical_revision};Kubernetes",
+                "identity": ep.identity,
+            }
+        )
+        lb_endpoints.append(
+            endpoint_components_pb2.LbEndpoint(
+                endpoint=endpoint_components_pb2.Endpoint(
+                    address=address_pb2.Address(
+                        socket_address=address_pb2.SocketAddress(address=ep.ip, port_value=ep.port)
+                    )
+                ),
+                health_status=(
+                    health_check_pb2.HEALTHY if ep.healthy else health_check_pb2.UNHEALTHY
+                ),
+                metadata=metadata,
+            )
+        )
+    endpoints = (
+        [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)]
+        if lb_endpoints
+        else []
+    )
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=spec.name, endpoints=endpoints)
