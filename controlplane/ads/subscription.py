@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DeltaDiscoveryResponse
@@ -243,7 +244,7 @@ class Subscription:
 
     # --------------------------------------------------------------- status
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         return {
             "peer": self.peer,
             "node": self.node_id,

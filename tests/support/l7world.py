@@ -115,5 +115,7 @@ spec:
   rules:
   - matches: [{headers: [{name: User-Agent, type: RegularExpression, value: ".*iPhone.*"}]}]
     backendRefs: [{name: reviews-v2, port: 9080}]
-  - backendRefs: [{name: reviews-v1, port: 9080, weight: 90}, {name: reviews-v2, port: 9080, weight: 10}]
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
 """
