@@ -89,6 +89,10 @@ def svc(
     )
 
 
+def labelled_svc(name: str, vip: str, labels: dict[str, str]) -> ServiceInfo:
+    return replace(svc(name, vip), labels=frozen_labels(labels))
+
+
 def by_name(resources: Resources) -> dict[str, Workload]:
     return {w.name: w for w in resources.workloads.values()}
 
@@ -272,7 +276,7 @@ def test_a_missing_waypoint_fails_closed_and_is_reported() -> None:
     state = SourceState(
         namespaces=(ns("apps"),),
         pods=(pod("a", "10.0.0.1", labels={"istio.io/use-waypoint": "ghost"}),),
-        services=(svc("web", "10.96.0.1", **{"istio.io/use-waypoint": "ghost"}),),
+        services=(labelled_svc("web", "10.96.0.1", {"istio.io/use-waypoint": "ghost"}),),
     )
     r = translate(state)
     workload = next(iter(r.workloads.values()))
@@ -289,8 +293,8 @@ def test_a_waypoint_without_an_address_or_accepting_listener_fails_closed() -> N
     state = SourceState(
         namespaces=(ns("apps"),),
         services=(
-            svc("a", "10.96.0.1", **{"istio.io/use-waypoint": "wp"}),
-            svc("b", "10.96.0.2", **{"istio.io/use-waypoint": "wp2"}),
+            labelled_svc("a", "10.96.0.1", {"istio.io/use-waypoint": "wp"}),
+            labelled_svc("b", "10.96.0.2", {"istio.io/use-waypoint": "wp2"}),
         ),
         waypoints=(broken, pending),
     )
@@ -316,8 +320,8 @@ def test_a_waypoint_of_another_namespace_must_allow_it() -> None:
     state = SourceState(
         namespaces=(ns("apps"), ns("infra")),
         services=(
-            svc("a", "10.96.0.1", **{"istio.io/use-waypoint": "shared", **use}),
-            svc("b", "10.96.0.2", **{"istio.io/use-waypoint": "own", **use}),
+            labelled_svc("a", "10.96.0.1", {"istio.io/use-waypoint": "shared", **use}),
+            labelled_svc("b", "10.96.0.2", {"istio.io/use-waypoint": "own", **use}),
         ),
         waypoints=(shared, own),
     )
