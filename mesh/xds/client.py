@@ -19,15 +19,16 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, Generic
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, struct_pb2
 from google.rpc import status_pb2
 
-from mesh.xds.state import TYPE_URLS, XdsState, apply_response
+from mesh.xds.state import TYPE_URLS, Applied, S, XdsState, apply_response
 
 log = logging.getLogger("mesh.xds")
 _INVALID_ARGUMENT = 3
@@ -36,18 +37,29 @@ KEEPALIVE_TIME_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0
 
 
-class XdsClient:
-    """Keeps an :class:`XdsState` current from meshd; ``on_update`` hears every change."""
+Apply = Callable[[S, str, Iterable[tuple[str, str, any_pb2.Any]], Iterable[str]], Applied[S]]
+
+
+class FeedClient(Generic[S]):
+    """Keeps a proxy's state current from meshd; ``on_update`` hears every change.
+
+    ``apply`` turns one response into the next state (sans I/O); ztunnel's is
+    :func:`mesh.xds.state.apply_response`, the waypoint has its own for
+    Envoy's resource types.
+    """
 
     def __init__(
         self,
         target: str,
         *,
         node_id: str,
+        state: S,
+        apply: Apply[S],
+        type_urls: Sequence[str],
+        node_metadata: struct_pb2.Struct | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
-        on_update: Callable[[XdsState], None] | None = None,
-        type_urls: Sequence[str] = TYPE_URLS,
+        on_update: Callable[[S], None] | None = None,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 30.0,
         keepalive_time_s: float = KEEPALIVE_TIME_S,
@@ -57,6 +69,8 @@ class XdsClient:
     ) -> None:
         self.target = target
         self.node_id = node_id
+        self.node_metadata = node_metadata
+        self._apply = apply
         self.credentials = credentials
         self.metadata = tuple(metadata)
         self.on_update = on_update
@@ -67,14 +81,14 @@ class XdsClient:
         self.keepalive_timeout_s = keepalive_timeout_s
         self.rng = rng or random.Random()
         self.log = logger
-        self.state = XdsState()
+        self.state = state
         self.connected = False
         self.connects = 0
         self.nacks_sent = 0
         self.last_error = ""
         self._synced = asyncio.Event()
 
-    async def wait_synced(self, timeout_s: float | None = None) -> XdsState:
+    async def wait_synced(self, timeout_s: float | None = None) -> S:
         """Wait until every subscribed type has had its first response."""
         async with asyncio.timeout(timeout_s):
             await self._synced.wait()
@@ -107,12 +121,11 @@ class XdsClient:
         self.connected = False
         self.last_error = reason
         self.log.warning(
-            "xds: %s meshd at %s (%s); keeping the last good state (%d workloads, %d policies)",
+            "xds: %s meshd at %s (%s); keeping the last good state (%s)",
             "lost" if was else "cannot reach",
             self.target,
             reason,
-            len(self.state.workloads),
-            len(self.state.policies),
+            self.state.summary(),
         )
 
     def channel_options(self) -> list[tuple[str, int]]:
@@ -149,6 +162,8 @@ class XdsClient:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.DeltaAggregatedResources(requests(), metadata=self.metadata)
             node = base_pb2.Node(id=self.node_id)
+            if self.node_metadata is not None:
+                node.metadata.CopyFrom(self.node_metadata)
             for type_url in self.type_urls:
                 queue.put_nowait(
                     discovery_pb2.DeltaDiscoveryRequest(
@@ -178,7 +193,7 @@ class XdsClient:
     def _handle(
         self, response: discovery_pb2.DeltaDiscoveryResponse
     ) -> discovery_pb2.DeltaDiscoveryRequest:
-        applied = apply_response(
+        applied = self._apply(
             self.state,
             response.type_url,
             ((r.name, r.version, r.resource) for r in response.resources),
@@ -208,6 +223,27 @@ class XdsClient:
                 )
             )
         return answer
+
+
+class XdsClient(FeedClient[XdsState]):
+    """ztunnel's client: the Workload API and Authorization types into an :class:`XdsState`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        node_id: str,
+        type_urls: Sequence[str] = TYPE_URLS,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            target,
+            node_id=node_id,
+            state=XdsState(),
+            apply=apply_response,
+            type_urls=type_urls,
+            **kwargs,
+        )
 
 
 async def close_quietly(task: asyncio.Task[None]) -> None:

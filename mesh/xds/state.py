@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import DecodeError
@@ -51,6 +51,9 @@ class XdsState:
     def synced(self) -> bool:
         return set(TYPE_URLS) <= self.synced_types
 
+    def summary(self) -> str:
+        return f"{len(self.workloads)} workloads, {len(self.policies)} policies"
+
     def workload_by_ip(self, ip: str) -> Workload | None:
         for workload in self.workloads.values():
             if any(str(a) == ip for a in workload.addresses):
@@ -58,11 +61,26 @@ class XdsState:
         return None
 
 
+class FeedState(Protocol):
+    """What the client needs of any proxy's state: what it holds, and whether it is whole."""
+
+    @property
+    def versions(self) -> Mapping[str, Mapping[str, str]]: ...
+
+    @property
+    def synced(self) -> bool: ...
+
+    def summary(self) -> str: ...
+
+
+S = TypeVar("S", bound=FeedState)
+
+
 @dataclass(frozen=True, slots=True)
-class Applied:
+class Applied(Generic[S]):
     """The outcome of one response: the new state, and what to answer."""
 
-    state: XdsState
+    state: S
     refused: Mapping[str, str]  # name -> reason
     changed: bool
 
@@ -84,7 +102,7 @@ def apply_response(
     type_url: str,
     resources: Iterable[tuple[str, str, any_pb2.Any]],
     removed: Iterable[str],
-) -> Applied:
+) -> Applied[XdsState]:
     """Apply one Delta response (``(name, version, Any)`` resources, removed names)."""
     refused: dict[str, str] = {}
     versions = dict(state.versions.get(type_url, {}))
