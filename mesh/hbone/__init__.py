@@ -26,6 +26,7 @@ from mesh.hbone.errors import (
 )
 from mesh.hbone.forward import Forwarder
 from mesh.hbone.headers import connect_headers, format_authority, parse_authority
+from mesh.hbone.local import LocalSocket
 from mesh.hbone.pool import HboneClientPool, PoolKey
 from mesh.hbone.server import ConnectRequest, HboneServer, open_upstream
 from mesh.hbone.settings import (
@@ -50,6 +51,7 @@ __all__ = [
     "HboneError",
     "HboneServer",
     "Http2Settings",
+    "LocalSocket",
     "PeerIdentityMismatch",
     "PlainProtocol",
     "PoolClosed",

@@ -1,0 +1,328 @@
+"""The waypoint's own model of its configuration: frozen values, ready for the hot path.
+
+Converted from Envoy's resources at the edge (:mod:`waypoint.config.convert`),
+with regular expressions compiled, durations in seconds and percentages in
+parts per million, so that per-request code never touches protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import re2
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MILLION = 1_000_000
+UINT32_MAX = 2**32 - 1
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+class StringKind(enum.Enum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    SUFFIX = "suffix"
+    CONTAINS = "contains"
+    REGEX = "safe_regex"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StringMatcher:
+    kind: StringKind
+    value: str
+    ignore_case: bool = False
+    regex: Any = None  # a compiled re2 pattern for REGEX (whole-string match)
+
+    def matches(self, text: str) -> bool:
+        kind = self.kind
+        if kind is StringKind.REGEX:
+            return self.regex.fullmatch(text) is not None
+        if self.ignore_case:
+            text, value = text.lower(), self.value.lower()
+        else:
+            value = self.value
+        if kind is StringKind.EXACT:
+            return text == value
+        if kind is StringKind.PREFIX:
+            return text.startswith(value)
+        if kind is StringKind.SUFFIX:
+            return text.endswith(value)
+        return value in text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderMatcher:
+    """``matcher`` None with ``present`` set: a presence test (``present_match``)."""
+
+    name: str
+    matcher: StringMatcher | None = None
+    present: bool = True
+    invert: bool = False
+    missing_as_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueryMatcher:
+    name: str
+    matcher: StringMatcher | None = None  # None: present
+
+
+class PathKind(enum.Enum):
+    PREFIX = "prefix"
+    PATH = "path"
+    SEPARATED_PREFIX = "path_separated_prefix"
+    REGEX = "safe_regex"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteMatch:
+    kind: PathKind
+    value: str
+    case_sensitive: bool = True
+    regex: Any = None
+    headers: tuple[HeaderMatcher, ...] = ()
+    query: tuple[QueryMatcher, ...] = ()
+
+
+class AppendAction(enum.Enum):
+    APPEND_IF_EXISTS_OR_ADD = 0
+    ADD_IF_ABSENT = 1
+    OVERWRITE_IF_EXISTS_OR_ADD = 2
+    OVERWRITE_IF_EXISTS = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderMutation:
+    add: tuple[tuple[str, str, AppendAction], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.remove)
+
+
+NO_MUTATION = HeaderMutation()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    retry_on: frozenset[str]
+    num_retries: int = 1
+    status_codes: frozenset[int] = frozenset()
+    per_try_timeout_s: float = 0.0
+    base_interval_s: float = 0.025
+    max_interval_s: float = 0.25
+    previous_hosts: bool = False
+    host_selection_attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mirror:
+    cluster: str
+    ppm: int = MILLION  # parts per million of requests mirrored
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HashPolicy:
+    header: str = ""
+    cookie: str = ""
+    cookie_ttl_s: float | None = None
+    cookie_path: str = ""
+    source_ip: bool = False
+    query: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forward:
+    """Envoy's RouteAction: to a cluster or weighted clusters."""
+
+    clusters: tuple[tuple[str, int], ...]  # (name, weight); one with weight 0 when unweighted
+    total_weight: int = 0
+    cluster_not_found_status: int = 503
+    timeout_s: float = 15.0  # Envoy's default; 0 disables
+    retry: RetryPolicy | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    prefix_rewrite: str | None = None
+    regex_rewrite: tuple[Any, str] | None = None  # (compiled pattern, substitution)
+    host_rewrite: str | None = None
+    hash_policies: tuple[HashPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Redirect:
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    prefix_rewrite: str | None = None
+    regex_rewrite: tuple[Any, str] | None = None
+    status: int = 301
+    strip_query: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    delay_s: float | None = None
+    delay_ppm: int = 0
+    abort_status: int | None = None
+    abort_grpc_status: int | None = None
+    abort_ppm: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    name: str
+    match: RouteMatch
+    action: Forward | Redirect | DirectResponse
+    request_headers: HeaderMutation = NO_MUTATION
+    response_headers: HeaderMutation = NO_MUTATION
+    fault: Fault | None = None
+    operation: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+
+
+class LbPolicy(enum.Enum):
+    ROUND_ROBIN = 0
+    LEAST_REQUEST = 1
+    RING_HASH = 2
+    RANDOM = 3
+    MAGLEV = 5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thresholds:
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierConfig:
+    consecutive_5xx: int = 5
+    enforcing_consecutive_5xx: int = 100
+    consecutive_gateway_failure: int = 5
+    enforcing_consecutive_gateway_failure: int = 0
+    interval_s: float = 10.0
+    base_ejection_time_s: float = 30.0
+    max_ejection_time_s: float = 300.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cluster:
+    name: str
+    lb: LbPolicy = LbPolicy.ROUND_ROBIN
+    choice_count: int = 2
+    minimum_ring_size: int = 1024
+    connect_timeout_s: float = 5.0
+    thresholds: Thresholds = Thresholds()
+    outlier: OutlierConfig | None = None
+    healthy_panic_percent: float = 50.0
+    http2: bool = False  # h2c to the endpoints (gRPC); else HTTP/1.1
+    idle_timeout_s: float = 3600.0
+    max_requests_per_connection: int = 0  # 0: unlimited
+    metadata: Mapping[str, Any] = field(default_factory=_empty)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    ip: str
+    port: int
+    healthy: bool = True
+    hbone: bool = False  # reached over HBONE: ip:15008 with :authority ip:port
+    identity: str = ""  # the SPIFFE ID it must present (HBONE)
+    workload: str = ""  # Istio's "name;namespace;canonical;revision;cluster"
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadAssignment:
+    cluster: str
+    endpoints: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpManager:
+    route_config: str
+    stat_prefix: str = ""
+    server_name: str = "envoy"
+    overwrite_server: bool = True
+    normalize_path: bool = False
+    fault_filter: bool = False
+    websocket: bool = False
+    stream_idle_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpProxy:
+    cluster: str
+    stat_prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FilterChain:
+    name: str
+    prefixes: tuple[IPNetwork, ...]
+    port: int | None
+    handler: HttpManager | TcpProxy
+
+    def matches(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        return not self.prefixes or any(ip in net for net in self.prefixes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listener:
+    name: str
+    chains: tuple[FilterChain, ...]
+
+    def chain_for(self, host: str, port: int) -> FilterChain | None:
+        """The filter chain for a destination (the CONNECT authority), as Envoy picks
+        one: the most specific destination prefix wins among those on the port."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        best: tuple[int, FilterChain] | None = None
+        for chain in self.chains:
+            if not chain.matches(ip, port):
+                continue
+            length = max((n.prefixlen for n in chain.prefixes if ip in n), default=-1)
+            if best is None or length > best[0]:
+                best = (length, chain)
+        return best[1] if best else None
+
+
+def compile_regex(pattern: str) -> Any:
+    """RE2, as Envoy: refuse what RE2 refuses."""
+    return re2.compile(pattern)
