@@ -23,7 +23,7 @@ import yaml
 
 from mesh.cluster import Cluster, apply_label_edits, parse_label_edits, parse_spec
 from mesh.cluster.errors import ClusterError
-from mesh.cluster.model import parse_policy
+from mesh.cluster.parse import parse_policy
 from mesh.cluster.statefile import list_clusters, locked, read_state, write_state
 from meshlab import lifecycle, names, procs
 from meshlab.errors import ClusterNotFoundError, MeshlabError

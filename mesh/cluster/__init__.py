@@ -21,8 +21,8 @@ from mesh.cluster.model import (
     Service,
     ServiceAccount,
     ServicePort,
-    parse_spec,
 )
+from mesh.cluster.parse import parse_spec
 
 __all__ = [
     "Cluster",

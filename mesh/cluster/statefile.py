@@ -20,7 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from mesh.cluster.errors import ClusterSpecError, StateFileError
-from mesh.cluster.model import Cluster, parse_spec
+from mesh.cluster.model import Cluster
+from mesh.cluster.parse import parse_spec
 
 DEFAULT_ROOT = Path("/run/meshlab")
 STATE_FILE = "state.json"

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from mesh.cluster.model import parse_spec
+from mesh.cluster.parse import parse_spec
 from mesh.cluster.statefile import write_state
 from tests.unit.ztunnel.test_ctl_fixture import DUMP, dump_copy, saved
 from ztunnel.ctl.cli import main
