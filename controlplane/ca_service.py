@@ -105,17 +105,35 @@ class NodeTokenAuthenticator:
     not tell an attacker how much of a guess was right.
     """
 
-    def __init__(self, tokens: Callable[[], Mapping[str, str]]) -> None:
+    def __init__(
+        self,
+        tokens: Callable[[], Mapping[str, str]],
+        workloads: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
+        """``workloads``: token -> SPIFFE ID, for pods that ask for their own identity
+        (a waypoint), as a projected service-account token would prove it."""
         self._tokens = tokens
+        self._workloads = workloads
 
     async def authenticate(self, token: str) -> Caller:
-        """Return the node agent that owns ``token``."""
+        """Return the node agent (or the pod) that owns ``token``."""
         presented = token.encode()
         node: str | None = None
         for known, owner in self._tokens().items():
             # No early exit: every entry is compared, whatever matches.
             if hmac.compare_digest(presented, known.encode()) and node is None:
                 node = owner
+        if node is None and self._workloads is not None:
+            workload: str | None = None
+            for known, identity in self._workloads().items():
+                if hmac.compare_digest(presented, known.encode()) and workload is None:
+                    workload = identity
+            if workload is not None:
+                try:
+                    spiffe = SpiffeId.parse(workload)
+                except InvalidSpiffeId as e:
+                    raise Unauthenticated(f"the token's pod has no valid identity: {e}") from e
+                return Caller(node=None, identity=spiffe, description=f"pod {workload}")
         if node is None:
             raise Unauthenticated(
                 "the token is not a known node agent token (hint: node agent tokens are "

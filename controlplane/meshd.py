@@ -371,9 +371,11 @@ def _ca(
     kind, _, value = args.source.partition(":")
     authenticator: Any
     if kind == "meshlab":
-        from mesh.cluster.statefile import node_tokens
+        from mesh.cluster.statefile import node_tokens, pod_identities
 
-        authenticator = ca_service.NodeTokenAuthenticator(lambda: node_tokens(value))
+        authenticator = ca_service.NodeTokenAuthenticator(
+            lambda: node_tokens(value), lambda: pod_identities(value, args.trust_domain)
+        )
     elif kind == "kubernetes":
         from controlplane.sources import kubernetes as k8s
 

@@ -6,6 +6,9 @@ meshlab status [--name NAME] [-o table|json|yaml]
 meshlab exec [--name NAME] POD|NODE -- CMD...
 meshlab label [--name NAME] namespace NS key=value|key- ... [--overwrite]
 meshlab label [--name NAME] pod POD [-n NS] key=value|key- ... [--overwrite]
+meshlab label [--name NAME] service SVC [-n NS] key=value|key- ... [--overwrite]
+meshlab apply -f FILE / meshlab delete -f FILE / meshlab delete KIND NAME [-n NS]
+meshlab get KIND [NAME] [-n NS | -A] [-o table|json|yaml]
 meshlab list
 meshlab app echo [--port PORT]
 """
@@ -23,9 +26,10 @@ import yaml
 
 from mesh.cluster import Cluster, apply_label_edits, parse_label_edits, parse_spec
 from mesh.cluster.errors import ClusterError
-from mesh.cluster.parse import parse_policy
 from mesh.cluster.statefile import list_clusters, locked, read_state, write_state
+from meshlab import apply as apply_cmd
 from meshlab import lifecycle, names, procs
+from meshlab import mesh as mesh_procs
 from meshlab.errors import ClusterNotFoundError, MeshlabError
 from meshlab.status import render, status_document
 
@@ -186,7 +190,13 @@ def cmd_label(args: argparse.Namespace) -> int:
     if not edits:
         raise MeshlabError("no labels given: key=value to set, key- to remove")
     name = lifecycle.resolve_name(args.name)
-    kind = "namespace" if args.kind in ("namespace", "namespaces", "ns") else "pod"
+    kind = {
+        "namespaces": "namespace",
+        "ns": "namespace",
+        "pods": "pod",
+        "services": "service",
+        "svc": "service",
+    }.get(args.kind, args.kind)
     outcome: dict[str, bool] = {}
 
     def change(state: Cluster) -> Cluster:
@@ -200,6 +210,17 @@ def cmd_label(args: argparse.Namespace) -> int:
             )
             outcome["changed"] = labels != dict(ns.labels)
             return state.with_namespace_labels(ns.name, labels)
+        if kind == "service":
+            svc_ns = args.namespace or "default"
+            found = [s for s in state.services if s.name == args.object and s.namespace == svc_ns]
+            if not found:
+                raise MeshlabError(f'services "{args.object}" not found in namespace "{svc_ns}"')
+            svc = found[0]
+            labels = apply_label_edits(
+                svc.labels, edits, overwrite=args.overwrite, what=f"service/{svc.name}"
+            )
+            outcome["changed"] = labels != dict(svc.labels)
+            return state.with_service_labels(svc_ns, svc.name, labels)
         pod_ns = args.namespace or "default"
         target = args.object
         if "/" in target:
@@ -227,53 +248,94 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    try:
-        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except FileNotFoundError as e:
-        raise MeshlabError(f"{path} does not exist") from e
-    except yaml.YAMLError as e:
-        raise MeshlabError(f"{path} is not valid YAML: {e}") from e
-    policies = []
-    for i, doc in enumerate(documents):
-        try:
-            policies.append(parse_policy(doc))
-        except ClusterError as e:
-            raise MeshlabError(f"{path}, document {i + 1}: {e}") from e
+    documents = apply_cmd.read_documents(Path(args.file))
     name = lifecycle.resolve_name(args.name)
-    with locked(name):
-        state = read_state(name)
-        existing = {(_ns(p), _pname(p)) for p in state.policies}
-        for policy in policies:
-            state = state.with_policy(policy)
-        write_state(state)
-    for policy in policies:
-        verb = "configured" if (_ns(policy), _pname(policy)) in existing else "created"
-        print(f"authorizationpolicy.security.istio.io/{_pname(policy)} {verb}")
+    for line in apply_cmd.apply(name, documents, _log):
+        print(line)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     name = lifecycle.resolve_name(args.name)
-    namespace = args.namespace or "default"
-    with locked(name):
-        state = read_state(name)
-        if not any((_ns(p), _pname(p)) == (namespace, args.object) for p in state.policies):
-            raise MeshlabError(
-                f'authorizationpolicies.security.istio.io "{args.object}" not found '
-                f'in namespace "{namespace}"'
-            )
-        write_state(state.without_policy(namespace, args.object))
-    print(f'authorizationpolicy.security.istio.io "{args.object}" deleted')
+    if args.file:
+        if args.kind or args.object:
+            raise MeshlabError("give -f FILE or KIND NAME, not both")
+        targets = apply_cmd.targets_of(apply_cmd.read_documents(Path(args.file)))
+    else:
+        if not args.kind or not args.object:
+            raise MeshlabError("give -f FILE, or KIND NAME [-n NAMESPACE]")
+        targets = [(apply_cmd.kind_of(args.kind), args.namespace or "default", args.object)]
+    for line in apply_cmd.delete(name, targets, _log):
+        print(line)
     return 0
 
 
-def _ns(policy: Any) -> str:
-    return str((policy.get("metadata") or {}).get("namespace") or "default")
+def cmd_get(args: argparse.Namespace) -> int:
+    kind = apply_cmd.kind_of(args.kind)
+    name = lifecycle.resolve_name(args.name)
+    state = read_state(name)
+    namespace = None if args.all_namespaces else (args.namespace or "default")
+    items = [dict(i) for i in apply_cmd.resources_of(state, kind, namespace)]
+    if args.object:
+        items = [i for i in items if (i.get("metadata") or {}).get("name") == args.object]
+        if not items:
+            raise MeshlabError(f'{kind.lower()} "{args.object}" not found')
+    statuses = _meshd_statuses(state)
+    for item in items:
+        meta = item.get("metadata") or {}
+        key = f"{kind}/{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        if key in statuses:
+            item["status"] = {**dict(item.get("status") or {}), **statuses[key]}
+    if args.output in ("yaml", "json"):
+        doc: Any = items[0] if args.object else {"apiVersion": "v1", "kind": "List", "items": items}
+        print(render(doc, args.output))
+        return 0
+    rows = [["NAMESPACE", "NAME", "STATUS"]]
+    for item in items:
+        meta = item.get("metadata") or {}
+        rows.append(
+            [str(meta.get("namespace") or "default"), str(meta.get("name")), _summary(item)]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
 
 
-def _pname(policy: Any) -> str:
-    return str((policy.get("metadata") or {}).get("name") or "")
+def _meshd_statuses(state: Cluster) -> dict[str, Any]:
+    """What meshd says of each object (its /debug/status), when it runs."""
+    import json
+    import urllib.request
+
+    if not state.mesh or state.network.gateway is None:
+        return {}
+    url = f"http://{state.network.gateway}:{mesh_procs.STATUS_PORT}/debug/status"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            doc = json.loads(answer.read())
+    except (OSError, ValueError):
+        return {}
+    return {
+        f"{o['kind']}/{o['namespace']}/{o['name']}": o.get("status") or {}
+        for o in doc.get("objects") or []
+    }
+
+
+def _summary(item: dict[str, Any]) -> str:
+    status = item.get("status") or {}
+    parts = []
+    for c in status.get("conditions") or []:
+        parts.append(f"{c.get('type')}={c.get('status')}")
+    for p in status.get("parents") or []:
+        ref = p.get("parentRef") or {}
+        conds = ",".join(f"{c.get('type')}={c.get('status')}" for c in p.get("conditions") or [])
+        parts.append(f"{ref.get('kind')}/{ref.get('name')}: {conds}")
+    addresses = [a.get("value") for a in status.get("addresses") or []]
+    if addresses:
+        parts.append("address " + ",".join(str(a) for a in addresses))
+    if item.get("kind") == "Service":
+        parts.append(f"clusterIP {(item.get('spec') or {}).get('clusterIP')}")
+    return "; ".join(parts) or "-"
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -324,22 +386,39 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_exec)
 
     lab = with_name(sub.add_parser("label", help="set or remove labels, as kubectl label"))
-    lab.add_argument("kind", choices=["namespace", "namespaces", "ns", "pod", "pods"])
-    lab.add_argument("object", help="namespace or pod name (pods: NS/NAME or -n NS)")
+    lab.add_argument(
+        "kind",
+        choices=["namespace", "namespaces", "ns", "pod", "pods", "service", "services", "svc"],
+    )
+    lab.add_argument("object", help="namespace, pod or service name (pods: NS/NAME or -n NS)")
     lab.add_argument("labels", nargs="+", help="key=value to set, key- to remove")
-    lab.add_argument("-n", "--namespace", help="the pod's namespace (default: default)")
+    lab.add_argument(
+        "-n", "--namespace", help="the pod's or service's namespace (default: default)"
+    )
     lab.add_argument("--overwrite", action="store_true", help="allow changing existing values")
     lab.set_defaults(func=cmd_label)
 
-    apply = with_name(sub.add_parser("apply", help="apply AuthorizationPolicy objects, as kubectl"))
+    kinds = ", ".join(apply_cmd.KINDS)
+    apply = with_name(
+        sub.add_parser("apply", help=f"create or update objects, as kubectl ({kinds})")
+    )
     apply.add_argument("-f", "--file", required=True, help="YAML, one or more documents")
     apply.set_defaults(func=cmd_apply)
 
-    delete = with_name(sub.add_parser("delete", help="delete an AuthorizationPolicy"))
-    delete.add_argument("kind", choices=["authorizationpolicy", "authorizationpolicies", "ap"])
-    delete.add_argument("object", help="the policy's name")
+    delete = with_name(sub.add_parser("delete", help="delete objects, as kubectl"))
+    delete.add_argument("-f", "--file", help="the YAML the objects were applied from")
+    delete.add_argument("kind", nargs="?", help="e.g. httproute, gateway, svc, ap")
+    delete.add_argument("object", nargs="?", help="the object's name")
     delete.add_argument("-n", "--namespace", help="its namespace (default: default)")
     delete.set_defaults(func=cmd_delete)
+
+    get = with_name(sub.add_parser("get", help="show objects and their status, as kubectl"))
+    get.add_argument("kind", help="e.g. gateway, httproute, svc")
+    get.add_argument("object", nargs="?", help="one object's name")
+    get.add_argument("-n", "--namespace", help="the namespace (default: default)")
+    get.add_argument("-A", "--all-namespaces", action="store_true")
+    get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    get.set_defaults(func=cmd_get)
 
     app = sub.add_parser("app", help="run one of the small apps pods use")
     app.add_argument("app", choices=["echo"])

@@ -30,6 +30,7 @@ from mesh.cluster.statefile import (
     list_clusters,
     lock_path,
     locked,
+    pod_token_path,
     read_state,
     state_path,
     write_state,
@@ -193,6 +194,27 @@ def _build_nodes(state: Cluster, log: Log) -> Cluster:
             network=state.network.underlay,
         )
         procs.sysctl(node.netns, "net.ipv4.ip_forward", "1")
+        # Pods reach the control plane on the underlay gateway from the node's address,
+        # as kindnet masquerades pod traffic leaving the pod network (waypoints talk
+        # to meshd themselves; the host has no route back to pod addresses).
+        assert state.network.gateway is not None
+        procs.run_in(
+            node.netns,
+            [
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                str(node.pod_cidr),
+                "-d",
+                f"{state.network.gateway}/32",
+                "-j",
+                "MASQUERADE",
+            ],
+        )
         ndir = node_dir(state.name, node.name)
         issue_node_token(ndir)
         cni.write_conflist(
@@ -296,39 +318,79 @@ def write_resolv_conf(state: Cluster, pod: Pod) -> Path:
 def _build_pods(state: Cluster, cni_path: str, log: Log) -> Cluster:
     name = state.name
     assert name
+    cluster_dirs(name)["logs"].mkdir(parents=True, exist_ok=True)
+    for planned in state.pods:
+        state = start_pod(state, planned, cni_path, log)
+    return state
+
+
+def start_pod(state: Cluster, planned: Pod, cni_path: str, log: Log = _quiet) -> Cluster:
+    """Create one planned pod as a runtime would: netns, CNI ADD (loopback, then the node's
+    chain), resolv.conf, its process. The caller holds the cluster's lock."""
+    name = state.name
+    assert name
     logs = cluster_dirs(name)["logs"]
     logs.mkdir(parents=True, exist_ok=True)
-    for planned in state.pods:
-        netns = planned.netns
-        assert netns
-        node = state.node(planned.node)
-        pod = replace(planned, container_id=secrets.token_hex(32))
-        # Record the container id before CNI runs, so down can DEL a pod
-        # whose ADD was interrupted.
-        state = write_state(state.with_pod(pod))
-        netlink.create_netns(netns)
-        runtime = _runtime(state, node, cni_path)
-        runtime.add(cni.LOOPBACK_CONFLIST, replace(_sandbox(pod), ifname="lo"))
-        conflist = cni.load_conflist(node_dir(name, node.name) / "cni" / "net.d")
-        result = runtime.add(conflist, _sandbox(pod))
-        pod = replace(pod, ip=cni.pod_address(result))
-        write_resolv_conf(state, pod)
-        if pod.command:
-            pod = replace(
-                pod,
-                pid=procs.spawn(
-                    netns,
-                    pod.command,
-                    env=pod_env(state, pod),
-                    log_path=logs / f"{pod.namespace}.{pod.name}.log",
-                ),
-            )
-        log(
-            f"pod {pod.key}: node {pod.node}, ip {pod.ip}"
-            + (f", running {shlex.join(pod.command)}" if pod.command else "")
+    netns = planned.netns or names.pod_netns(name, planned.namespace, planned.name)
+    node = state.node(planned.node)
+    pod = replace(planned, netns=netns, container_id=secrets.token_hex(32))
+    # Record the container id before CNI runs, so down can DEL a pod whose ADD was
+    # interrupted (and so the node agent, asked by ztunnel-cni, knows the pod).
+    state = write_state(
+        state.with_pod(pod)
+        if any(p.key == pod.key for p in state.pods)
+        else replace(state, pods=(*state.pods, pod))
+    )
+    netlink.create_netns(netns)
+    runtime = _runtime(state, node, cni_path)
+    runtime.add(cni.LOOPBACK_CONFLIST, replace(_sandbox(pod), ifname="lo"))
+    conflist = cni.load_conflist(node_dir(name, node.name) / "cni" / "net.d")
+    result = runtime.add(conflist, _sandbox(pod))
+    pod = replace(pod, ip=cni.pod_address(result))
+    write_resolv_conf(state, pod)
+    if pod.command:
+        pod = replace(
+            pod,
+            pid=procs.spawn(
+                netns,
+                pod.command,
+                env=pod_env(state, pod),
+                log_path=logs / f"{pod.namespace}.{pod.name}.log",
+            ),
         )
-        state = write_state(state.with_pod(pod))
-    return state
+    log(
+        f"pod {pod.key}: node {pod.node}, ip {pod.ip}"
+        + (f", running {shlex.join(pod.command)}" if pod.command else "")
+    )
+    return write_state(state.with_pod(pod))
+
+
+def stop_pod(state: Cluster, pod: Pod) -> None:
+    """Remove one pod's process and network, as a runtime does when a pod goes (CNI DEL).
+    The caller takes it out of the state."""
+    assert state.name
+    if pod.pid is not None and pod.netns and procs.is_running_in(pod.pid, pod.netns):
+        procs.terminate([pod.pid], grace_s=5.0)
+    if pod.container_id and pod.netns:
+        node = state.node(pod.node)
+        runtime = _runtime(state, node, cni.find_cni_path())
+        conflist = cni.load_conflist(node_dir(state.name, node.name) / "cni" / "net.d")
+        with contextlib.suppress(MeshlabError):
+            runtime.delete(conflist, _sandbox(pod))
+            runtime.delete(cni.LOOPBACK_CONFLIST, replace(_sandbox(pod), ifname="lo"))
+    if pod.netns:
+        netlink.delete_netns(pod.netns)
+        shutil.rmtree(ETC_NETNS / pod.netns, ignore_errors=True)
+
+
+def issue_pod_token(name: str, pod: Pod) -> Path:
+    """A CA token for a pod that asks for its own identity (a waypoint), readable by root."""
+    path = pod_token_path(name, pod.namespace, pod.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------ down

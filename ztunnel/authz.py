@@ -17,8 +17,11 @@ peer identity (plaintext from outside the mesh) matches no principal or
 namespace, so ``notPrincipals: ["*"]`` catches it, as in Istio.
 
 Beyond Istio: a workload that names a policy the proxy has not received yet
-is denied (the missing policy could be a DENY), and every decision says
-which policy made it.
+is denied (the missing policy could be a DENY), a workload bound to a
+waypoint (its own, or its services') takes connections that do not come
+from that waypoint's instances only when an ALLOW policy matches them
+explicitly (Istio lets them in, skipping the waypoint's L7 policy), and
+every decision says which policy made it.
 
 Live connections are decided again on every new snapshot (:func:`revoked`),
 as Istio's ztunnel does: those the new snapshot denies are closed, the rest
@@ -89,6 +92,16 @@ def authorize(index: StateIndex, workload: Workload, conn: Connection) -> Decisi
                 return Decision(False, "denied by a DENY policy", policy.resource_name)
         else:
             allows.append(policy)
+    bypass = _past_waypoint(index, workload, conn)
+    if bypass is not None:
+        # Beyond Istio: a destination bound to a waypoint takes traffic from elsewhere
+        # only when a policy allows it explicitly, so L7 policy cannot be skipped.
+        for policy in allows:
+            if matches(policy, conn):
+                return Decision(
+                    True, "allowed past its waypoint by an ALLOW policy", policy.resource_name
+                )
+        return Decision(False, bypass)
     if not allows:
         return Decision(True, "no ALLOW policy applies")
     for policy in allows:
@@ -96,6 +109,23 @@ def authorize(index: StateIndex, workload: Workload, conn: Connection) -> Decisi
             return Decision(True, "allowed by an ALLOW policy", policy.resource_name)
     names = ", ".join(p.resource_name for p in allows)
     return Decision(False, f"no ALLOW policy matched (applicable: {names})")
+
+
+def _past_waypoint(index: StateIndex, workload: Workload, conn: Connection) -> str | None:
+    """Why the connection skips the destination's waypoint, or None if it does not."""
+    gateways = index.waypoints_of(workload)
+    if not gateways:
+        return None
+    for gateway in gateways:
+        if conn.source_identity is not None and conn.source_identity in index.waypoint_identities(
+            gateway
+        ):
+            return None
+    names = ", ".join(sorted({str(g) for g in gateways}))
+    return (
+        f"the destination is bound to waypoint {names}: traffic must come through it "
+        "(or be allowed explicitly by an ALLOW policy)"
+    )
 
 
 def revoked(

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from mesh.model import Policy, Port, Scope, Service, Workload
+from mesh.identity import SpiffeId
+from mesh.model import GatewayAddress, Policy, Port, Scope, Service, Workload
 from mesh.xds import XdsState
 
 
@@ -83,3 +84,24 @@ class StateIndex:
 
     def service_by_vip(self, ip: str) -> Service | None:
         return self.services_by_vip.get(ip)
+
+    def waypoints_of(self, workload: Workload) -> list[GatewayAddress]:
+        """The waypoints traffic to ``workload`` must come through: its own (a workload
+        waypoint) and those of the services it backs."""
+        found = [workload.waypoint] if workload.waypoint is not None else []
+        for name in workload.services:
+            service = self.state.services.get(name)
+            if service is not None and service.waypoint is not None:
+                found.append(service.waypoint)
+        return found
+
+    def waypoint_identities(self, gateway: GatewayAddress) -> set[SpiffeId]:
+        """The identities of a waypoint's instances (none when it cannot be reached)."""
+        if gateway.address is None:
+            return set()
+        address = str(gateway.address)
+        service = self.service_by_vip(address)
+        if service is not None:
+            return {e.workload.identity for e in self.endpoints.get(service.resource_name, ())}
+        pod = self.workload_by_ip(address)
+        return {pod.identity} if pod is not None else set()

@@ -245,7 +245,14 @@ def _via_waypoint(
 ) -> Route:
     wanted = f"waypoint {gateway}"
     if gateway.address is None:
-        return Route(Kind.REFUSE, f"{wanted} has no address", service=service)
+        # meshd names a waypoint by hostname alone when it is missing or not ready:
+        # refuse, rather than send the traffic past its L7 policy as Istio would.
+        return Route(
+            Kind.REFUSE,
+            f"{wanted} is missing or not ready (no address): refused rather than sent "
+            "past the waypoint's policy",
+            service=service,
+        )
     address = str(gateway.address)
     # The waypoint's address is its service VIP, or a waypoint pod's own IP.
     waypoint_service = index.service_by_vip(address)

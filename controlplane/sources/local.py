@@ -18,8 +18,11 @@ from typing import Any
 import yaml
 
 from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
+from controlplane.l7.gateway_api import is_waypoint, parse_gateway
+from controlplane.l7.reader import InvalidObject
 from controlplane.state import (
     AuthorizationPolicyInfo,
+    L7Object,
     NamespaceInfo,
     PodInfo,
     ServiceInfo,
@@ -29,6 +32,7 @@ from controlplane.state import (
     frozen_labels,
 )
 from mesh.cluster import Cluster, ClusterSpecError, StateFileError, parse_spec
+from mesh.cluster.model import resource_key
 from mesh.cluster.statefile import read_state, state_path
 
 log = logging.getLogger("controlplane.sources")
@@ -41,6 +45,27 @@ def source_state(
     """A cluster document as meshd's input."""
     policies: list[AuthorizationPolicyInfo] = []
     rejected: list[str] = []
+    waypoints = [
+        WaypointInfo(
+            name=str(w["name"]),
+            namespace=str(w["namespace"]),
+            address=str(w.get("address") or "") or None,
+        )
+        for w in cluster.waypoints
+    ]
+    l7: list[L7Object] = []
+    for raw in cluster.resources:
+        kind, namespace, name = resource_key(raw)
+        plain = _plain(raw)
+        if kind == "Gateway":
+            if not is_waypoint(plain):
+                continue  # an ingress Gateway: another controller's
+            try:
+                waypoints.append(parse_gateway(plain))
+            except InvalidObject as e:
+                rejected.append(str(e))
+        else:
+            l7.append(L7Object(kind=kind, namespace=namespace, name=name, raw=plain))
     for raw in cluster.policies:
         try:
             policies.append(parse_authorization_policy(_plain(raw)))
@@ -70,25 +95,24 @@ def source_state(
                 cluster_ips=(str(s.vip),),
                 ports=tuple(
                     ServicePortInfo(
-                        port=sp.port, target_port=sp.target_port, name=sp.name, protocol=sp.protocol
+                        port=sp.port,
+                        target_port=sp.target_port,
+                        name=sp.name,
+                        protocol=sp.protocol,
+                        app_protocol=sp.app_protocol,
                     )
                     for sp in s.ports
                 ),
                 selector=frozen_labels(s.selector),
+                labels=frozen_labels(s.labels),
                 traffic_distribution=s.traffic_distribution or "",
                 internal_traffic_policy=s.internal_traffic_policy or "",
             )
             for s in cluster.services
         ),
         policies=tuple(policies),
-        waypoints=tuple(
-            WaypointInfo(
-                name=str(w["name"]),
-                namespace=str(w["namespace"]),
-                address=str(w.get("address") or "") or None,
-            )
-            for w in cluster.waypoints
-        ),
+        waypoints=tuple(waypoints),
+        l7=tuple(l7),
         trust_domain=trust_domain,
         cluster_id=cluster_id or cluster.name or "Kubernetes",
         rejected=tuple(rejected),

@@ -99,6 +99,7 @@ class ServicePort:
     target_port: int
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""  # Kubernetes' appProtocol: what the port carries (http, grpc, ...)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +113,7 @@ class Service:
     # only endpoints on the client's node. None: not set.
     traffic_distribution: str | None = None
     internal_traffic_policy: str | None = None
+    labels: Labels = field(default_factory=lambda: _frozen({}))
 
     @property
     def hostname(self) -> str:
@@ -134,6 +136,9 @@ class Cluster:
     policies: tuple[Mapping[str, Any], ...] = ()
     # Waypoints (Gateways of class istio-waypoint): name, namespace, address.
     waypoints: tuple[Mapping[str, Any], ...] = ()
+    # Gateway API and Istio objects as written (Gateway, HTTPRoute, GRPCRoute,
+    # VirtualService, DestinationRule): apiVersion, kind, metadata, spec, status.
+    resources: tuple[Mapping[str, Any], ...] = ()
     resource_version: int = 0
     phase: str | None = None
     # Run the mesh on the cluster: meshd, and on each node the node agent,
@@ -234,15 +239,19 @@ class Cluster:
                     "namespace": s.namespace,
                     "vip": str(s.vip),
                     "ports": [
-                        {
-                            "name": sp.name,
-                            "port": sp.port,
-                            "targetPort": sp.target_port,
-                            "protocol": sp.protocol,
-                        }
+                        _drop_empty(
+                            {
+                                "name": sp.name,
+                                "port": sp.port,
+                                "targetPort": sp.target_port,
+                                "protocol": sp.protocol,
+                                "appProtocol": sp.app_protocol,
+                            }
+                        )
                         for sp in s.ports
                     ],
                     "selector": dict(s.selector),
+                    "labels": dict(s.labels) or None,
                     "trafficDistribution": s.traffic_distribution,
                     "internalTrafficPolicy": s.internal_traffic_policy,
                 }
@@ -253,7 +262,41 @@ class Cluster:
             doc["authorizationPolicies"] = [dict(p) for p in self.policies]
         if self.waypoints:
             doc["waypoints"] = [dict(w) for w in self.waypoints]
+        if self.resources:
+            doc["resources"] = [_plain(r) for r in self.resources]
         return doc
+
+    def resource(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return next((r for r in self.resources if resource_key(r) == (kind, namespace, name)), None)
+
+    def with_resource(self, obj: Mapping[str, Any]) -> Cluster:
+        """Add ``obj``, or replace the one of the same kind, namespace and name."""
+        key = resource_key(obj)
+        kept = tuple(r for r in self.resources if resource_key(r) != key)
+        return replace(self, resources=(*kept, obj))
+
+    def without_resource(self, kind: str, namespace: str, name: str) -> Cluster:
+        key = (kind, namespace, name)
+        return replace(self, resources=tuple(r for r in self.resources if resource_key(r) != key))
+
+    def with_service(self, service: Service) -> Cluster:
+        kept = tuple(
+            s for s in self.services if (s.namespace, s.name) != (service.namespace, service.name)
+        )
+        return replace(self, services=(*kept, service))
+
+    def without_service(self, namespace: str, name: str) -> Cluster:
+        return replace(
+            self,
+            services=tuple(s for s in self.services if (s.namespace, s.name) != (namespace, name)),
+        )
+
+    def with_service_labels(self, namespace: str, name: str, labels: Mapping[str, str]) -> Cluster:
+        services = tuple(
+            replace(s, labels=_frozen(labels)) if (s.namespace, s.name) == (namespace, name) else s
+            for s in self.services
+        )
+        return replace(self, services=services)
 
     def with_policy(self, policy: Mapping[str, Any]) -> Cluster:
         """Add ``policy``, or replace the one of the same namespace and name."""
@@ -265,6 +308,28 @@ class Cluster:
         return replace(
             self, policies=tuple(p for p in self.policies if _policy_key(p) != (namespace, name))
         )
+
+
+def resource_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(kind, namespace, name) of an object as written."""
+    meta = obj.get("metadata") or {}
+    return (
+        str(obj.get("kind") or ""),
+        str(meta.get("namespace") or DEFAULT_NAMESPACE),
+        str(meta.get("name") or ""),
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _drop_empty(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v not in (None, "")}
 
 
 def _policy_key(policy: Mapping[str, Any]) -> tuple[str, str]:

@@ -33,6 +33,7 @@ from mesh.cluster.model import (
     ServiceAccount,
     ServicePort,
     _frozen,
+    resource_key,
 )
 
 _TOP_KEYS = {
@@ -50,6 +51,15 @@ _TOP_KEYS = {
     "phase",
     "authorizationPolicies",
     "waypoints",
+    "resources",
+}
+# The kinds a cluster document (and `meshlab apply`) keeps as written, by API group.
+RESOURCE_KINDS = {
+    "Gateway": ("gateway.networking.k8s.io",),
+    "HTTPRoute": ("gateway.networking.k8s.io",),
+    "GRPCRoute": ("gateway.networking.k8s.io",),
+    "VirtualService": ("networking.istio.io",),
+    "DestinationRule": ("networking.istio.io",),
 }
 
 
@@ -170,6 +180,14 @@ def parse_spec(raw: object) -> Cluster:
         _parse_waypoint(raw, f"waypoints[{i}]", ns_names)
         for i, raw in enumerate(top.items("waypoints"))
     )
+    resources = tuple(
+        _parse_resource(raw, f"resources[{i}]") for i, raw in enumerate(top.items("resources"))
+    )
+    _unique(
+        ["/".join(resource_key(r)) for r in resources],
+        "resources",
+        "resource (kind/namespace/name)",
+    )
     return Cluster(
         name=name,
         network=network,
@@ -180,6 +198,7 @@ def parse_spec(raw: object) -> Cluster:
         services=services,
         policies=policies,
         waypoints=waypoints,
+        resources=resources,
         resource_version=resource_version,
         phase=phase,
         mesh=mesh,
@@ -207,6 +226,47 @@ def _parse_policy(raw: object, path: str) -> Mapping[str, Any]:
     spec = r.raw.get("spec", {})
     if spec is not None and not isinstance(spec, Mapping):
         raise ClusterSpecError(r.at("spec"), "must be a mapping")
+    return MappingProxyType(dict(r.raw))
+
+
+def parse_resource(raw: object) -> Mapping[str, Any]:
+    """Check the envelope of a Gateway API or Istio object; meshd checks its spec."""
+    return _parse_resource(raw, "")
+
+
+def _parse_resource(raw: object, path: str) -> Mapping[str, Any]:
+    r = _Reader(raw, path, {"apiVersion", "kind", "metadata", "spec", "status"})
+    kind = r.text("kind")
+    groups = RESOURCE_KINDS.get(kind)
+    if groups is None:
+        raise ClusterSpecError(
+            r.at("kind"), f"{kind!r} is not kept here (kinds: {', '.join(RESOURCE_KINDS)})"
+        )
+    api = r.text("apiVersion")
+    if api.split("/", 1)[0] not in groups:
+        raise ClusterSpecError(r.at("apiVersion"), f"{api!r} is not a {kind} API version")
+    meta = _Reader(
+        r.raw.get("metadata"),
+        r.at("metadata"),
+        {
+            "name",
+            "namespace",
+            "labels",
+            "annotations",
+            "creationTimestamp",
+            "generation",
+            "resourceVersion",
+            "uid",
+        },
+    )
+    _name(meta, "name")
+    if meta.raw.get("namespace") is not None:
+        _name(meta, "namespace", "label")
+    parse_labels(meta.raw.get("labels"), meta.at("labels"))
+    for key in ("spec", "status"):
+        value = r.raw.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise ClusterSpecError(r.at(key), "must be a mapping")
     return MappingProxyType(dict(r.raw))
 
 
@@ -392,8 +452,14 @@ def _parse_ports(r: _Reader) -> tuple[ServicePort, ...]:
         raise ClusterSpecError(r.at("ports"), "a service needs at least one port")
     ports: list[ServicePort] = []
     for j, raw in enumerate(raw_ports):
-        pr = _Reader(raw, f"{r.at('ports')}[{j}]", {"name", "port", "targetPort", "protocol"})
+        pr = _Reader(
+            raw, f"{r.at('ports')}[{j}]", {"name", "port", "targetPort", "protocol", "appProtocol"}
+        )
         port = pr.integer("port")
+        if isinstance(pr.raw.get("targetPort"), str):
+            raise ClusterSpecError(
+                pr.at("targetPort"), "named target ports are not supported: give the number"
+            )
         target = pr.integer("targetPort", port)
         for key, value in (("port", port), ("targetPort", target)):
             if not 1 <= value <= 65535:
@@ -404,7 +470,15 @@ def _parse_ports(r: _Reader) -> tuple[ServicePort, ...]:
         name = pr.text("name", "")
         if name and not is_dns_label(name):
             raise ClusterSpecError(pr.at("name"), f"{name!r} is not a valid port name")
-        ports.append(ServicePort(port=port, target_port=target, name=name, protocol=protocol))
+        ports.append(
+            ServicePort(
+                port=port,
+                target_port=target,
+                name=name,
+                protocol=protocol,
+                app_protocol=pr.text("appProtocol", ""),
+            )
+        )
     if len(ports) > 1 and any(not p.name for p in ports):
         raise ClusterSpecError(r.at("ports"), "every port needs a name when a service has several")
     _unique([f"{p.port}/{p.protocol}" for p in ports], r.at("ports"), "port")
@@ -430,6 +504,7 @@ _SERVICE_KEYS = {
     "selector",
     "trafficDistribution",
     "internalTrafficPolicy",
+    "labels",
 }
 
 
@@ -437,6 +512,12 @@ def _parse_services(top: _Reader, ns_names: set[str], network: Network) -> tuple
     readers = [
         _Reader(raw, f"services[{i}]", _SERVICE_KEYS) for i, raw in enumerate(top.items("services"))
     ]
+    return _parse_services_from(readers, ns_names, network)
+
+
+def _parse_services_from(
+    readers: list[_Reader], ns_names: set[str], network: Network
+) -> tuple[Service, ...]:
     taken = {r.address("vip") for r in readers} - {None}
     auto = (
         network.service_cidr.network_address + offset
@@ -469,7 +550,77 @@ def _parse_services(top: _Reader, ns_names: set[str], network: Network) -> tuple
                 internal_traffic_policy=_one_of(
                     r, "internalTrafficPolicy", INTERNAL_TRAFFIC_POLICIES
                 ),
+                labels=_frozen(parse_labels(r.raw.get("labels"), r.at("labels"))),
             )
         )
     _unique([f"{s.namespace}/{s.name}" for s in services], "services", "service")
     return tuple(services)
+
+
+def service_from_kubernetes(raw: object, network: Network, taken: set[IPv4Address]) -> Service:
+    """A Kubernetes ``v1`` Service object as a cluster service (``meshlab apply``).
+
+    ``spec.clusterIP`` is kept when given (inside the service CIDR), else the
+    next free address is taken, as the API server allocates one.
+    """
+    r = _Reader(raw, "", {"apiVersion", "kind", "metadata", "spec", "status"})
+    if r.raw.get("kind") != "Service" or r.raw.get("apiVersion", "v1") != "v1":
+        raise ClusterSpecError("kind", "must be a v1 Service")
+    meta = _Reader(
+        r.raw.get("metadata"),
+        "metadata",
+        {
+            "name",
+            "namespace",
+            "labels",
+            "annotations",
+            "creationTimestamp",
+            "uid",
+            "resourceVersion",
+        },
+    )
+    spec = _Reader(
+        r.raw.get("spec"),
+        "spec",
+        {
+            "ports",
+            "selector",
+            "clusterIP",
+            "clusterIPs",
+            "type",
+            "trafficDistribution",
+            "internalTrafficPolicy",
+            "sessionAffinity",
+            "ipFamilies",
+            "ipFamilyPolicy",
+        },
+    )
+    kind = spec.text("type", "ClusterIP")
+    if kind != "ClusterIP":
+        raise ClusterSpecError("spec.type", f"{kind!r} is not supported here (ClusterIP)")
+    doc: dict[str, Any] = {
+        "name": meta.raw.get("name"),
+        "namespace": meta.raw.get("namespace") or DEFAULT_NAMESPACE,
+        "ports": spec.raw.get("ports"),
+        "selector": spec.raw.get("selector") or {},
+        "labels": meta.raw.get("labels") or {},
+    }
+    vip = spec.address("clusterIP") if spec.raw.get("clusterIP") not in (None, "None") else None
+    if vip is None:
+        vip = next(
+            (
+                network.service_cidr.network_address + offset
+                for offset in range(_FIRST_AUTO_VIP_OFFSET, network.service_cidr.num_addresses - 1)
+                if network.service_cidr.network_address + offset not in taken
+            ),
+            None,
+        )
+        if vip is None:
+            raise ClusterSpecError("spec.clusterIP", "no free address left in the service CIDR")
+    doc["vip"] = str(vip)
+    for key in ("trafficDistribution", "internalTrafficPolicy"):
+        if spec.raw.get(key) is not None:
+            doc[key] = spec.raw[key]
+    reader = _Reader(doc, "", _SERVICE_KEYS)
+    (service,) = _parse_services_from([reader], {doc["namespace"]}, network)
+    return service

@@ -125,3 +125,29 @@ def node_tokens(name: str) -> dict[str, str]:
             if token:
                 tokens[token] = path.parent.name
     return tokens
+
+
+def pod_token_path(name: str, namespace: str, pod: str) -> Path:
+    """Where meshlab keeps the CA token of a pod that asks for its own identity (a
+    waypoint), as a projected service-account token would be mounted (mode 0600)."""
+    return cluster_dir(name) / "pods" / namespace / pod / TOKEN_FILE
+
+
+def pod_identities(name: str, trust_domain: str) -> dict[str, str]:
+    """token -> the SPIFFE ID of the pod it was issued to, for the pods that still exist."""
+    try:
+        state = read_state(name)
+    except StateFileError:
+        return {}
+    accounts = {(p.namespace, p.name): p.service_account for p in state.pods}
+    found: dict[str, str] = {}
+    for path in (cluster_dir(name) / "pods").glob(f"*/*/{TOKEN_FILE}"):
+        key = (path.parent.parent.name, path.parent.name)
+        account = accounts.get(key)
+        if account is None:
+            continue
+        with contextlib.suppress(OSError):
+            token = path.read_text().strip()
+            if token:
+                found[token] = f"spiffe://{trust_domain}/ns/{key[0]}/sa/{account}"
+    return found

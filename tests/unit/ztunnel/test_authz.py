@@ -147,3 +147,56 @@ def test_a_named_policy_not_received_yet_denies() -> None:
     echo = workload("echo", ECHO_IP, namespace="server", policies=("server/late",))
     decision = authorize(index((echo,)), echo, conn(SLEEP))
     assert not decision.allowed and "server/late" in decision.reason
+
+
+def test_a_pod_behind_a_waypoint_takes_traffic_only_through_it() -> None:
+    """Beyond Istio: the waypoint cannot be bypassed by dialling the pod directly."""
+    from mesh.model import Port
+    from tests.unit.ztunnel.conftest import service
+
+    reviews = service("reviews", "10.96.0.20", "server", waypoint="10.96.0.30")
+    wp_service = service(
+        "waypoint", "10.96.0.30", "server", ports=(Port(service_port=15008, target_port=15008),)
+    )
+    echo = workload(
+        "echo",
+        ECHO_IP,
+        namespace="server",
+        services={reviews.resource_name: reviews.ports},
+    )
+    wp_pod = workload(
+        "waypoint",
+        "10.244.1.30",
+        namespace="server",
+        sa="waypoint",
+        hbone=False,
+        services={wp_service.resource_name: wp_service.ports},
+    )
+    waypoint_id = wp_pod.identity
+    idx = index((echo, wp_pod), (reviews, wp_service))
+    assert authorize(idx, echo, conn(waypoint_id)).allowed
+    direct = authorize(idx, echo, conn(SLEEP))
+    assert not direct.allowed and "bound to waypoint 10.96.0.30:15008" in direct.reason
+    # An ALLOW that names the client lets it past the waypoint, on purpose.
+    named = workload(
+        "echo",
+        ECHO_IP,
+        namespace="server",
+        services={reviews.resource_name: reviews.ports},
+        policies=("server/allow-sleep",),
+    )
+    idx = index((named, wp_pod), (reviews, wp_service), (ALLOW_SLEEP,))
+    allowed = authorize(idx, named, conn(SLEEP))
+    assert allowed.allowed and allowed.policy == "server/allow-sleep"
+    assert not authorize(idx, named, conn(OTHER)).allowed
+
+
+def test_a_missing_waypoint_lets_nothing_in() -> None:
+    from mesh.model import GatewayAddress
+
+    echo = workload("echo", ECHO_IP, namespace="server")
+    from dataclasses import replace
+
+    echo = replace(echo, waypoint=GatewayAddress(hostname="server/gone.server.svc.cluster.local"))
+    decision = authorize(index((echo,)), echo, conn(SLEEP))
+    assert not decision.allowed and "traffic must come through it" in decision.reason

@@ -325,3 +325,24 @@ def test_a_waypoint_services_own_preference_picks_the_close_instance() -> None:
     route, offered = offered_to(CLIENT, idx)
     assert route.kind is Kind.WAYPOINT and route.connect_ip == "10.244.0.50"
     assert offered == ["wp-near"]
+
+
+def test_a_waypoint_named_by_hostname_only_is_refused_not_bypassed() -> None:
+    """meshd names a missing waypoint by hostname: ztunnel refuses instead of going direct."""
+    import dataclasses
+
+    from mesh.model import GatewayAddress, Port
+    from tests.unit.ztunnel.conftest import index, service, workload
+    from ztunnel.route import Kind, route_outbound
+
+    reviews = dataclasses.replace(
+        service("reviews", "10.96.0.20"),
+        waypoint=GatewayAddress(hostname="shop/waypoint.shop.svc.cluster.local"),
+    )
+    pod = workload(
+        "r1",
+        "10.244.1.2",
+        services={reviews.resource_name: (Port(service_port=80, target_port=8080),)},
+    )
+    route = route_outbound(index((pod,), (reviews,)), "10.96.0.20", 80)
+    assert route.kind is Kind.REFUSE and "missing or not ready" in route.reason
