@@ -1,0 +1,174 @@
+"""The waypoint on a meshlab cluster, as a user runs it (the steps of examples/bookstore.yaml).
+
+client/sleep -> its ztunnel -> the waypoint pod of namespace shop -> the
+destination ztunnel -> a reviews pod: every hop real (capture, HBONE, mTLS,
+xDS, the CA). The route is the canary of examples/canary.yaml.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import assert_nothing_left, meshlab, unique_name
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+REVIEWS = "http://10.96.0.20:9080/"
+
+# Run inside the client pod: N requests, one connection each, the versions that answered.
+COUNT = """
+import collections, json, sys, urllib.request, urllib.error
+url, n, agent = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seen = collections.Counter()
+for _ in range(n):
+    req = urllib.request.Request(url, headers={"User-Agent": agent})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            seen[json.load(r).get("version") or r.status] += 1
+    except urllib.error.HTTPError as e:
+        seen[e.code] += 1
+    except OSError as e:
+        seen[type(e).__name__] += 1
+print(json.dumps(seen))
+"""
+
+
+def count(name: str, n: int, agent: str = "python", url: str = REVIEWS) -> dict[str, int]:
+    done = meshlab(
+        "exec",
+        "--name",
+        name,
+        "client/sleep",
+        "--",
+        "python3",
+        "-c",
+        COUNT,
+        url,
+        str(n),
+        agent,
+        timeout=300,
+    )
+    return dict(json.loads(done.stdout))
+
+
+def get(name: str, kind: str, obj: str) -> dict[str, Any]:
+    return dict(
+        json.loads(meshlab("get", "--name", name, kind, obj, "-n", "shop", "-o", "json").stdout)
+    )
+
+
+def eventually(check: Any, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (AssertionError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s}s: {check}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def books() -> Iterator[str]:
+    name = unique_name()
+    try:
+        meshlab("up", "-f", str(EXAMPLES / "bookstore.yaml"), "--name", name, "--mesh")
+        for ns in ("shop", "client"):
+            meshlab("label", "--name", name, "namespace", ns, "istio.io/dataplane-mode=ambient")
+        meshlab("apply", "--name", name, "-f", str(EXAMPLES / "waypoint.yaml"))
+        meshlab("label", "--name", name, "namespace", "shop", "istio.io/use-waypoint=waypoint")
+        meshlab("apply", "--name", name, "-f", str(EXAMPLES / "canary.yaml"))
+        eventually(lambda: count(name, 5).get("v1", 0) + count(name, 5).get("v2", 0) == 5, 60)
+        yield name
+    finally:
+        meshlab("down", "--name", name, check=False)
+        assert_nothing_left(name)
+
+
+def test_the_canary_splits_90_10_and_iphones_get_v2(books: str) -> None:
+    split = count(books, 1000)
+    assert set(split) == {"v1", "v2"}, split
+    assert abs(split["v2"] / 1000 - 0.10) < 0.05, split
+    assert count(books, 50, agent="Mozilla/5.0 (iPhone; CPU iPhone OS 17_0)") == {"v2": 50}
+
+
+def test_the_gateway_and_route_say_they_are_in_force(books: str) -> None:
+    gateway = get(books, "gateway", "waypoint")
+    conditions = {c["type"]: c["status"] for c in gateway["status"]["conditions"]}
+    assert conditions == {"Accepted": "True", "Programmed": "True"}
+    assert gateway["status"]["addresses"][0]["type"] == "IPAddress"
+    route = get(books, "httproute", "reviews")
+    (parent,) = route["status"]["parents"]
+    assert {c["type"]: c["status"] for c in parent["conditions"]} == {
+        "Accepted": "True",
+        "ResolvedRefs": "True",
+    }
+    pods = json.loads(meshlab("status", "--name", books, "-o", "json").stdout)["pods"]
+    (instance,) = [p for p in pods if p["name"] == "waypoint"]
+    assert instance["labels"]["gateway.istio.io/managed"] == "istio.io-mesh-controller"
+    assert instance["labels"]["istio.io/dataplane-mode"] == "none"
+
+
+def test_a_pod_behind_the_waypoint_cannot_be_reached_directly(books: str) -> None:
+    state = json.loads(meshlab("status", "--name", books, "-o", "json").stdout)
+    ip = next(p["ip"] for p in state["pods"] if p["name"] == "reviews-v1-1")
+    done = meshlab(
+        "exec",
+        "--name",
+        books,
+        "client/sleep",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "3",
+        f"http://{ip}:8080/",
+        check=False,
+    )
+    assert done.returncode != 0 and "version" not in done.stdout
+
+
+def test_a_route_to_a_missing_backend_answers_500_and_says_why(books: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        (EXAMPLES / "canary.yaml").read_text().replace("name: reviews-v2\n", "name: reviews-v9\n")
+    )
+    meshlab("apply", "--name", books, "-f", str(broken))
+    try:
+
+        def refused() -> bool:
+            route = get(books, "httproute", "reviews")
+            (parent,) = route["status"]["parents"]
+            refs = next(c for c in parent["conditions"] if c["type"] == "ResolvedRefs")
+            return refs["status"] == "False" and refs["reason"] == "BackendNotFound"
+
+        eventually(refused)
+        eventually(lambda: count(books, 10, agent="iPhone") == {"500": 10})
+    finally:
+        meshlab("apply", "--name", books, "-f", str(EXAMPLES / "canary.yaml"))
+        eventually(lambda: count(books, 5, agent="iPhone") == {"v2": 5})
+
+
+def test_without_its_waypoint_the_service_is_refused_not_bypassed(books: str) -> None:
+    meshlab("delete", "--name", books, "-f", str(EXAMPLES / "waypoint.yaml"))
+    try:
+        eventually(
+            lambda: (
+                set(count(books, 5)) <= {"ConnectionResetError", "RemoteDisconnected", "URLError"}
+            )
+        )
+        assert "v1" not in count(books, 20) and "v2" not in count(books, 20)
+    finally:
+        meshlab("apply", "--name", books, "-f", str(EXAMPLES / "waypoint.yaml"))
+        eventually(lambda: sum(count(books, 5).get(v, 0) for v in ("v1", "v2")) == 5, 60)
+    assert collections.Counter(count(books, 20)).keys() <= {"v1", "v2"}
