@@ -150,7 +150,7 @@ def test_a_route_to_a_missing_backend_answers_500_and_says_why(books: str, tmp_p
             route = get(books, "httproute", "reviews")
             (parent,) = route["status"]["parents"]
             refs = next(c for c in parent["conditions"] if c["type"] == "ResolvedRefs")
-            return refs["status"] == "False" and refs["reason"] == "BackendNotFound"
+            return bool(refs["status"] == "False" and refs["reason"] == "BackendNotFound")
 
         eventually(refused)
         eventually(lambda: count(books, 10, agent="iPhone") == {"500": 10})
