@@ -90,6 +90,7 @@ class Meshd:
         self.log = logger
         self.cache = SnapshotCache(TYPE_URLS, envoy.TYPE_URLS)
         self.ads = AdsServer(self.cache, scope_of=self.scope_of)
+        self.ads.resend_with = {envoy.CLUSTER_TYPE: envoy.ENDPOINT_TYPE}
         self.feed = Feed()
         self.scoped_feed = ScopedFeed()
         self.l7 = L7Result()

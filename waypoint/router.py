@@ -386,7 +386,7 @@ class _Life:
                 head.target, route.match, action.prefix_rewrite, action.regex_rewrite
             )
             if rewritten != head.target:
-                upstream.headers.append(("x-envoy-original-path", head.target.split("?", 1)[0]))
+                upstream.headers.append(("x-envoy-original-path", head.target))
                 upstream.target = rewritten
         if action.host_rewrite:
             upstream.authority = action.host_rewrite

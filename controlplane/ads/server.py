@@ -33,6 +33,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self.cache = cache
         self.log = logger
         self.scope_of = scope_of
+        # Envoy's Cluster -> ClusterLoadAssignment warming (see Subscription).
+        self.resend_with: dict[str, str] = {}
         self.subscriptions: set[Subscription] = set()
         self.streams_total = 0
 
@@ -58,6 +60,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             peer,
             scoped_types=self.cache.scoped_type_urls,
             scope_of=self.scope_of,
+            resend_with=self.resend_with,
         )
         wake = asyncio.Event()
 

@@ -89,7 +89,12 @@ class Subscription:
         *,
         scoped_types: Iterable[str] = (),
         scope_of: ScopeOf = no_scope,
+        resend_with: Mapping[str, str] | None = None,
     ) -> None:
+        """``resend_with``: a type whose resources, when sent, have the same-named
+        resource of another type sent again after them (Envoy warms a changed Cluster
+        until its ClusterLoadAssignment comes again, and does not ask for it)."""
+        self.resend_with = dict(resend_with or {})
         self.scoped = frozenset(scoped_types)
         self.served = frozenset(served_types) | self.scoped
         self.peer = peer
@@ -135,9 +140,15 @@ class Subscription:
             if name == WILDCARD:
                 state.wildcard = True
                 state.dirty.update(self._entries(snapshot, type_url))
-            elif name not in state.names:
+            else:
                 state.names.add(name)
                 state.dirty.add(name)
+                if not first:
+                    # A name asked for again is to be sent again, even unchanged: Envoy
+                    # re-subscribes to a cluster's endpoints when the cluster changes
+                    # and warms the cluster until they come.
+                    state.view.pop(name, None)
+                    state.rejected.pop(name, None)
         for name in request.resource_names_unsubscribe:
             if name == WILDCARD:
                 state.wildcard = False
@@ -231,6 +242,13 @@ class Subscription:
                 count += 1
         if not inflight and state.first_response_sent:
             return None
+        follower = self.resend_with.get(state.type_url)
+        if follower is not None and follower in self._types:
+            after = self._types[follower]
+            for name, version in inflight.items():
+                if version is not None and after.interested(name):
+                    after.view.pop(name, None)
+                    after.dirty.add(name)
         # The first response goes out even when empty: it tells the proxy
         # that it now holds the whole state, so it can report itself ready.
         state.first_response_sent = True

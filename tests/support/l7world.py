@@ -79,6 +79,30 @@ def objects(text: str) -> tuple[L7Object, ...]:
     return tuple(out)
 
 
+_API_VERSIONS = {
+    "HTTPRoute": "gateway.networking.k8s.io/v1",
+    "GRPCRoute": "gateway.networking.k8s.io/v1",
+    "VirtualService": "networking.istio.io/v1",
+    "DestinationRule": "networking.istio.io/v1",
+}
+
+
+def l7(
+    kind: str,
+    name: str,
+    spec: Mapping[str, Any],
+    *,
+    namespace: str = "shop",
+    created: str = "",
+) -> L7Object:
+    """One object of ``kind`` built in code (``objects`` reads YAML)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "generation": 1}
+    if created:
+        meta["creationTimestamp"] = created
+    raw = {"apiVersion": _API_VERSIONS[kind], "kind": kind, "metadata": meta, "spec": dict(spec)}
+    return L7Object(kind=kind, namespace=namespace, name=name, raw=raw)
+
+
 def world(routes: str = "", **changes: Any) -> SourceState:
     base: dict[str, Any] = {
         "namespaces": (

@@ -74,11 +74,16 @@ class EndpointPool:
         self.host = host
         self.idle: deque[Http1Client] = deque()
         self.busy: set[Http1Client] = set()
+        self.connecting = 0
         self._idle_timers: dict[Http1Client, asyncio.TimerHandle] = {}
 
     @property
     def size(self) -> int:
         return len(self.idle) + len(self.busy)
+
+    @property
+    def empty(self) -> bool:
+        return not self.idle and not self.busy and not self.connecting
 
     def take_idle(self) -> Http1Client | None:
         while self.idle:
@@ -236,7 +241,9 @@ class ClusterRuntime:
         client = self._try(pool)
         if client is not None:
             return client
-        if self.connections < self.cluster.thresholds.max_connections:
+        if self.connections < self.cluster.thresholds.max_connections or pool.empty:
+            # Envoy's rule: an endpoint's pool may always open its first connection,
+            # whatever the cluster's limit, so that it can make progress.
             return await self._open(pool)
         if self.pending >= self.cluster.thresholds.max_pending_requests:
             self.overflows += 1
@@ -275,6 +282,7 @@ class ClusterRuntime:
         def factory() -> Http1Client:
             return Http1Client(release=pool.release)
 
+        pool.connecting += 1
         try:
             client = await self.connector.open(
                 pool.host.endpoint, self.cluster.connect_timeout_s, factory
@@ -283,6 +291,8 @@ class ClusterRuntime:
             self.connections -= 1
             self.wake()
             raise
+        finally:
+            pool.connecting -= 1
         pool.busy.add(client)
         return client
 
