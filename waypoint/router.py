@@ -414,7 +414,7 @@ class _Life:
                     self.router.rng,
                     hash_key=hash_key,
                     tried=tried if action.retry and action.retry.previous_hosts else (),
-                    attempts=action.retry.host_selection_attempts if action.retry else 1,
+                    attempts=action.retry.host_selection_attempts if action.retry else 0,
                 )
                 if host is None:
                     return messages.no_healthy_upstream()

@@ -93,8 +93,9 @@ def test_a_retriable_status_is_retried_on_another_pod(lab: Oracle) -> None:
         (theirs, n_theirs), (ours, n_ours) = both(lab)
         assert (theirs.status, ours.status) == (200, 200)
         assert theirs.backend == ours.backend == "v1-b"
-        # The first pick is random: v1-b at once, or v1-a's 503 and then v1-b.
-        assert n_theirs in (1, 2) and n_ours in (1, 2)
+        # The first pick is random: v1-b at once, or v1-a's 503 and then v1-b (or, one
+        # time in 64, v1-a again: previous_hosts draws at most 5 more times).
+        assert n_theirs in (1, 2, 3) and n_ours in (1, 2, 3)
 
 
 def test_retries_run_out_and_the_last_answer_is_given(lab: Oracle) -> None:
@@ -143,35 +144,30 @@ def test_an_endpoint_that_refuses_connections(lab: Oracle) -> None:
 
 
 def test_circuit_breakers_overflow_as_envoy_does(lab: Oracle) -> None:
+    """One pod, one connection, one pending request: of six at once, two are answered."""
     rule = """
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: reviews-v1, namespace: shop}
+metadata: {name: reviews-v2, namespace: shop}
 spec:
-  host: reviews-v1
+  host: reviews-v2
   trafficPolicy:
     connectionPool:
       tcp: {maxConnections: 1}
       http: {http1MaxPendingRequests: 1}
 """
-    use(
-        lab,
-        route() + rule,
-        **{"reviews-v1-a": {"delay_s": 0.5}, "reviews-v1-b": {"delay_s": 0.5}},
-    )
+    use(lab, route(backend="reviews-v2") + rule, **{"reviews-v2-a": {"delay_s": 0.5}})
     outcomes = []
     for port in (lab.envoy_port, lab.ours.address[1]):
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             replies = list(pool.map(lambda p: send(p, "GET", "/", {}, AUTHORITY), [port] * 6))
         outcomes.append(sorted(r.status for r in replies))
-        overflowed = [r for r in replies if r.status == 503]
-        for r in overflowed:
-            assert r.headers.get("x-envoy-overloaded") == "true"
-            assert r.body.endswith(b"reset reason: overflow")
-    # Envoy lets each endpoint's pool open its first connection whatever the cluster's
-    # maxConnections (two pods: two in flight), and one request waits: three answered.
-    assert outcomes[0] == outcomes[1] == [200, 200, 200, 503, 503, 503], outcomes
+        for r in replies:
+            if r.status == 503:
+                assert r.headers.get("x-envoy-overloaded") == "true"
+                assert r.body.endswith(b"reset reason: overflow")
+    assert outcomes[0] == outcomes[1] == [200, 200, 503, 503, 503, 503], outcomes
 
 
 def test_outlier_detection_ejects_the_failing_pod(lab: Oracle) -> None:

@@ -119,7 +119,7 @@ class RetryPolicy:
     base_interval_s: float = 0.025
     max_interval_s: float = 0.25
     previous_hosts: bool = False
-    host_selection_attempts: int = 1
+    host_selection_attempts: int = 0  # extra draws to avoid hosts already tried
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

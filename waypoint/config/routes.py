@@ -197,7 +197,7 @@ def _retry(p: rc.RetryPolicy, where: str) -> m.RetryPolicy:
         base_interval_s=base,
         max_interval_s=maximum,
         previous_hosts=previous,
-        host_selection_attempts=max(1, p.host_selection_retry_max_attempts),
+        host_selection_attempts=p.host_selection_retry_max_attempts,
     )
 
 

@@ -107,14 +107,15 @@ class Balancer:
         *,
         hash_key: int | None = None,
         tried: Sequence[Host] = (),
-        attempts: int = 1,
+        attempts: int = 0,
     ) -> Host | None:
         """An endpoint for one attempt, or None when there is no candidate at all."""
         hosts = self.candidates()
         if not hosts:
             return None
         pick = self._once(hosts, rng, hash_key)
-        for _ in range(max(0, attempts - 1)):
+        # Envoy draws up to host_selection_retry_max_attempts more times.
+        for _ in range(max(0, attempts if tried else 0)):
             if pick not in tried:
                 break
             pick = self._once(hosts, rng, hash_key)
