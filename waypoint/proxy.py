@@ -20,7 +20,7 @@ from typing import Any, cast
 from mesh.hbone import ConnectRequest, LocalSocket, PlainProtocol, Refused
 from waypoint.config.model import FilterChain, HttpManager, TcpProxy
 from waypoint.config.snapshot import WaypointConfig
-from waypoint.http.h1server import Http1Server
+from waypoint.http.h2server import AutoServer
 from waypoint.router import Router
 from waypoint.upstream.pool import ConnectFailed, Upstreams
 
@@ -145,7 +145,7 @@ class WaypointProxy:
         handler = chain.handler
         if isinstance(handler, HttpManager):
             manager = handler
-            server = Http1Server(lambda exchange: self.router.handle(exchange, manager), info)
+            server = AutoServer(lambda exchange: self.router.handle(exchange, manager), info)
             return LocalSocket(server, {"peername": request.peer_address})
         return await self._tcp(handler, request, info)
 
@@ -181,7 +181,7 @@ async def serve_http(proxy: WaypointProxy, host: str, port: int, authority: str)
         if chain is None or not isinstance(chain.handler, HttpManager):
             raise ConnectionRefusedError(f"no HTTP chain for {authority}")
         manager = chain.handler
-        return Http1Server(
+        return AutoServer(
             lambda exchange: proxy.router.handle(exchange, manager), {"authority": authority}
         )
 

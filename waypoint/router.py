@@ -43,8 +43,8 @@ from waypoint.config.snapshot import WaypointConfig
 from waypoint.headers import http_date, mutate, redirect_location, rewrite_path, shadow_host
 from waypoint.http import messages
 from waypoint.http.body import BodyError
-from waypoint.http.h1client import Http1Client
-from waypoint.http.h1server import DownstreamGone, ServerExchange
+from waypoint.http.exchange import Exchange, Upstream
+from waypoint.http.h1server import DownstreamGone
 from waypoint.http.messages import Headers, LocalReply, RequestHead, ResponseHead
 from waypoint.match import RequestView, normalize_path, pick_cluster, select_route
 from waypoint.retry import RetryState
@@ -109,17 +109,19 @@ class _Attempt:
         "life",
         "pending",
         "started",
+        "trailers",
     )
 
     def __init__(self, life: _Life, host: Host) -> None:
         self.life = life
         self.host = host
-        self.client: Http1Client | None = None
+        self.client: Upstream | None = None
         self.head: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
         self.committed = False
         self.ended = False
         self.pending: list[bytes] = []
         self.started = time.monotonic()
+        self.trailers: Headers | None = None
 
     def on_informational(self, status: int, headers: Headers) -> None:
         self.life.informational(status, headers)
@@ -134,8 +136,9 @@ class _Attempt:
         else:
             self.pending.append(data)
 
-    def on_end(self) -> None:
+    def on_end(self, trailers: Headers | None = None) -> None:
         self.ended = True
+        self.trailers = trailers
         if self.committed:
             self.life.finish(self)
 
@@ -170,7 +173,7 @@ class Router:
         self.tasks: set[asyncio.Task[None]] = set()
         self.active = 0
 
-    def handle(self, exchange: ServerExchange, manager: HttpManager) -> None:
+    def handle(self, exchange: Exchange, manager: HttpManager) -> None:
         """The codec's handler: one task per request."""
         task = asyncio.get_running_loop().create_task(_Life(self, exchange, manager).run())
         self.tasks.add(task)
@@ -180,7 +183,7 @@ class Router:
 class _Life:
     """The state of one request; owned by its task."""
 
-    def __init__(self, router: Router, exchange: ServerExchange, manager: HttpManager) -> None:
+    def __init__(self, router: Router, exchange: Exchange, manager: HttpManager) -> None:
         self.router = router
         self.exchange = exchange
         self.manager = manager
@@ -599,7 +602,7 @@ class _Life:
             if self.current is attempt and not attempt.committed:
                 self.current = None
 
-    def _send(self, client: Http1Client, attempt: _Attempt) -> None:
+    def _send(self, client: Upstream, attempt: _Attempt) -> None:
         """The request head, what is buffered of the body, and its end if it came."""
         upstream = self.upstream_head
         assert upstream is not None
@@ -654,7 +657,10 @@ class _Life:
         rec.grpc_status = next((v for k, v in headers if k == "grpc-status"), "")
         head = ResponseHead(status=response.status, headers=headers, reason=response.reason)
         bodyless = messages.body_forbidden(exchange.head.method, response.status) and not upgraded
-        exchange.respond(head, end=bodyless and attempt.ended)
+        # An answer that is already complete without a body goes out as headers alone
+        # (a gRPC trailers-only response must stay one: grpc-status in the headers).
+        complete = attempt.ended and not attempt.pending and not attempt.trailers
+        exchange.respond(head, end=(bodyless or complete) and attempt.ended and not upgraded)
         if upgraded:
             head.headers.append(("upgrade", response.get("upgrade") or ""))
         pending, attempt.pending = attempt.pending, []
@@ -667,20 +673,24 @@ class _Life:
         exchange = self.exchange
         exchange.write(data)
         client = attempt.client
-        if client is not None and exchange._conn._write_paused:
+        if client is not None and exchange.write_paused:
             client.pause_reading()
             task = self.loop.create_task(self._resume_after_drain(client))
             self.router.tasks.add(task)
             task.add_done_callback(self.router.tasks.discard)
 
-    async def _resume_after_drain(self, client: Http1Client) -> None:
+    async def _resume_after_drain(self, client: Upstream) -> None:
         with contextlib.suppress(DownstreamGone):
             await self.exchange.drain()
         client.resume_reading()
 
     def finish(self, attempt: _Attempt) -> None:
+        if attempt.trailers:
+            self.record.grpc_status = next(
+                (v for k, v in attempt.trailers if k == "grpc-status"), self.record.grpc_status
+            )
         if not self.exchange.ended:
-            self.exchange.end()
+            self.exchange.end(attempt.trailers)
 
     def upstream_broke(self, reason: str) -> None:
         """The upstream reset mid-response: nothing to do but reset downstream too."""
@@ -744,7 +754,7 @@ class _Sink:
     def on_data(self, data: bytes) -> None:
         pass
 
-    def on_end(self) -> None:
+    def on_end(self, trailers: Headers | None = None) -> None:
         if not self.done.done():
             self.done.set_result(None)
 

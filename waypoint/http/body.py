@@ -7,7 +7,6 @@ from collections import deque
 from collections.abc import Callable
 
 HIGH_WATER = 1 << 20  # above this much unread, the producer is paused
-LOW_WATER = 1 << 16
 
 
 class BodyError(Exception):
@@ -23,6 +22,7 @@ class Body:
 
     __slots__ = (
         "_chunks",
+        "_consumed",
         "_pause",
         "_paused",
         "_resume",
@@ -38,7 +38,10 @@ class Body:
         self,
         pause: Callable[[], None] | None = None,
         resume: Callable[[], None] | None = None,
+        consumed: Callable[[int], None] | None = None,
     ) -> None:
+        """``consumed(n)``: n bytes were read (HTTP/2 gives that window back)."""
+        self._consumed = consumed
         self._chunks: deque[bytes] = deque()
         self.size = 0
         self.received = 0
@@ -89,6 +92,8 @@ class Body:
             data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
             self._chunks.clear()
             self.size = 0
+            if self._consumed is not None:
+                self._consumed(len(data))
             if self._paused and self._resume is not None:
                 self._paused = False
                 self._resume()

@@ -82,6 +82,10 @@ class ServerExchange:
     def closed(self) -> bool:
         return self._conn.lost
 
+    @property
+    def write_paused(self) -> bool:
+        return self._conn.write_paused
+
     def informational(self, status: int, headers: Headers) -> None:
         if self._head_sent or self.head.version == "1.0" or self.closed:
             return
@@ -194,7 +198,7 @@ class Http1Server(asyncio.Protocol):
         self._parsing: ServerExchange | None = None
         self._active: ServerExchange | None = None
         self._queue: deque[ServerExchange] = deque()
-        self._write_paused = False
+        self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = 0
         # An upgrade request: every byte after its head is the tunnel's, not HTTP.
@@ -250,10 +254,10 @@ class Http1Server(asyncio.Protocol):
         self._drain_waiters.clear()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -262,7 +266,7 @@ class Http1Server(asyncio.Protocol):
     async def drain(self) -> None:
         if self.lost:
             raise DownstreamGone("the client went away")
-        if not self._write_paused:
+        if not self.write_paused:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._drain_waiters.append(waiter)

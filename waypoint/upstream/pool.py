@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from waypoint.config.model import Cluster, Endpoint, LoadAssignment
+from waypoint.http.exchange import Upstream
 from waypoint.http.h1client import Http1Client
+from waypoint.http.h2client import H2ClientConnection
 from waypoint.upstream import outlier
 from waypoint.upstream.lb import Balancer, Host, new_balancer
 
@@ -74,16 +76,50 @@ class EndpointPool:
         self.host = host
         self.idle: deque[Http1Client] = deque()
         self.busy: set[Http1Client] = set()
+        self.h2: list[H2ClientConnection] = []
         self.connecting = 0
         self._idle_timers: dict[Http1Client, asyncio.TimerHandle] = {}
+        self._h2_timers: dict[H2ClientConnection, asyncio.TimerHandle] = {}
 
     @property
     def size(self) -> int:
-        return len(self.idle) + len(self.busy)
+        return len(self.idle) + len(self.busy) + len(self.h2)
 
     @property
     def empty(self) -> bool:
-        return not self.idle and not self.busy and not self.connecting
+        return not self.idle and not self.busy and not self.connecting and not self.h2
+
+    def h2_stream(self) -> Upstream | None:
+        for conn in self.h2:
+            if conn.usable:
+                return conn.stream()
+        return None
+
+    def h2_lost(self, conn: H2ClientConnection) -> None:
+        if conn in self.h2:
+            self.h2.remove(conn)
+            timer = self._h2_timers.pop(conn, None)
+            if timer is not None:
+                timer.cancel()
+            self.runtime.connections -= 1
+            self.runtime.wake()
+
+    def h2_idle(self, conn: H2ClientConnection) -> None:
+        self.runtime.wake()
+        if conn.goaway:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        old = self._h2_timers.pop(conn, None)
+        if old is not None:
+            old.cancel()
+
+        def expire() -> None:
+            self._h2_timers.pop(conn, None)
+            if not conn.streams:
+                conn.close()
+
+        self._h2_timers[conn] = loop.call_later(self.runtime.cluster.idle_timeout_s, expire)
 
     def take_idle(self) -> Http1Client | None:
         while self.idle:
@@ -132,7 +168,9 @@ class EndpointPool:
             client.close()
 
     def close(self) -> None:
-        for timer in self._idle_timers.values():
+        for conn in list(self.h2):
+            conn.close()
+        for timer in [*self._idle_timers.values(), *self._h2_timers.values()]:
             timer.cancel()
         self._idle_timers.clear()
         for client in list(self.idle):
@@ -235,9 +273,12 @@ class ClusterRuntime:
             pool = self.pools[host.address] = EndpointPool(self, host)
         return pool
 
-    async def acquire(self, host: Host) -> Http1Client:
-        """A connection to ``host``: idle, new, or after waiting as a pending request."""
+    async def acquire(self, host: Host) -> Upstream:
+        """A connection to ``host``: idle, new, or after waiting as a pending request
+        (for an HTTP/2 cluster, a stream on a shared connection)."""
         pool = self.pool(host)
+        if self.cluster.http2:
+            return await self._acquire_h2(pool)
         client = self._try(pool)
         if client is not None:
             return client
@@ -261,6 +302,52 @@ class ClusterRuntime:
                     return await self._open(pool)
         finally:
             self.pending -= 1
+
+    async def _acquire_h2(self, pool: EndpointPool) -> Upstream:
+        stream = pool.h2_stream()
+        if stream is not None:
+            return stream
+        waited = False
+        try:
+            while True:
+                stream = pool.h2_stream()
+                if stream is not None:
+                    return stream
+                if self.connections < self.cluster.thresholds.max_connections or pool.empty:
+                    conn = await self._open_h2(pool)
+                    return conn.stream()
+                if not waited:
+                    if self.pending >= self.cluster.thresholds.max_pending_requests:
+                        self.overflows += 1
+                        raise Overflow("pending requests")
+                    self.pending += 1
+                    waited = True
+                waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                await waiter
+        finally:
+            if waited:
+                self.pending -= 1
+
+    async def _open_h2(self, pool: EndpointPool) -> H2ClientConnection:
+        self.connections += 1
+        pool.connecting += 1
+
+        def factory() -> H2ClientConnection:
+            return H2ClientConnection(on_idle=pool.h2_idle, on_lost=pool.h2_lost)
+
+        try:
+            conn = await self.connector.open(
+                pool.host.endpoint, self.cluster.connect_timeout_s, factory
+            )
+        except BaseException:
+            self.connections -= 1
+            self.wake()
+            raise
+        finally:
+            pool.connecting -= 1
+        pool.h2.append(conn)
+        return conn
 
     def _try(self, pool: EndpointPool) -> Http1Client | None:
         """An idle connection of ``pool``; at the connection limit, an idle one of another
