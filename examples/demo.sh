@@ -4,7 +4,9 @@
 # the mesh while it flows and the flows become mTLS without restarting a pod;
 # ztunnel-ctl shows the node; a DENY policy refuses the next request; the
 # metrics count what happened; a capture of the underlay shows TLS only; all is
-# torn down. Run as root from the repository root with the project's virtualenv
+# torn down. Then the waypoint (examples/waypoint-demo.sh): a canary split,
+# routing by User-Agent, and a waypoint that cannot be bypassed.
+# Run as root from the repository root with the project's virtualenv
 # on PATH (the Makefile does both).
 set -euo pipefail
 
@@ -119,3 +121,6 @@ run meshlab down --name "$NAME"
 left=$( (ip netns list; ip -o link show) | grep -c -- "$NAME-" || true)
 echo "left behind with prefix '$NAME-': $left"
 trap - EXIT
+
+# Part two: L7, with a waypoint (examples/waypoint-demo.sh).
+exec "$(dirname "$0")/waypoint-demo.sh"

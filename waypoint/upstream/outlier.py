@@ -27,14 +27,12 @@ def record(
 ) -> bool:
     """Count one outcome for ``host`` (status 0: connect failure or reset); True if it
     was ejected by it."""
-    host.total += 1
     failed = status == 0 or status >= 500
     gateway = status == 0 or status in (502, 503, 504)
     if not failed:
         host.consecutive_5xx = 0
         host.consecutive_gateway = 0
         return False
-    host.failures += 1
     host.consecutive_5xx += 1
     if gateway:
         host.consecutive_gateway += 1

@@ -237,7 +237,11 @@ class ClusterRuntime:
         self._schedule_outlier()
 
     def record(self, host: Host, status: int) -> None:
-        """An attempt's outcome (0: connect failure or reset) for outlier detection."""
+        """An attempt's outcome (0: connect failure or reset): counted, and judged by
+        outlier detection when the cluster has it."""
+        host.total += 1
+        if status == 0 or status >= 500:
+            host.failures += 1
         config = self.cluster.outlier
         if config is None:
             return
