@@ -6,6 +6,7 @@ adds the endpoints, as Envoy's admin does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from envoy.admin.v3 import config_dump_pb2, config_dump_shared_pb2
@@ -64,3 +65,49 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(values)
     return s
+
+
+_DUMP_KEYS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
+    "ListenersConfigDump": (
+        "dynamic_listeners",
+        lambda e: e.get("active_state", {}).get("listener"),
+    ),
+    "ClustersConfigDump": ("dynamic_active_clusters", lambda e: e.get("cluster")),
+    "RoutesConfigDump": ("dynamic_route_configs", lambda e: e.get("route_config")),
+    "EndpointsConfigDump": ("dynamic_endpoint_configs", lambda e: e.get("endpoint_config")),
+}
+_TYPE_OF = {
+    "ListenersConfigDump": convert.LISTENER_TYPE,
+    "ClustersConfigDump": convert.CLUSTER_TYPE,
+    "RoutesConfigDump": convert.ROUTE_TYPE,
+    "EndpointsConfigDump": convert.ENDPOINT_TYPE,
+}
+
+
+def config_from_dump(doc: dict[str, Any]) -> WaypointConfig:
+    """A saved ``/config_dump`` (ours or Envoy's) as the waypoint's config, through the same
+    conversion the feed uses: what ``explain`` decides on is what the waypoint runs."""
+    from google.protobuf import any_pb2
+
+    from waypoint.config.snapshot import apply_response
+
+    config = WaypointConfig()
+    for section in doc.get("configs") or []:
+        kind = str(section.get("@type", "")).rsplit(".", 1)[-1]
+        if kind not in _DUMP_KEYS:
+            continue
+        key, inner = _DUMP_KEYS[kind]
+        type_url = _TYPE_OF[kind]
+        resources = []
+        for entry in section.get(key) or []:
+            body = inner(entry)
+            if not body:
+                continue
+            packed = any_pb2.Any()
+            json_format.ParseDict(body, packed)
+            message = convert.MESSAGES[type_url]()
+            packed.Unpack(message)
+            name = getattr(message, "name", "") or getattr(message, "cluster_name", "")
+            resources.append((name, str(entry.get("version_info", "")), packed))
+        config = apply_response(config, type_url, resources, ()).state
+    return config
