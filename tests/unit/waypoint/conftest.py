@@ -1,0 +1,5 @@
+"""The waypoint tests share the HBONE test certificates."""
+
+from tests.unit.hbone.conftest import pki
+
+__all__ = ["pki"]
