@@ -130,7 +130,7 @@ async def ask(client: HboneClientPool, port: int, authority: str, agent: str = "
 
 def test_hbone_in_http_routed_out(pki: Pki) -> None:
     async def body() -> tuple[list[bytes], bytes]:
-        async with running(pki) as (runtime, port, client):
+        async with running(pki) as (_runtime, port, client):
             answers = [await ask(client, port, "10.96.0.20:9080", "iPhone") for _ in range(3)]
             plain = await ask(client, port, "10.96.0.20:9080")
             return answers, plain
@@ -143,7 +143,7 @@ def test_hbone_in_http_routed_out(pki: Pki) -> None:
 
 def test_a_destination_it_does_not_serve_is_refused_before_any_byte(pki: Pki) -> None:
     async def body() -> int:
-        async with running(pki) as (runtime, port, client):
+        async with running(pki) as (_runtime, port, client):
             with pytest.raises(StatusError) as refused:
                 await ask(client, port, "10.96.9.9:80")
             return refused.value.status
