@@ -446,7 +446,13 @@ class _Life:
             if self.timeout_handle is not None:
                 self.timeout_handle.cancel()
             if body_task is not None and not body_task.done():
-                body_task.cancel()
+                if self.current is not None and self.current.committed:
+                    # The answer is under way (or the connection upgraded): the request
+                    # body (or the client's side of the tunnel) still flows upstream.
+                    self.router.tasks.add(body_task)
+                    body_task.add_done_callback(self.router.tasks.discard)
+                else:
+                    body_task.cancel()
 
     def _can_retry(self, runtime: ClusterRuntime, retry: RetryState | None) -> bool:
         return (

@@ -146,7 +146,9 @@ class Http1Client(asyncio.Protocol):
         self._upgraded = False
         self._keep_alive = True
         headers = [
-            (k, v) for k, v in head.headers if k not in ("content-length", "transfer-encoding")
+            (k, v)
+            for k, v in head.headers
+            if k not in ("content-length", "transfer-encoding", "connection", "upgrade")
         ]
         self._chunked = False
         if head.upgrade is not None:

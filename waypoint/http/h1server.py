@@ -102,8 +102,9 @@ class ServerExchange:
         headers = [(k, v) for k, v in head.headers if k not in ("connection", "transfer-encoding")]
         upgraded = head.status == 101 and self.head.upgrade is not None
         if upgraded:
-            headers += [("connection", "upgrade"), ("upgrade", head.get("upgrade") or "")]
-            headers = [(k, v) for k, v in headers if not (k == "upgrade" and not v)]
+            protocol = head.get("upgrade") or self.head.upgrade or ""
+            headers = [(k, v) for k, v in headers if k != "upgrade"]
+            headers += [("connection", "upgrade"), ("upgrade", protocol)]
         elif body_forbidden(self.head.method, head.status) or any(
             k == "content-length" for k, _ in headers
         ):
