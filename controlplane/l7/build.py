@@ -164,7 +164,7 @@ def build(state: SourceState) -> L7Result:
             out.reject(f"Gateway {waypoint.key}: {waypoint.problem}")
             continue
         specs: list[ServiceSpec] = []
-        wanted: dict[str, tuple[str, int, str]] = {}
+        wanted: dict[str, tuple[str, int, str, Protocol]] = {}
         for info in sorted(bound.get(waypoint.key, ()), key=lambda s: (s.namespace, s.name)):
             key = service_key(info.namespace, info.name)
             port_routes = tuple(ported[key])
@@ -179,24 +179,35 @@ def build(state: SourceState) -> L7Result:
                 )
             )
             for pr in port_routes:
-                for backend in _backends(pr):
+                for backend, http in _backends(pr):
                     if backend.problem:
                         continue
                     target = services[backend.service]
                     protocol = _port_protocol(target, backend.port, ported)
+                    if http and not protocol.is_http:
+                        # An HTTP route's backend is spoken to in HTTP, whatever the port
+                        # says of itself (an unnamed port with no route of its own is TCP).
+                        protocol = Protocol.HTTP
+                    elif not http:
+                        protocol = Protocol.TCP
                     name = cluster_name(
                         backend.service.split("/", 1)[1], backend.port, protocol, backend.subset
                     )
-                    wanted[name] = (backend.service, backend.port, backend.subset)
+                    wanted[name] = (backend.service, backend.port, backend.subset, protocol)
         clusters = {}
-        for name, (skey, port, subset) in sorted(wanted.items()):
+        for name, (skey, port, subset, protocol) in sorted(wanted.items()):
             target = services[skey]
             policy = policies.get(skey)
             labels = {}
             if subset:
                 chosen = policy.subset(subset) if policy is not None else None
                 if chosen is None:
-                    continue  # reported where the route was resolved: 500 for its share
+                    # Not built: the routes' share for it is answered by Envoy (503, NC).
+                    out.reject(
+                        f"service {skey}: no DestinationRule subset {subset!r}; "
+                        "requests routed to it fail"
+                    )
+                    continue
                 labels = dict(chosen.labels)
             clusters[name] = ClusterSpec(
                 name=name,
@@ -204,7 +215,7 @@ def build(state: SourceState) -> L7Result:
                 hostname=skey.split("/", 1)[1],
                 port=port,
                 subset=subset,
-                protocol=_port_protocol(target, port, ported),
+                protocol=protocol,
                 policy=policy.for_port(port, subset) if policy is not None else DEFAULT_POLICY,
                 endpoints=endpoints.of(target, port, labels),
             )
@@ -230,12 +241,15 @@ class _Out:
         self.rejected.append(line)
 
 
-def _backends(pr: PortRoutes) -> Iterable[BackendRef]:
-    yield from pr.tcp_backends
+def _backends(pr: PortRoutes) -> Iterable[tuple[BackendRef, bool]]:
+    """Every backend the port sends to, and whether it is sent HTTP (False: TCP)."""
+    for b in pr.tcp_backends:
+        yield b, False
     for rule in pr.rules:
-        yield from rule.backends
+        for b in rule.backends:
+            yield b, True
         for m in rule.mirrors:
-            yield m.backend
+            yield m.backend, True
 
 
 def _port_protocol(
@@ -438,7 +452,7 @@ def _backend_problem(b: BackendSpec, services: Mapping[str, ServiceInfo]) -> tup
     if info is None:
         return (
             "BackendNotFound",
-            f"backend({b.name}.{b.namespace}.svc.{CLUSTER_DOMAIN}) not found",
+            f"backend({b.name}.{b.namespace}.{CLUSTER_DOMAIN}) not found",
         )
     if not any(p.port == b.port for p in info.ports):
         return ("BackendNotFound", f"service {b.namespace}/{b.name} has no port {b.port}")
@@ -455,24 +469,27 @@ def _ports_of(
     for key, info in services.items():
         hostname = key.split("/", 1)[1]
         ports = []
+        vs = virtual_services.get(key)
+        routes = attached.get(key, ())
+        if routes and vs is not None:
+            # Decided for the whole service, whichever ports the routes name.
+            out.reject(
+                f"VirtualService {vs.origin}: service {key} also has "
+                f"{routes[0].route.kind} {routes[0].route.key}; mixing the two APIs for one "
+                "service is not supported: the VirtualService is not applied"
+            )
+            vs = None
         for port in info.ports:
             if port.protocol != "TCP":
                 continue
-            here = [a for a in attached.get(key, ()) if a.parent.port in (None, port.port)]
-            vs = virtual_services.get(key)
+            here = [a for a in routes if a.parent.port in (None, port.port)]
+            vs_rules = vs.rules_for(port.port) if vs is not None and vs.http else ()
             protocol = declared_protocol(port)
-            if here and vs is not None:
-                out.reject(
-                    f"VirtualService {vs.origin}: service {key} also has "
-                    f"{here[0].route.kind} {here[0].route.key}; mixing the two APIs for one "
-                    "service is not supported: the VirtualService is not applied"
-                )
-                vs = None
             if protocol is None:
                 grpc = any(a.route.kind == "GRPCRoute" for a in here)
                 protocol = (
                     (Protocol.HTTP2 if grpc else Protocol.HTTP)
-                    if here or (vs is not None and vs.http)
+                    if here or vs_rules
                     else Protocol.TCP
                 )
             if protocol is Protocol.TCP:
@@ -492,9 +509,9 @@ def _ports_of(
                 rules = _rules(here, hostname, port.port, services)
                 kinds = {a.route.kind for a in here}
                 source = "GRPCRoute" if kinds == {"GRPCRoute"} else "HTTPRoute"
-            elif vs is not None and vs.http:
-                rules = vs.rules_for(port.port)
-                source = "VirtualService" if rules else "default"
+            elif vs_rules:
+                rules = vs_rules
+                source = "VirtualService"
             if not rules:
                 # No route (or none for this port): Istio's default route to the service.
                 rules = (_default_rule(key, hostname, port.port, protocol),)
@@ -570,7 +587,7 @@ def _rules(
     for a in attachments:  # already oldest route first
         for rule in a.route.rules:
             for match in rule.matches:
-                entries.append(_Entry(a.route, rule, match, True))
+                entries.append(_Entry(a.route, rule, match, rule.has_matches))
     rules = []
     for e in _order(entries):
         rules.append(_to_rule(e, hostname, port, services))
@@ -594,12 +611,18 @@ def _catch_all(m: RequestMatch) -> bool:
 
 def _to_backend(b: BackendSpec, services: Mapping[str, ServiceInfo]) -> BackendRef:
     problem = _backend_problem(b, services)
+    kind_ok = b.kind == "Service" and b.group == CORE_GROUP
     return BackendRef(
-        service=service_key(b.namespace, b.name),
+        # Not a Service: no service at all (Istio's "UnknownService"), so that a
+        # ServiceImport named like a Service never reaches that Service.
+        service=service_key(b.namespace, b.name) if kind_ok else "",
         port=b.port or 0,
         weight=b.weight,
         problem=problem[1] if problem else "",
     )
+
+
+_HTTPROUTE_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled"
 
 
 def _to_rule(e: _Entry, hostname: str, port: int, services: Mapping[str, ServiceInfo]) -> Rule:
@@ -636,6 +659,9 @@ def _to_rule(e: _Entry, hostname: str, port: int, services: Mapping[str, Service
             if attempts <= 0
             else Retry(
                 attempts=attempts,
+                # Istio's conversion: these four, and retriable-status-codes only with codes.
+                retry_on=_HTTPROUTE_RETRY_ON
+                + (",retriable-status-codes" if spec.retry.codes else ""),
                 codes=spec.retry.codes,
                 backoff_base_s=spec.retry.backoff_s,
                 per_try_timeout_s=spec.backend_timeout_s,

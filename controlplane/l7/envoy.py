@@ -81,6 +81,7 @@ ROUTER_FILTER = "envoy.filters.http.router"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TUNNEL_MATCH = "envoy.transport_socket_match"  # Istio's marker of an HBONE endpoint
 UINT32_MAX = 2**32 - 1
+UNKNOWN_SERVICE = "UnknownService"  # Istio's cluster name for a backend that is no service
 SERVER_NAME = "istio-envoy"  # Istio's waypoint HCM
 
 
@@ -132,6 +133,10 @@ def translate(share: WaypointShare) -> EnvoyResources:
     routes: dict[str, route_pb2.RouteConfiguration] = {}
     chains = []
     for service in share.services:
+        if not service.vips:
+            # A headless service has no address to match on: a chain without one
+            # would take every destination on its port (and two would clash).
+            continue
         for pr in service.ports:
             chains.append(_filter_chain(service, pr))
             if pr.protocol.is_http:
@@ -302,6 +307,8 @@ def _host_from_headers(ops: HeaderOps) -> str | None:
 
 
 def _backend_cluster(b: BackendRef, clusters: Mapping[str, ClusterSpec]) -> str:
+    if not b.service:
+        return UNKNOWN_SERVICE  # never built: Envoy answers cluster_not_found
     host = b.service.split("/", 1)[1]
     for protocol in (Protocol.HTTP, Protocol.HTTP2, Protocol.GRPC):
         name = cluster_name(host, b.port, protocol, b.subset)
@@ -402,7 +409,10 @@ def _route(
         n for n in rule.request_headers.remove if not n.startswith(":") and n != "host"
     )
     out.response_headers_to_add.extend(_header_options(rule.response_headers))
-    out.response_headers_to_remove.extend(rule.response_headers.remove)
+    # Envoy refuses the whole RouteConfiguration for a pseudo-header or host here too.
+    out.response_headers_to_remove.extend(
+        n for n in rule.response_headers.remove if not n.startswith(":") and n != "host"
+    )
     if rule.fault is not None:
         out.typed_per_filter_config[FAULT_FILTER].CopyFrom(_any(_fault(rule.fault)))
     if rule.redirect is not None:
@@ -559,11 +569,10 @@ def _cluster(spec: ClusterSpec) -> cluster_pb2.Cluster:
             max_ejection_percent=wrappers_pb2.UInt32Value(value=od.max_ejection_percent),
             enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
         )
-        if od.consecutive_5xx:
+        if od.consecutive_5xx is not None:
+            # Unset: Envoy's default (5 in a row, enforced), as Istio leaves it; 0: off.
             detection.consecutive_5xx.value = od.consecutive_5xx
-            detection.enforcing_consecutive_5xx.value = 100
-        else:
-            detection.enforcing_consecutive_5xx.value = 0
+            detection.enforcing_consecutive_5xx.value = 100 if od.consecutive_5xx else 0
         if od.consecutive_gateway_errors:
             detection.consecutive_gateway_failure.value = od.consecutive_gateway_errors
             detection.enforcing_consecutive_gateway_failure.value = 100

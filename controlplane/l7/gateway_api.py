@@ -98,6 +98,9 @@ class RuleSpec:
     timeout_s: float | None = None
     backend_timeout_s: float | None = None
     retry: RetrySpec | None = None
+    # False: the rule has no matches (its one match is the API's default). Istio
+    # orders such rules after every rule with a match, whatever their paths.
+    has_matches: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,7 +235,7 @@ def _parse_route(obj: Mapping[str, Any], kind: str) -> RouteSpec:
     rules = tuple(_rule(r, i, kind, namespace) for i, r in enumerate(spec.children("rules", 16)))
     if not rules:
         # The API's default: one rule matching every request, with no backends.
-        rules = (RuleSpec(index=0, name="", matches=(_default_match(kind),)),)
+        rules = (RuleSpec(index=0, name="", matches=(_default_match(kind),), has_matches=False),)
     names = [r.name for r in rules if r.name]
     if len(names) != len(set(names)):
         raise spec.error("rule names must be unique", "rules")
@@ -275,7 +278,9 @@ def _rule(r: Reader, index: int, kind: str, namespace: str) -> RuleSpec:
         raise r.error("GRPCRoute rules have no timeouts or retry", "timeouts")
     matches = tuple(
         _http_match(m) if kind == "HTTPRoute" else _grpc_match(m) for m in r.children("matches", 64)
-    ) or (_default_match(kind),)
+    )
+    has_matches = bool(matches)
+    matches = matches or (_default_match(kind),)
     ops = _Filters(kind)
     for f in r.children("filters", 16):
         ops.read(f, namespace)
@@ -302,6 +307,8 @@ def _rule(r: Reader, index: int, kind: str, namespace: str) -> RuleSpec:
         raise r.error("a rule with a RequestRedirect filter cannot have backendRefs", "backendRefs")
     for what, op in (("ReplacePrefixMatch", ops.redirect), ("ReplacePrefixMatch", ops.rewrite)):
         if op is not None and op.prefix is not None:
+            if not has_matches:  # the CRD's rule: the prefix to replace must be written
+                raise r.error(f"{what} needs a match with a PathPrefix path", "matches")
             for i, m in enumerate(matches):
                 if m.path is None or m.path.kind is not PathKind.SEGMENT_PREFIX:
                     raise r.error(
@@ -320,6 +327,7 @@ def _rule(r: Reader, index: int, kind: str, namespace: str) -> RuleSpec:
         timeout_s=timeout,
         backend_timeout_s=backend_timeout,
         retry=retry,
+        has_matches=has_matches,
     )
 
 
@@ -363,7 +371,9 @@ def _http_match(r: Reader) -> RequestMatch:
         else:
             if not value.startswith("/"):
                 raise pr.error(f"{value!r} must start with '/'", "value")
-            if "//" in value or "/./" in value or "/../" in value or "#" in value:
+            if any(
+                bad in value for bad in ("//", "/./", "/../", "#", "%2f", "%2F")
+            ) or value.endswith(("/..", "/.")):
                 raise pr.error(f"{value!r} must be a normalised path", "value")
             path = PathMatch(
                 kind=PathKind.EXACT if kind == "Exact" else PathKind.SEGMENT_PREFIX, value=value
@@ -421,13 +431,20 @@ def _grpc_match(r: Reader) -> RequestMatch:
             for key, value in (("service", service), ("method", method)):
                 if value is not None:
                     check_regex(mr, key, value)
-            path = PathMatch(
-                kind=PathKind.REGEX, value=f"/{service or '[^/]+'}/{method or '[^/]+'}"
-            )
+            # Istio's forms (service only: "/<svc>/.+"), each pattern in a group of its
+            # own: Istio pastes them bare, so "a|b" as a service would match "/a".
+            svc = f"(?:{service})" if service is not None else "[^/]+"
+            name = f"(?:{method})" if method is not None else ".+"
+            path = PathMatch(kind=PathKind.REGEX, value=f"/{svc}/{name}")
     headers = []
+    seen: set[str] = set()
     for h in r.children("headers", 16):
         h.only({"type", "name", "value"})
-        headers.append(HeaderMatch(name=_header_name(h), match=_string(h, "header")))
+        name = _header_name(h)
+        if name in seen:  # the spec: only the first of equal names counts
+            continue
+        seen.add(name)
+        headers.append(HeaderMatch(name=name, match=_string(h, "header")))
     return RequestMatch(path=path, headers=tuple(headers))
 
 
@@ -449,6 +466,16 @@ def _backend(r: Reader, namespace: str, *, weighted: bool = True) -> BackendSpec
         port=port,
         weight=r.integer("weight", 1, low=0, high=1_000_000) if weighted else 1,
     )
+
+
+# Each filter type's configuration field (URLRewrite's is "urlRewrite").
+_FILTER_FIELDS = {
+    "RequestHeaderModifier": "requestHeaderModifier",
+    "ResponseHeaderModifier": "responseHeaderModifier",
+    "RequestMirror": "requestMirror",
+    "RequestRedirect": "requestRedirect",
+    "URLRewrite": "urlRewrite",
+}
 
 
 class _Filters:
@@ -475,7 +502,7 @@ class _Filters:
         if ftype in self.seen and ftype != "RequestMirror":
             raise f.error(f"filter {ftype} may appear only once in a rule", "type")
         self.seen.add(ftype)
-        key = ftype[0].lower() + ftype[1:]
+        key = _FILTER_FIELDS[ftype]
         f.only({"type", key})
         body = f.child(key)
         if ftype == "RequestHeaderModifier":
@@ -497,14 +524,14 @@ class _Filters:
 def _header_ops(r: Reader) -> HeaderOps:
     r.only({"set", "add", "remove"})
     pairs: dict[str, list[tuple[str, str]]] = {}
-    names: set[str] = set()
     for key in ("set", "add"):
         pairs[key] = []
+        names: set[str] = set()  # the CRD: names unique within each list
         for h in r.children(key, 16):
             h.only({"name", "value"})
             name = _header_name(h)
             if name in names:
-                raise h.error(f"header {name!r} is modified twice", "name")
+                raise h.error(f"header {name!r} appears twice in {key}", "name")
             names.add(name)
             pairs[key].append((name, h.text("value")))
     remove = []
@@ -542,7 +569,7 @@ def _path_modifier(r: Reader) -> tuple[str | None, str | None]:
             raise pr.error(f"{value!r} must start with '/'", "replaceFullPath")
         return value, None
     value = pr.text("replacePrefixMatch")
-    if not value.startswith("/"):
+    if value and not value.startswith("/"):  # "" is the spec's "strip the prefix"
         raise pr.error(f"{value!r} must start with '/'", "replacePrefixMatch")
     return None, value
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 
@@ -98,7 +98,8 @@ class BackendRef:
 
     ``problem`` is set when the reference cannot be used (no such service or
     port): the share of requests it would have taken is answered with 500,
-    as the Gateway API asks.
+    as the Gateway API asks. ``service`` is empty when the reference is not to a
+    Service at all (an unsupported kind).
     """
 
     service: str  # the service's xDS name: namespace/hostname
@@ -254,6 +255,7 @@ class CircuitBreakers:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutlierDetection:
+    # None: not written, Envoy's default (5, enforced) applies, as in Istio; 0: off.
     consecutive_5xx: int | None = None
     consecutive_gateway_errors: int | None = None
     interval_s: float = 10.0
@@ -279,12 +281,29 @@ class TrafficPolicy:
 
 DEFAULT_POLICY = TrafficPolicy()
 
+# A DestinationRule's trafficPolicy sections, and the TrafficPolicy fields each one sets.
+SECTIONS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "loadBalancer": ("lb", "hash_policy", "minimum_ring_size"),
+        "connectionPool": (
+            "breakers",
+            "connect_timeout_s",
+            "idle_timeout_s",
+            "max_requests_per_connection",
+        ),
+        "outlierDetection": ("outlier",),
+    }
+)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Subset:
     name: str
     labels: Mapping[str, str] = field(default_factory=_empty)
     policy: TrafficPolicy | None = None  # None: the service's
+    # The sections (keys of SECTIONS) the subset's policy writes; the others are the
+    # service's (Istio's MergeSubsetTrafficPolicy).
+    sections: frozenset[str] = frozenset(SECTIONS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -298,11 +317,15 @@ class ServicePolicy:
     origin: str = ""
 
     def for_port(self, port: int, subset: str = "") -> TrafficPolicy:
-        """portLevelSettings beat the service's; a subset's own policy beats both."""
-        for s in self.subsets:
-            if s.name == subset and s.policy is not None:
-                return s.policy
-        return self.ports.get(port, self.default)
+        """portLevelSettings replace the service's policy whole; then each section a
+        subset's own policy writes replaces that section."""
+        base = self.ports.get(port, self.default)
+        chosen = self.subset(subset) if subset else None
+        if chosen is None or chosen.policy is None or not chosen.sections:
+            return base
+        policy = chosen.policy
+        changes = {f: getattr(policy, f) for s in chosen.sections for f in SECTIONS[s]}
+        return replace(base, origin=policy.origin, **changes)
 
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)

@@ -12,6 +12,7 @@ origination, locality load balancing, ...) is refused with the field's path.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -21,6 +22,7 @@ from controlplane.l7.binding import CLUSTER_DOMAIN
 from controlplane.l7.gateway_api import check_regex
 from controlplane.l7.ir import (
     DEFAULT_RETRY,
+    SECTIONS,
     BackendRef,
     CircuitBreakers,
     Fault,
@@ -49,6 +51,8 @@ from controlplane.l7.status import Condition, ObjectStatus
 from controlplane.state import L7Object, ServiceInfo
 
 _API_VERSIONS = tuple(f"networking.istio.io/{v}" for v in ("v1", "v1beta1", "v1alpha3"))
+# RFC 7230 token characters (a leading ":" for pseudo-headers such as :authority).
+_HEADER_NAME = re.compile(r"^:?[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Istio's retryOn conditions: Envoy's, plus gRPC ones and bare status codes.
 _RETRY_ON = {
@@ -417,7 +421,7 @@ def _string_match(r: Reader, key: str) -> StringMatch:
         raise m.error("exactly one of exact, prefix and regex is required")
     kind = given[0]
     value = m.text(kind)
-    if kind == "regex":
+    if kind == "regex" and value != "*":  # "*": Istio's "present" (see _present)
         check_regex(m, "regex", value)
     return StringMatch(kind=StringKind(kind), value=value)
 
@@ -450,13 +454,21 @@ def _match(r: Reader) -> tuple[RequestMatch, int | None]:
         ]
         path = PathMatch(kind=kind, value=sm.value, ignore_case=ignore_case)
     headers: list[HeaderMatch] = []
-    for key in sorted(r.child("headers").raw):
+    for where in ("headers", "withoutHeaders"):
+        for key in r.child(where).raw:
+            _check_header_name(r.child(where), key)
+    for key in sorted(r.child("headers").raw, key=str.lower):
         sm = _string_match(r.child("headers"), key)
         headers.append(HeaderMatch(name=key.lower(), match=_present(sm)))
-    for key in sorted(r.child("withoutHeaders").raw):
+    for key in sorted(r.child("withoutHeaders").raw, key=str.lower):
         sm = _string_match(r.child("withoutHeaders"), key)
+        present = _present(sm)
+        # Istio: a missing header counts as "" (so it passes), except for a presence
+        # match, where "" would count as present and a missing header would fail.
         headers.append(
-            HeaderMatch(name=key.lower(), match=_present(sm), invert=True, missing_as_empty=True)
+            HeaderMatch(
+                name=key.lower(), match=present, invert=True, missing_as_empty=present is not None
+            )
         )
     method = None
     for field_name, header in (
@@ -492,8 +504,21 @@ def _present(sm: StringMatch) -> StringMatch | None:
     return None if sm.kind is StringKind.REGEX and sm.value == "*" else sm
 
 
+def _check_header_name(r: Reader, name: object, key: str | None = None) -> None:
+    """A header name a request can carry: Envoy would take any other and never match it."""
+    if isinstance(name, str) and name.startswith("@request.auth.claims"):
+        raise r.error("not supported: matches on JWT claims", name)
+    if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        raise r.error(f"{name!r} is not a valid header name", key or str(name))
+
+
 def _header_ops(r: Reader) -> HeaderOps:
     r.only({"set", "add", "remove"})
+    for key in ("set", "add"):
+        for name in r.labels(key):
+            _check_header_name(r.child(key), name)
+    for i, name in enumerate(r.strings("remove")):
+        _check_header_name(r, name, f"remove[{i}]")
     return HeaderOps(
         set=tuple(sorted((k.lower(), v) for k, v in r.labels("set").items())),
         add=tuple(sorted((k.lower(), v) for k, v in r.labels("add").items())),
@@ -518,7 +543,8 @@ def _retries(r: Reader) -> Retry | None:
             "retryIgnorePreviousHosts",
         }
     )
-    attempts = rr.integer("attempts", 2, low=0)
+    # Istio: retries without attempts (0, proto3's unset) disable retrying.
+    attempts = rr.integer("attempts", 0, low=0)
     if attempts == 0:
         return None
     retry_on = DEFAULT_RETRY.retry_on
@@ -663,7 +689,7 @@ def parse_destination_rule(obj: Mapping[str, Any]) -> ServicePolicy | None:
         pl.only({"port", "loadBalancer", "connectionPool", "outlierDetection", "tls"})
         number = pl.child("port").only({"number"}).integer("number", low=1, high=65535)
         # Istio: a port-level entry replaces the top-level policy whole.
-        ports[number] = _traffic_policy(pl, full, with_ports=False)
+        ports[number] = _traffic_policy(pl, full, with_ports=False, extra=frozenset({"port"}))
     subsets = []
     for s in spec.children("subsets"):
         s.only({"name", "labels", "trafficPolicy"})
@@ -672,8 +698,14 @@ def parse_destination_rule(obj: Mapping[str, Any]) -> ServicePolicy | None:
             if s.has("trafficPolicy")
             else None
         )
+        written = frozenset(k for k in SECTIONS if s.child("trafficPolicy").has(k))
         subsets.append(
-            Subset(name=s.text("name"), labels=MappingProxyType(s.labels("labels")), policy=policy)
+            Subset(
+                name=s.text("name"),
+                labels=MappingProxyType(s.labels("labels")),
+                policy=policy,
+                sections=written,
+            )
         )
     names = [s.name for s in subsets]
     if len(names) != len(set(names)):
@@ -687,8 +719,11 @@ def parse_destination_rule(obj: Mapping[str, Any]) -> ServicePolicy | None:
     )
 
 
-def _traffic_policy(r: Reader, origin: str, *, with_ports: bool) -> TrafficPolicy:
-    allowed = {"loadBalancer", "connectionPool", "outlierDetection", "tls"}
+def _traffic_policy(
+    r: Reader, origin: str, *, with_ports: bool, extra: frozenset[str] = frozenset()
+) -> TrafficPolicy:
+    """A trafficPolicy; ``extra``: keys of the caller's (a portLevelSettings entry's port)."""
+    allowed = {"loadBalancer", "connectionPool", "outlierDetection", "tls", *extra}
     if with_ports:
         allowed.add("portLevelSettings")
     r.only(
@@ -738,7 +773,7 @@ def _traffic_policy(r: Reader, origin: str, *, with_ports: bool) -> TrafficPolic
             keys = [
                 k
                 for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
-                if ch.has(k)
+                if ch.has(k) and ch.raw[k] is not False  # useSourceIp: false says nothing
             ]
             if len(keys) != 1:
                 raise ch.error(
@@ -759,6 +794,7 @@ def _traffic_policy(r: Reader, origin: str, *, with_ports: bool) -> TrafficPolic
                 hp = HashPolicy(source_ip=ch.boolean("useSourceIp"))
             else:
                 hp = HashPolicy(query=ch.text("httpQueryParameterName"))
+            ch.child("maglev").only(set(), {"tableSize": "maglev table sizes (Envoy's 65537)"})
             kind = LbPolicy.MAGLEV if ch.has("maglev") else LbPolicy.RING_HASH
             ring = ch.child("ringHash").only({"minimumRingSize"}).opt_integer(
                 "minimumRingSize", low=1
@@ -823,13 +859,14 @@ def _traffic_policy(r: Reader, origin: str, *, with_ports: bool) -> TrafficPolic
                 "consecutiveLocalOriginFailures": "local-origin error accounting",
             },
         )
+        # Unset: Envoy's default (5) applies, as Istio leaves it; 0 turns it off.
         consecutive = od.opt_integer("consecutive5xxErrors", low=0)
         if consecutive is None and od.has("consecutiveErrors"):
             consecutive = od.integer("consecutiveErrors", low=0)
         policy = _with(
             policy,
             outlier=OutlierDetection(
-                consecutive_5xx=consecutive or None,
+                consecutive_5xx=consecutive,
                 consecutive_gateway_errors=od.opt_integer("consecutiveGatewayErrors", low=0)
                 or None,
                 interval_s=go_duration(od, "interval") or 10.0,
