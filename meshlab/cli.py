@@ -258,28 +258,32 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     name = lifecycle.resolve_name(args.name)
     if args.file:
-        if args.kind or args.object:
+        if args.words:
             raise MeshlabError("give -f FILE or KIND NAME, not both")
         targets = apply_cmd.targets_of(apply_cmd.read_documents(Path(args.file)))
     else:
-        if not args.kind or not args.object:
+        if len(args.words) != 2:
             raise MeshlabError("give -f FILE, or KIND NAME [-n NAMESPACE]")
-        targets = [(apply_cmd.kind_of(args.kind), args.namespace or "default", args.object)]
+        kind, obj = args.words
+        targets = [(apply_cmd.kind_of(kind), args.namespace or "default", obj)]
     for line in apply_cmd.delete(name, targets, _log):
         print(line)
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    kind = apply_cmd.kind_of(args.kind)
+    if len(args.words) > 2:
+        raise MeshlabError("give KIND [NAME]")
+    kind = apply_cmd.kind_of(args.words[0])
+    obj = args.words[1] if len(args.words) == 2 else None
     name = lifecycle.resolve_name(args.name)
     state = read_state(name)
     namespace = None if args.all_namespaces else (args.namespace or "default")
     items = [dict(i) for i in apply_cmd.resources_of(state, kind, namespace)]
-    if args.object:
-        items = [i for i in items if (i.get("metadata") or {}).get("name") == args.object]
+    if obj:
+        items = [i for i in items if (i.get("metadata") or {}).get("name") == obj]
         if not items:
-            raise MeshlabError(f'{kind.lower()} "{args.object}" not found')
+            raise MeshlabError(f'{kind.lower()} "{obj}" not found')
     statuses = _meshd_statuses(state)
     for item in items:
         meta = item.get("metadata") or {}
@@ -287,7 +291,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         if key in statuses:
             item["status"] = {**dict(item.get("status") or {}), **statuses[key]}
     if args.output in ("yaml", "json"):
-        doc: Any = items[0] if args.object else {"apiVersion": "v1", "kind": "List", "items": items}
+        doc: Any = items[0] if obj else {"apiVersion": "v1", "kind": "List", "items": items}
         print(render(doc, args.output))
         return 0
     rows = [["NAMESPACE", "NAME", "STATUS"]]
@@ -407,14 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     delete = with_name(sub.add_parser("delete", help="delete objects, as kubectl"))
     delete.add_argument("-f", "--file", help="the YAML the objects were applied from")
-    delete.add_argument("kind", nargs="?", help="e.g. httproute, gateway, svc, ap")
-    delete.add_argument("object", nargs="?", help="the object's name")
+    # KIND and NAME are one positional list; main() gathers words that follow an
+    # option (`delete KIND -n NS NAME`), which argparse alone would refuse.
+    delete.add_argument(
+        "words", nargs="*", metavar="KIND NAME", help="e.g. httproute canary (kinds: svc, ap, ...)"
+    )
     delete.add_argument("-n", "--namespace", help="its namespace (default: default)")
     delete.set_defaults(func=cmd_delete)
 
     get = with_name(sub.add_parser("get", help="show objects and their status, as kubectl"))
-    get.add_argument("kind", help="e.g. gateway, httproute, svc")
-    get.add_argument("object", nargs="?", help="one object's name")
+    get.add_argument(
+        "words", nargs="+", metavar="KIND [NAME]", help="e.g. gateway, httproute, svc; a name"
+    )
     get.add_argument("-n", "--namespace", help="the namespace (default: default)")
     get.add_argument("-A", "--all-namespaces", action="store_true")
     get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
@@ -427,8 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse as kubectl does: `delete KIND -n NS NAME` keeps NAME after the option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "words") or any(w.startswith("-") for w in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.words = [*args.words, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args))
     except (MeshlabError, ClusterError) as e:

@@ -125,3 +125,27 @@ def test_commands_that_change_the_host_need_root(
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     assert cli.main(argv) == 1
     assert "needs root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["delete", "ap", "-n", "server", "no-sleep"],
+        ["delete", "-n", "server", "ap", "no-sleep"],
+        ["delete", "ap", "no-sleep", "-n", "server"],
+    ],
+)
+def test_delete_takes_kind_and_name_around_the_namespace_option(argv: list[str]) -> None:
+    # As kubectl: the name may follow -n (what the mesh tests and users type).
+    args = cli.parse_args(argv)
+    assert (args.words, args.namespace) == (["ap", "no-sleep"], "server")
+
+
+def test_get_takes_an_optional_name_after_options_and_refuses_stray_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = cli.parse_args(["get", "gateway", "-n", "shop", "waypoint"])
+    assert (args.words, args.namespace) == (["gateway", "waypoint"], "shop")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["get", "gateway", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
