@@ -355,7 +355,7 @@ def _hash_policy(h: HashPolicy) -> route_components_pb2.RouteAction.HashPolicy:
     return out
 
 
-def _redirect(r: Redirect, port: int) -> route_components_pb2.RedirectAction:
+def _redirect(r: Redirect, port: int, match: RequestMatch) -> route_components_pb2.RedirectAction:
     codes = {
         301: route_components_pb2.RedirectAction.MOVED_PERMANENTLY,
         302: route_components_pb2.RedirectAction.FOUND,
@@ -377,7 +377,7 @@ def _redirect(r: Redirect, port: int) -> route_components_pb2.RedirectAction:
     if r.path is not None:
         out.path_redirect = r.path
     elif r.prefix is not None:
-        out.prefix_rewrite = r.prefix
+        _prefix_swap(out, r.prefix, match)
     return out
 
 
@@ -416,7 +416,7 @@ def _route(
     if rule.fault is not None:
         out.typed_per_filter_config[FAULT_FILTER].CopyFrom(_any(_fault(rule.fault)))
     if rule.redirect is not None:
-        out.redirect.CopyFrom(_redirect(rule.redirect, pr.port))
+        out.redirect.CopyFrom(_redirect(rule.redirect, pr.port, match))
         return out
     if rule.direct_status is not None:
         out.direct_response.status = rule.direct_status
@@ -496,19 +496,29 @@ def _path_rewrite(
         action.regex_rewrite.pattern.regex = "/.*"
         action.regex_rewrite.substitution = full
     elif prefix is not None:
-        segment = match.path is not None and match.path.kind is PathKind.SEGMENT_PREFIX
-        if not segment:
-            action.prefix_rewrite = prefix
-            return
-        value = prefix.rstrip("/") or "/"
-        if value == "/":
-            # Replacing a prefix with "/" must not leave "//": keep one slash.
-            assert match.path is not None
-            matched = match.path.value.rstrip("/")
-            action.regex_rewrite.pattern.regex = f"^{_quote_meta(matched)}(/?)(.*)"
-            action.regex_rewrite.substitution = "/\\2"
-        else:
-            action.prefix_rewrite = value
+        _prefix_swap(action, prefix, match)
+
+
+def _prefix_swap(
+    action: route_components_pb2.RouteAction | route_components_pb2.RedirectAction,
+    prefix: str,
+    match: RequestMatch,
+) -> None:
+    """ReplacePrefixMatch, in a rewrite or a redirect: the matched path prefix (whole
+    segments) swapped for ``prefix``, never leaving "//" behind."""
+    segment = match.path is not None and match.path.kind is PathKind.SEGMENT_PREFIX
+    if not segment:
+        action.prefix_rewrite = prefix
+        return
+    value = prefix.rstrip("/") or "/"
+    if value == "/":
+        # Replacing a prefix with "/" must not leave "//": keep one slash.
+        assert match.path is not None
+        matched = match.path.value.rstrip("/")
+        action.regex_rewrite.pattern.regex = f"^{_quote_meta(matched)}(/?)(.*)"
+        action.regex_rewrite.substitution = "/\\2"
+    else:
+        action.prefix_rewrite = value
 
 
 def _quote_meta(text: str) -> str:

@@ -72,6 +72,10 @@ spec:
       requestRedirect:
         path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
         statusCode: 301
+  - matches: [{path: {type: PathPrefix, value: /strip-redirect}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
   - matches: [{path: {type: PathPrefix, value: /elsewhere}}]
     filters:
     - type: RequestRedirect
@@ -129,6 +133,9 @@ PATHS = [
     "/old",
     "/old/path/deep",
     "/oldx",
+    "/strip-redirect",
+    "/strip-redirect/",
+    "/strip-redirect/three",
     "/elsewhere/a",
     "/https",
     "/https/x",

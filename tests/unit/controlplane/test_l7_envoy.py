@@ -316,7 +316,13 @@ def test_redirect_fields_and_port_rules() -> None:
     prefix = redirect(
         "{path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix/}}"
     )
-    assert prefix["prefix_rewrite"] == "/replacement-prefix/"
+    # The spec's table: a trailing slash on the replacement leaves no "//" behind.
+    assert prefix["prefix_rewrite"] == "/replacement-prefix"
+    strip = redirect("{path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}")
+    assert strip["regex_rewrite"] == {
+        "pattern": {"regex": "^/old(/?)(.*)"},
+        "substitution": "/\\2",
+    }
     for code, name in ((303, "SEE_OTHER"), (307, "TEMPORARY_REDIRECT")):
         assert redirect(f"{{statusCode: {code}}}")["response_code"] == name
 
