@@ -23,12 +23,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from envoy.config.core.v3.base_pb2 import Node
@@ -39,12 +40,16 @@ from controlplane.ads.feed import TYPE_URLS, Feed, ScopedFeed
 from controlplane.ads.server import AdsServer
 from controlplane.gcpause import QuietCollector
 from controlplane.incremental import IncrementalTranslator
+from controlplane.kube_waypoints import DEFAULT_IMAGE, DEFAULT_XDS_ADDRESS, DeployerSettings
 from controlplane.l7 import envoy
 from controlplane.l7.build import L7Result, build
 from controlplane.serving import ServingCertificate, serving_ips
 from controlplane.state import SourceState
 from controlplane.translate import Resources
 from mesh.identity import CertificateAuthority
+
+if TYPE_CHECKING:
+    from controlplane.deployer import WaypointDeployer
 
 log = logging.getLogger("meshd")
 
@@ -260,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
         "kubernetes: default the Secret istio-system/istio-ca-secret)",
     )
     parser.add_argument("--trust-domain", default="cluster.local")
+    # With --source kubernetes: the waypoint Gateways' instances (controlplane.deployer).
+    parser.add_argument(
+        "--waypoint-image",
+        default=os.environ.get("WAYPOINT_IMAGE", DEFAULT_IMAGE),
+        help=f"the image of waypoint pods (env WAYPOINT_IMAGE; default {DEFAULT_IMAGE})",
+    )
+    parser.add_argument(
+        "--waypoint-xds-address",
+        default=os.environ.get("WAYPOINT_XDS_ADDRESS", DEFAULT_XDS_ADDRESS),
+        help=f"meshd's TLS address as waypoint pods reach it (default {DEFAULT_XDS_ADDRESS})",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -306,10 +322,22 @@ async def run(
     meshd = Meshd()
     meshd.collector = QuietCollector()
     factory, default_ca_dir = make_source(args)
-    source = factory(meshd.on_source)
+    kind = args.source.partition(":")[0]
+    deployer = _waypoint_deployer(args) if kind == "kubernetes" else None
+    on_change = meshd.on_source
+    if deployer is not None:
+        waypoints = deployer
+
+        def on_change(state: SourceState) -> None:
+            meshd.on_source(state)
+            waypoints.offer(state, meshd.l7)
+
+    source = factory(on_change)
     options = grpc_server_options()
     ca = _ca(meshd, args, args.ca_dir or default_ca_dir)
-    kind = args.source.partition(":")[0]
+    if deployer is not None and ca is not None:
+        root = ca[0]
+        deployer.root_cert = lambda: root.root_pem.decode()
 
     # Plaintext (15010): xDS; the CA too, but only for the local cluster: a
     # Kubernetes service-account token never crosses a plaintext connection.
@@ -349,6 +377,7 @@ async def run(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     source_task = asyncio.ensure_future(source.run())
+    deployer_task = asyncio.ensure_future(deployer.run()) if deployer is not None else None
     if started is not None:
         await started()
     try:
@@ -357,12 +386,27 @@ async def run(
         if source_task in done and source_task.exception() is not None:
             log.error("meshd: the source failed: %s", source_task.exception())
     finally:
-        source_task.cancel()
-        with contextlib.suppress(BaseException):
-            await source_task
+        for task in (source_task, deployer_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         status.close()
         await asyncio.gather(*(server.stop(grace=1.0) for server in servers))
         meshd.collector.close()
+
+
+def _waypoint_deployer(args: argparse.Namespace) -> WaypointDeployer:
+    """The waypoint Gateways' instances on Kubernetes, with a client of its own."""
+    from controlplane.deployer import WaypointDeployer
+    from controlplane.sources import kubernetes as k8s
+
+    settings = DeployerSettings(
+        image=args.waypoint_image,
+        xds_address=args.waypoint_xds_address,
+        trust_domain=args.trust_domain,
+    )
+    return WaypointDeployer(k8s.api_client_from(args.kubeconfig), settings)
 
 
 def _ca(

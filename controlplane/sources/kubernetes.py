@@ -1,5 +1,13 @@
 """The Kubernetes source: list+watch the API server into one :class:`SourceState`.
 
+Kinds: namespaces, pods, services, service accounts, endpoint slices; and the
+custom resources AuthorizationPolicy, Gateway (class ``istio-waypoint``),
+HTTPRoute, GRPCRoute, VirtualService and DestinationRule, each of which may
+not be installed (a 404 on list is said once and counts as none). Routes and
+traffic policies are kept as written (:class:`~controlplane.state.L7Object`,
+less the fields that change without the object changing) for
+:mod:`controlplane.l7` to read.
+
 One informer thread per kind, as client-go's reflector does it: list (in
 pages), then watch from the list's resourceVersion with bookmarks; on
 ``410 Gone`` list again and replace that kind's store; on any other error
@@ -28,18 +36,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
 from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
+from controlplane.l7.gateway_api import is_waypoint, parse_gateway
+from controlplane.l7.reader import InvalidObject
 from controlplane.state import (
     TRAFFIC_DISTRIBUTION_ANNOTATION,
     TRAFFIC_DISTRIBUTIONS,
     AuthorizationPolicyInfo,
     EndpointSliceInfo,
+    L7Object,
     NamespaceInfo,
     PodInfo,
     ServiceInfo,
@@ -78,7 +89,7 @@ class ServiceAccountInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class Entry:
     """One object, converted once: its value (None: left out), why it was refused, notes."""
 
     rv: str
@@ -164,6 +175,7 @@ def convert_service(obj: Obj) -> tuple[ServiceInfo, tuple[str, ...]]:
                 target_port=int(target),
                 name=str(raw.get("name") or ""),
                 protocol=str(raw.get("protocol") or "TCP"),
+                app_protocol=str(raw.get("appProtocol") or ""),
             )
         )
     known = {d.lower() for d in TRAFFIC_DISTRIBUTIONS}
@@ -214,15 +226,45 @@ def convert_endpoint_slice(obj: Obj) -> EndpointSliceInfo | None:
 
 
 def convert_gateway(obj: Obj) -> WaypointInfo | None:
-    """A Gateway of class istio-waypoint; others are not ours. The address is the first
-    IP address in status (Gateway API addresses without a type are IP addresses)."""
-    namespace, name, _ = _meta(obj)
-    if (obj.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+    """A Gateway of class istio-waypoint, read by :func:`controlplane.l7.gateway_api.parse_gateway`
+    (labels such as istio.io/waypoint-for, listeners, status.addresses); other classes are
+    another controller's. A malformed one is refused alone (InvalidObject is a ValueError)."""
+    if not is_waypoint(obj):
         return None
-    addresses = [a for a in (obj.get("status") or {}).get("addresses") or () if a.get("value")]
-    ips = [a for a in addresses if a.get("type", "IPAddress") == "IPAddress"]
-    chosen = (ips or addresses or [{}])[0].get("value")
-    return WaypointInfo(name=name, namespace=namespace, address=chosen)
+    return parse_gateway(as_written(obj))
+
+
+# Fields that change without the object changing: every write moves resourceVersion and
+# managedFields, and kubectl's copy of the last applied object says nothing new.
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def as_written(obj: Obj) -> dict[str, Any]:
+    """The object as JSON, less resourceVersion, managedFields and kubectl's last-applied
+    annotation: an object nobody changed compares equal to itself from the next list."""
+    out = dict(obj)
+    meta = dict(out.get("metadata") or {})
+    meta.pop("resourceVersion", None)
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if isinstance(annotations, Mapping) and LAST_APPLIED in annotations:
+        annotations = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+        if annotations:
+            meta["annotations"] = annotations
+        else:
+            meta.pop("annotations")
+    out["metadata"] = meta
+    return out
+
+
+def l7_converter(kind: str) -> Callable[[Obj], L7Object]:
+    """HTTPRoute, GRPCRoute, VirtualService, DestinationRule: kept as written, read later."""
+
+    def convert(obj: Obj) -> L7Object:
+        namespace, name, _ = _meta(obj)
+        return L7Object(kind=kind, namespace=namespace, name=name, raw=as_written(obj))
+
+    return convert
 
 
 def convert_service_account(obj: Obj) -> ServiceAccountInfo:
@@ -230,7 +272,7 @@ def convert_service_account(obj: Obj) -> ServiceAccountInfo:
     return ServiceAccountInfo(name=name, namespace=namespace, labels=labels)
 
 
-def _entry(kind: _Kind, obj: Obj) -> _Entry:
+def _entry(kind: Kind, obj: Obj) -> Entry:
     """Convert one object; a malformed one becomes a line in ``rejected``, never an error."""
     meta = obj.get("metadata") or {}
     rv = str(meta.get("resourceVersion") or "")
@@ -238,21 +280,23 @@ def _entry(kind: _Kind, obj: Obj) -> _Entry:
     where = f"{kind.singular} {namespace}/{name}" if namespace else f"{kind.singular} {name}"
     try:
         converted = kind.convert(obj)
-    except InvalidPolicy as e:
-        return _Entry(rv, None, rejected=str(e))
+    except (InvalidPolicy, InvalidObject) as e:  # they name the object themselves
+        return Entry(rv, None, rejected=str(e))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         reason = f"missing {e}" if isinstance(e, KeyError) else str(e)
-        return _Entry(rv, None, rejected=f"{where}: {reason}")
+        return Entry(rv, None, rejected=f"{where}: {reason}")
     if isinstance(converted, tuple):
-        return _Entry(rv, converted[0], notes=converted[1])
-    return _Entry(rv, converted)
+        return Entry(rv, converted[0], notes=converted[1])
+    return Entry(rv, converted)
 
 
 # -- the kinds ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class _Kind:
+class Kind:
+    """One kind an :class:`Informer` follows, and how each object is converted."""
+
     name: str  # the resource, as in the URL
     singular: str  # for log lines and rejected entries
     api: str  # the client API class
@@ -260,23 +304,34 @@ class _Kind:
     convert: Callable[[Obj], Any]
     args: tuple[str, ...] = ()  # group, version, plural for custom objects
     optional: bool = False  # a CRD that may not be installed: 404 means none
+    selector: str = ""  # a label selector: only the objects it selects
 
 
 _CORE, _CUSTOM = "CoreV1Api", "CustomObjectsApi"
 _EVERYWHERE = "_for_all_namespaces"
 KINDS = (
-    _Kind("namespaces", "namespace", _CORE, "list_namespace", convert_namespace),
-    _Kind("pods", "pod", _CORE, f"list_pod{_EVERYWHERE}", convert_pod),
-    _Kind("services", "service", _CORE, f"list_service{_EVERYWHERE}", convert_service),
-    _Kind("serviceaccounts", "serviceaccount", _CORE, f"list_service_account{_EVERYWHERE}",
+    Kind("namespaces", "namespace", _CORE, "list_namespace", convert_namespace),
+    Kind("pods", "pod", _CORE, f"list_pod{_EVERYWHERE}", convert_pod),
+    Kind("services", "service", _CORE, f"list_service{_EVERYWHERE}", convert_service),
+    Kind("serviceaccounts", "serviceaccount", _CORE, f"list_service_account{_EVERYWHERE}",
           convert_service_account),
-    _Kind("endpointslices", "endpointslice", "DiscoveryV1Api",
+    Kind("endpointslices", "endpointslice", "DiscoveryV1Api",
           f"list_endpoint_slice{_EVERYWHERE}", convert_endpoint_slice),
-    _Kind("authorizationpolicies", "AuthorizationPolicy", _CUSTOM, "list_cluster_custom_object",
+    Kind("authorizationpolicies", "AuthorizationPolicy", _CUSTOM, "list_cluster_custom_object",
           parse_authorization_policy, ("security.istio.io", "v1", "authorizationpolicies"), True),
-    _Kind("gateways", "gateway", _CUSTOM, "list_cluster_custom_object", convert_gateway,
+    Kind("gateways", "gateway", _CUSTOM, "list_cluster_custom_object", convert_gateway,
           ("gateway.networking.k8s.io", "v1", "gateways"), True),
+    Kind("httproutes", "HTTPRoute", _CUSTOM, "list_cluster_custom_object",
+          l7_converter("HTTPRoute"), ("gateway.networking.k8s.io", "v1", "httproutes"), True),
+    Kind("grpcroutes", "GRPCRoute", _CUSTOM, "list_cluster_custom_object",
+          l7_converter("GRPCRoute"), ("gateway.networking.k8s.io", "v1", "grpcroutes"), True),
+    Kind("virtualservices", "VirtualService", _CUSTOM, "list_cluster_custom_object",
+          l7_converter("VirtualService"), ("networking.istio.io", "v1", "virtualservices"), True),
+    Kind("destinationrules", "DestinationRule", _CUSTOM, "list_cluster_custom_object",
+          l7_converter("DestinationRule"), ("networking.istio.io", "v1", "destinationrules"),
+          True),
 )  # fmt: skip
+L7_KINDS = ("httproutes", "grpcroutes", "virtualservices", "destinationrules")
 
 
 class _Gone(Exception):
@@ -311,10 +366,30 @@ CONNECT_TIMEOUT_S = 10.0
 LIST_READ_TIMEOUT_S = 60.0
 
 
-class _Informer:
-    """List+watch of one kind in its own thread; what it learns goes to the source."""
+class Sink(Protocol):
+    """Where an :class:`Informer` delivers what it learns (called from its thread), and
+    the settings it runs with: the source, or another follower such as the deployer."""
 
-    def __init__(self, source: KubernetesSource, kind: _Kind) -> None:
+    api_client: kubernetes.client.ApiClient
+    log: logging.Logger
+    log_name: str  # how log lines begin: "kubernetes source"
+    stopping: threading.Event
+    watch_timeout_s: int
+    list_page_size: int
+    backoff_initial_s: float
+    backoff_max_s: float
+
+    def replace_kind(self, kind: Kind, entries: dict[Key, Entry]) -> None: ...
+
+    def put_object(self, kind: Kind, key: Key, entry: Entry) -> None: ...
+
+    def remove_object(self, kind: Kind, key: Key) -> None: ...
+
+
+class Informer:
+    """List+watch of one kind in its own thread; what it learns goes to its sink."""
+
+    def __init__(self, source: Sink, kind: Kind) -> None:
         self._source = source
         self._kind = kind
         self._lock = threading.Lock()
@@ -323,6 +398,15 @@ class _Informer:
         self.events = 0  # a watch that ends without any, within a second, is suspect
         self.missing = False  # the CRD is not installed (said once)
         self.thread = threading.Thread(target=self._run, name=f"kube-{kind.name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, deadline: float) -> bool:
+        """Join the thread until ``deadline`` (monotonic); False if it is still running."""
+        if self.thread.ident is not None:
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.thread.is_alive()
 
     def interrupt(self) -> None:
         """Unblock the thread's read: shut its socket down (run() is stopping)."""
@@ -364,7 +448,8 @@ class _Informer:
                 gone_in_a_row = 1 if progressed else gone_in_a_row + 1
                 if gone_in_a_row == 1:
                     source.log.info(
-                        "kubernetes source: %s: watch expired (410 Gone: %s); listing again",
+                        "%s: %s: watch expired (410 Gone: %s); listing again",
+                        source.log_name,
                         kind.name,
                         reason,
                     )
@@ -372,7 +457,7 @@ class _Informer:
                 reason = f"410 Gone again right after listing ({reason})"  # do not spin
             level = logging.WARNING
             if _status(error) == 404 and kind.optional:
-                source._replace(kind, {})  # no CRD, no objects: the mesh works without them
+                source.replace_kind(kind, {})  # no CRD, no objects: the mesh works without them
                 group, version, plural = kind.args
                 reason = (
                     f"the API server does not serve {group}/{version} {plural} "
@@ -383,12 +468,14 @@ class _Informer:
                 self.missing = True
             delay = backoff.next()
             source.log.log(
-                level, "kubernetes source: %s: %s; retrying in %.1fs", kind.name, reason, delay
+                level, "%s: %s: %s; retrying in %.1fs", source.log_name, kind.name, reason, delay
             )
             if source.stopping.wait(delay):
                 return
 
     def _open(self, **kwargs: Any) -> Any:
+        if self._kind.selector:
+            kwargs["label_selector"] = self._kind.selector
         response = self._call(*self._kind.args, _preload_content=False, **kwargs)
         with self._lock:
             if self._source.stopping.is_set():
@@ -407,7 +494,7 @@ class _Informer:
 
     def _list(self) -> None:
         """List every page, then replace the kind's store at once (deletions included)."""
-        entries: dict[Key, _Entry] = {}
+        entries: dict[Key, Entry] = {}
         token = ""
         while True:
             pages: dict[str, Any] = {"_continue": token} if token else {}
@@ -433,7 +520,7 @@ class _Informer:
         version = str(meta.get("resourceVersion") or "")
         if not version:
             raise ValueError("the list has no metadata.resourceVersion to watch from")
-        self._source._replace(self._kind, entries)
+        self._source.replace_kind(self._kind, entries)
         self.resource_version = version
 
     def _watch(self) -> None:
@@ -466,11 +553,13 @@ class _Informer:
         version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         key = _key(obj)
         if kind in ("ADDED", "MODIFIED") and key is not None:
-            self._source._put(self._kind, key, _entry(self._kind, obj))
+            self._source.put_object(self._kind, key, _entry(self._kind, obj))
         elif kind == "DELETED" and key is not None:
-            self._source._remove(self._kind, key)
+            self._source.remove_object(self._kind, key)
         elif kind != "BOOKMARK":  # a bookmark only moves the version on
-            self._source.log.debug("kubernetes source: %s: ignored %s event", self._kind.name, kind)
+            self._source.log.debug(
+                "%s: %s: ignored %s event", self._source.log_name, self._kind.name, kind
+            )
         if version:
             self.resource_version = version
         self.events += 1
@@ -545,6 +634,7 @@ class KubernetesSource:
     ) -> None:
         self.api_client = api_client
         self.log = logger
+        self.log_name = "kubernetes source"
         self.publish_interval_s = publish_interval_s
         self._last_publish = float("-inf")
         self.watch_timeout_s = watch_timeout_s
@@ -561,7 +651,7 @@ class KubernetesSource:
         self.latest: SourceState | None = None  # None until every kind has been listed
         # Written by the informer threads, read by the loop: all under _lock.
         self._lock = threading.Lock()
-        self._stores: dict[str, dict[Key, _Entry]] = {kind.name: {} for kind in KINDS}
+        self._stores: dict[str, dict[Key, Entry]] = {kind.name: {} for kind in KINDS}
         self._synced: set[str] = set()
         self._dirty = False
         # Each kind's values as last published, redone only for the kinds that changed.
@@ -597,7 +687,7 @@ class KubernetesSource:
             raise RuntimeError("KubernetesSource.run() is already running")
         self._loop = asyncio.get_running_loop()
         self.stopping.clear()
-        informers = [_Informer(self, kind) for kind in KINDS]
+        informers = [Informer(self, kind) for kind in KINDS]
         try:
             for informer in informers:
                 informer.thread.start()
@@ -621,7 +711,7 @@ class KubernetesSource:
 
     # -- called by the informer threads ----------------------------------------------------
 
-    def _replace(self, kind: _Kind, entries: dict[Key, _Entry]) -> None:
+    def replace_kind(self, kind: Kind, entries: dict[Key, Entry]) -> None:
         """A fresh list: the kind's whole store, replaced at once."""
         with self._lock:
             old = self._stores[kind.name]
@@ -637,7 +727,7 @@ class KubernetesSource:
             if changed:
                 self._changed(kind)
 
-    def _put(self, kind: _Kind, key: Key, entry: _Entry) -> None:
+    def put_object(self, kind: Kind, key: Key, entry: Entry) -> None:
         with self._lock:
             store = self._stores[kind.name]
             old = store.get(key)
@@ -646,12 +736,12 @@ class KubernetesSource:
             if old is None or _differs(old, entry):
                 self._changed(kind)
 
-    def _remove(self, kind: _Kind, key: Key) -> None:
+    def remove_object(self, kind: Kind, key: Key) -> None:
         with self._lock:
             if self._stores[kind.name].pop(key, None) is not None:
                 self._changed(kind)
 
-    def _note(self, entry: _Entry, old: _Entry | None) -> None:
+    def _note(self, entry: Entry, old: Entry | None) -> None:
         """Log a refusal or a note once per resourceVersion, not on every publication."""
         if old is not None and old.rv == entry.rv:
             return
@@ -660,7 +750,7 @@ class KubernetesSource:
         for note in entry.notes:
             self.log.info("kubernetes source: %s", note)
 
-    def _changed(self, kind: _Kind) -> None:
+    def _changed(self, kind: Kind) -> None:
         """Under _lock: wake the loop once, however many events arrive before it runs."""
         self._dirty = True
         self._dirty_kinds.add(kind.name)
@@ -710,6 +800,7 @@ class KubernetesSource:
                 policies=_values(published, "authorizationpolicies", AuthorizationPolicyInfo),
                 waypoints=_values(published, "gateways", WaypointInfo),
                 endpoint_slices=_values(published, "endpointslices", EndpointSliceInfo),
+                l7=tuple(o for k in L7_KINDS for o in _values(published, k, L7Object)),
                 trust_domain=self._empty.trust_domain,
                 cluster_id=self._empty.cluster_id,
                 root_namespace=self._empty.root_namespace,
@@ -722,7 +813,7 @@ class KubernetesSource:
             self.log.exception("kubernetes source: on_change failed")
 
 
-def _differs(a: _Entry, b: _Entry) -> bool:
+def _differs(a: Entry, b: Entry) -> bool:
     return a.value != b.value or a.rejected != b.rejected
 
 

@@ -9,16 +9,38 @@ resources with them), pagination with ``limit``/``continue``, and
 encoding that start after the requested ``resourceVersion``, with bookmarks
 on request and ``410 Gone`` once a version is compacted away; GET of one
 object and POST to a collection (``404 NotFound``, ``409 AlreadyExists``).
+
+Writes, as the API server does them: PUT replaces (``409 Conflict`` when the
+body's ``resourceVersion`` is not the current one), PATCH with
+``application/merge-patch+json`` (RFC 7386; a ``resourceVersion`` in the
+patch is a precondition) and, for built-in kinds only, strategic merge
+patches, which are applied as merge patches (lists are replaced, not merged
+by key: a difference from the real server); custom resources refuse strategic
+merge with 415, as the real server does, and JSON patch and apply patch are
+refused with 415 (not implemented here). Kinds with a status subresource keep
+their status on writes to the object and take only the status from writes to
+``/status``. DELETE honours ``preconditions`` and ``propagationPolicy``; the
+garbage collector then deletes (or, for ``Orphan``, releases) the dependents
+that named the deleted object in their ``ownerReferences`` and have no owner
+left, at once rather than a moment later. On writes through the API, Services
+and Deployments get the defaults the API server fills in, and a Service
+without a ``clusterIP`` is given one (also when added by a test); lists and
+watches take equality- and set-based label selectors, and a selected watch
+reports an object that stops (starts) matching as DELETED (ADDED).
+
 Tests steer it: ``add``/``update``/``delete`` objects, ``send_bookmark``,
 ``expire``, ``close_watches``, ``fail_next``, ``before`` (another client's
-write between two requests), and a token table for TokenReviews.
+write between two requests), ``writes`` (the write requests served), and a
+token table for TokenReviews.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import ipaddress
 import json
+import re
 import select
 import socket
 import sys
@@ -31,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 Obj = dict[str, Any]
@@ -44,6 +66,7 @@ class Resource:
     version: str
     kind: str
     namespaced: bool = True
+    status: bool = True  # has a status subresource
 
     @property
     def api_version(self) -> str:
@@ -65,13 +88,24 @@ RESOURCES = {
         Resource("namespaces", "", "v1", "Namespace", namespaced=False),
         Resource("pods", "", "v1", "Pod"),
         Resource("services", "", "v1", "Service"),
-        Resource("serviceaccounts", "", "v1", "ServiceAccount"),
-        Resource("secrets", "", "v1", "Secret"),
-        Resource("endpointslices", "discovery.k8s.io", "v1", "EndpointSlice"),
+        Resource("serviceaccounts", "", "v1", "ServiceAccount", status=False),
+        Resource("secrets", "", "v1", "Secret", status=False),
+        Resource("configmaps", "", "v1", "ConfigMap", status=False),
+        Resource("endpointslices", "discovery.k8s.io", "v1", "EndpointSlice", status=False),
+        Resource("deployments", "apps", "v1", "Deployment"),
         Resource("authorizationpolicies", "security.istio.io", "v1", "AuthorizationPolicy"),
         Resource("gateways", "gateway.networking.k8s.io", "v1", "Gateway"),
+        Resource("httproutes", "gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        Resource("grpcroutes", "gateway.networking.k8s.io", "v1", "GRPCRoute"),
+        Resource("virtualservices", "networking.istio.io", "v1", "VirtualService"),
+        Resource("destinationrules", "networking.istio.io", "v1", "DestinationRule"),
     )
 }
+# Kinds whose metadata.generation counts changes to what they ask for.
+GENERATION = {"deployments"}
+SERVICE_CIDR = ipaddress.ip_network("10.96.0.0/16")
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
@@ -97,6 +131,8 @@ class Request:
     method: str
     path: str
     query: Mapping[str, str]
+    content_type: str = ""
+    body: bytes = b""
 
     @property
     def watch(self) -> bool:
@@ -118,6 +154,7 @@ class _Event:
     type: str
     namespace: str
     obj: Obj
+    old: Obj | None = None  # the object before (MODIFIED), for selected watches
 
 
 @dataclass
@@ -134,8 +171,17 @@ class _Store:
 class FakeKube:
     """The server and its controls. Use as a context manager, or start()/stop()."""
 
-    def __init__(self, *, missing: Sequence[str] = (), first_resource_version: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        missing: Sequence[str] = (),
+        first_resource_version: int = 1000,
+        garbage_collector: bool = True,
+    ) -> None:
         self._cond = threading.Condition(threading.RLock())
+        # False: a cluster whose garbage collector is not running (kube-controller-manager
+        # down): dependents stay until someone else deletes them.
+        self.garbage_collector = garbage_collector
         self._rv = first_resource_version
         self._stores = {name: _Store(missing=name in missing) for name in RESOURCES}
         self._bookmarks = 0
@@ -201,7 +247,8 @@ class FakeKube:
     # -- objects ---------------------------------------------------------------------------
 
     def add(self, resource: str, obj: Obj) -> Obj:
-        """Create ``obj``; the server fills uid, resourceVersion and timestamps."""
+        """Create ``obj``; the server fills uid, resourceVersion and timestamps (and a
+        Service's clusterIP when it has none)."""
         res = RESOURCES[resource]
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
@@ -215,10 +262,14 @@ class FakeKube:
             now = _now()
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", now)
-            if not res.builtin:
+            if not res.builtin or resource in GENERATION:
                 meta.setdefault("generation", 1)
             meta.setdefault("managedFields", [_managed_field(res, now)])
-            return self._record(resource, "ADDED", key, obj)
+            if resource == "services":
+                self._allocate_cluster_ip(obj)
+            added = self._record(resource, "ADDED", key, obj)
+            self._collect(resource, key)
+            return added
 
     def update(self, resource: str, obj: Obj) -> Obj:
         """Replace an existing object (a MODIFIED event); uid and creation time are kept."""
@@ -232,32 +283,105 @@ class FakeKube:
             for kept in ("uid", "creationTimestamp", "managedFields", "generation"):
                 if kept in old:
                     meta[kept] = old[kept]
-            return self._record(resource, "MODIFIED", key, obj)
+            updated = self._record(resource, "MODIFIED", key, obj)
+            self._collect(resource, key)
+            return updated
 
     def delete(self, resource: str, obj: Obj) -> None:
-        """Delete by the object's namespace/name (a DELETED event with the last state)."""
+        """Delete by the object's namespace/name (a DELETED event with the last state); the
+        garbage collector then deletes its dependents."""
         meta = obj["metadata"]
         namespace = meta.get("namespace", "default") if RESOURCES[resource].namespaced else ""
         with self._cond:
-            last = copy.deepcopy(self._stores[resource].objects[(namespace, meta["name"])])
-            self._record(resource, "DELETED", (namespace, meta["name"]), last)
+            self._delete(resource, (namespace, meta["name"]), "Background")
 
     def get(self, resource: str, name: str, namespace: str = "") -> Obj:
         with self._cond:
             return copy.deepcopy(self._stores[resource].objects[(namespace, name)])
 
+    def find(self, resource: str, name: str, namespace: str = "") -> Obj | None:
+        """The object, or None when there is none."""
+        with self._cond:
+            obj = self._stores[resource].objects.get((namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
     def _record(self, resource: str, kind: str, key: tuple[str, str], obj: Obj) -> Obj:
         store = self._stores[resource]
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
+        old = store.objects.get(key)
         if kind == "DELETED":
             del store.objects[key]
         else:
             store.objects[key] = obj
-        store.history.append(_Event(self._rv, kind, key[0], obj))
+        store.history.append(_Event(self._rv, kind, key[0], obj, old))
         store.history_rvs.append(self._rv)
         self._cond.notify_all()
         return copy.deepcopy(obj)
+
+    def _delete(self, resource: str, key: tuple[str, str], propagation: str) -> Obj:
+        """Under the lock: delete, then collect the garbage (Background and Foreground alike:
+        the dependents go at once; Orphan: they lose their reference to the deleted object)."""
+        last = copy.deepcopy(self._stores[resource].objects[key])
+        self._record(resource, "DELETED", key, last)
+        if not self.garbage_collector:
+            return last
+        uid = last["metadata"].get("uid")
+        for name, store in self._stores.items():
+            for dep_key in list(store.objects):
+                dep = store.objects.get(dep_key)
+                if dep is None:  # gone earlier in this sweep
+                    continue
+                refs = dep["metadata"].get("ownerReferences") or []
+                if not any(r.get("uid") == uid for r in refs):
+                    continue
+                rest = [r for r in refs if r.get("uid") != uid]
+                if propagation != "Orphan" and not any(self._exists(r.get("uid")) for r in rest):
+                    self._delete(name, dep_key, propagation)
+                    continue
+                changed = copy.deepcopy(dep)
+                if rest:
+                    changed["metadata"]["ownerReferences"] = rest
+                else:
+                    changed["metadata"].pop("ownerReferences", None)
+                self._record(name, "MODIFIED", dep_key, changed)
+        return last
+
+    def _collect(self, resource: str, key: tuple[str, str]) -> None:
+        """Under the lock: what the garbage collector does with an object whose owners are
+        all absent (created after its owner was deleted, or naming one that never was)."""
+        obj = self._stores[resource].objects.get(key)
+        refs = (obj or {}).get("metadata", {}).get("ownerReferences") or []
+        if self.garbage_collector and refs and not any(self._exists(r.get("uid")) for r in refs):
+            self._delete(resource, key, "Background")
+
+    def _exists(self, uid: object) -> bool:
+        return any(
+            o["metadata"].get("uid") == uid
+            for st in self._stores.values()
+            for o in st.objects.values()
+        )
+
+    def _allocate_cluster_ip(self, obj: Obj) -> None:
+        """What the API server's allocator does for a Service without a clusterIP."""
+        spec = obj.setdefault("spec", {})
+        if spec.get("type") == "ExternalName" or spec.get("clusterIP"):
+            if spec.get("clusterIP") and not spec.get("clusterIPs"):
+                spec["clusterIPs"] = [spec["clusterIP"]]
+            return
+        taken = {
+            ip
+            for o in self._stores["services"].objects.values()
+            for ip in (o.get("spec") or {}).get("clusterIPs")
+            or [(o.get("spec") or {}).get("clusterIP")]
+        }
+        # From the top half of the range: the tests' fixed addresses are in the bottom.
+        for offset in range(SERVICE_CIDR.num_addresses // 2 + 1, SERVICE_CIDR.num_addresses - 1):
+            candidate = str(SERVICE_CIDR.network_address + offset)
+            if candidate not in taken:
+                spec["clusterIP"], spec["clusterIPs"] = candidate, [candidate]
+                return
+        raise _ApiError(status(500, "InternalError", "range is full"))
 
     @property
     def resource_version(self) -> str:
@@ -327,6 +451,18 @@ class FakeKube:
         """A bound service account token the TokenReview API will vouch for."""
         self._tokens[token] = TokenInfo(namespace, service_account, node, pod, tuple(audiences))
 
+    def writes(self, resource: str | None = None) -> list[Request]:
+        """The write requests served (POST, PUT, PATCH, DELETE; not TokenReviews), in order."""
+        with self._cond:
+            requests = list(self.requests)
+        return [
+            r
+            for r in requests
+            if r.method in ("POST", "PUT", "PATCH", "DELETE")
+            and r.path != TOKEN_REVIEWS
+            and (resource is None or ((route := _route(r.path)) and route.resource == resource))
+        ]
+
     def list_requests(self, resource: str) -> list[Request]:
         return [r for r in self._matching(resource) if r.method == "GET" and not r.watch]
 
@@ -338,7 +474,7 @@ class FakeKube:
         with self._cond:
             requests = list(self.requests)
         routes = [(r, _route(r.path)) for r in requests]
-        return [r for r, route in routes if route and route[0] == resource and route[2] is None]
+        return [r for r, route in routes if route and route.resource == resource and not route.name]
 
     # -- serving (called by the handler threads) ------------------------------------------
 
@@ -362,10 +498,11 @@ class FakeKube:
                     )
             else:
                 rv = self._rv
+                selects = _selector(query.get("labelSelector") or "")
                 items = [
                     copy.deepcopy(obj)
                     for key, obj in sorted(store.objects.items())
-                    if namespace is None or key[0] == namespace
+                    if (namespace is None or key[0] == namespace) and selects(obj)
                 ]
             limit = int(query.get("limit") or 0)
             meta: Obj = {"resourceVersion": str(rv)}
@@ -404,12 +541,142 @@ class FakeKube:
             meta.pop(server_filled, None)
         body.pop("kind", None)
         body.pop("apiVersion", None)
-        try:
-            return _render(res, self.add(resource, body))
-        except KeyError:
-            details = {"name": name, "kind": res.plural}
-            message = f'{res.plural} "{name}" already exists'
-            raise _ApiError(status(409, "AlreadyExists", message, details)) from None
+        _defaults(resource, body)
+        with self._cond:
+            try:
+                return _render(res, self.add(resource, body))
+            except KeyError:
+                raise _ApiError(_already_exists(res, name)) from None
+
+    def _write(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        subresource: str,
+        change: Callable[[Obj], Obj],
+    ) -> Obj:
+        """PUT and PATCH: ``change`` turns the stored object into the new one; the server
+        checks the precondition, keeps what a client may not change, and records it."""
+        res = RESOURCES[resource]
+        key = (namespace or "", name)
+        with self._cond:
+            current = self._stores[resource].objects.get(key)
+            if current is None:
+                raise _ApiError(_not_found(res, name))
+            new = change(copy.deepcopy(current))
+            meta = new.setdefault("metadata", {})
+            old_meta = current["metadata"]
+            wanted_rv = meta.get("resourceVersion")
+            if wanted_rv and wanted_rv != old_meta["resourceVersion"]:
+                raise _ApiError(_conflict(res, name))
+            if meta.get("name", name) != name or meta.get("namespace", key[0]) != key[0]:
+                raise _ApiError(status(400, "BadRequest", "the name of the object does not match"))
+            new.pop("kind", None)
+            new.pop("apiVersion", None)
+            if subresource == "status":
+                # Only the status changes through /status.
+                new = {**copy.deepcopy(current), "status": new.get("status") or {}}
+            else:
+                if res.status:
+                    new["status"] = copy.deepcopy(current.get("status") or {})
+                    if "status" not in current:
+                        new.pop("status")
+                for kept in ("uid", "creationTimestamp", "managedFields", "generation"):
+                    if kept in old_meta:
+                        meta[kept] = old_meta[kept]
+                    else:
+                        meta.pop(kept, None)
+                meta["name"] = name
+                if res.namespaced:
+                    meta["namespace"] = key[0]
+                _defaults(resource, new)
+                if resource == "services":
+                    _keep_cluster_ip(current, new)
+                asked = {k: v for k, v in new.items() if k not in ("metadata", "status")}
+                before = {k: v for k, v in current.items() if k not in ("metadata", "status")}
+                if "generation" in old_meta and asked != before:
+                    meta["generation"] = old_meta["generation"] + 1
+            new["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
+            if new == current:
+                return _render(res, copy.deepcopy(current))  # a no-op write: no new version
+            written = self._record(resource, "MODIFIED", key, new)
+            self._collect(resource, key)
+            return _render(res, written)
+
+    def _replace(
+        self, resource: str, namespace: str | None, name: str, subresource: str, body: Obj
+    ) -> Obj:
+        return self._write(resource, namespace, name, subresource, lambda _: body)
+
+    def _patch(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        subresource: str,
+        body: Obj,
+        content_type: str,
+    ) -> Obj:
+        res = RESOURCES[resource]
+        media = content_type.split(";")[0].strip().lower()
+        if media == STRATEGIC_MERGE_PATCH and not res.builtin:
+            raise _ApiError(
+                status(
+                    415,
+                    "UnsupportedMediaType",
+                    f"the body of the request was in an unknown format - accepted media types "
+                    f"include: application/json-patch+json, {MERGE_PATCH}, "
+                    "application/apply-patch+yaml",
+                )
+            )
+        if media not in (MERGE_PATCH, STRATEGIC_MERGE_PATCH):
+            raise _ApiError(
+                status(415, "UnsupportedMediaType", f"fake_kube does not implement {media!r}")
+            )
+        if not isinstance(body, dict):
+            raise _ApiError(status(400, "BadRequest", "a merge patch must be a JSON object"))
+        return self._write(resource, namespace, name, subresource, lambda obj: _merge(obj, body))
+
+    def _delete_request(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        options: Obj,
+        query: Mapping[str, str],
+    ) -> Obj:
+        res = RESOURCES[resource]
+        key = (namespace or "", name)
+        propagation = options.get("propagationPolicy") or query.get("propagationPolicy")
+        with self._cond:
+            current = self._stores[resource].objects.get(key)
+            if current is None:
+                raise _ApiError(_not_found(res, name))
+            pre = options.get("preconditions") or {}
+            meta = current["metadata"]
+            for field_name in ("uid", "resourceVersion"):
+                if pre.get(field_name) and pre[field_name] != meta.get(field_name):
+                    raise _ApiError(
+                        status(
+                            409,
+                            "Conflict",
+                            f'Operation cannot be fulfilled on {_qualified(res)} "{name}": '
+                            f"Precondition failed: {field_name.title()} in precondition: "
+                            f"{pre[field_name]}, {field_name.title()} in object meta: "
+                            f"{meta.get(field_name)}",
+                            {"name": name, "group": res.group, "kind": res.plural},
+                        )
+                    )
+            self._delete(resource, key, str(propagation or "Background"))
+        details = {"name": name, "group": res.group, "kind": res.plural, "uid": meta.get("uid")}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": details,
+        }
 
     def _token_review(self, body: Obj) -> Obj:
         spec = body.get("spec") or {}
@@ -507,16 +774,28 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._serve("POST")
 
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
     def _serve(self, method: str) -> None:
         kube = self.server.kube
         url = urlsplit(self.path)
         query = dict(parse_qsl(url.query))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        request = Request(method, url.path, query)
+        content_type = self.headers.get("Content-Type") or ""
+        request = Request(method, url.path, query, content_type, body)
         route = _route(url.path)
         with kube._cond:
-            hook = next((h for h in kube._before if route and h[:2] == (method, route[0])), None)
+            hook = next(
+                (h for h in kube._before if route and h[:2] == (method, route.resource)), None
+            )
             if hook is not None:
                 kube._before.remove(hook)
         if hook is not None:
@@ -537,21 +816,39 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "POST" and url.path == TOKEN_REVIEWS:
                 self._send_json(201, kube._token_review(json.loads(body or b"{}")))
                 return
-            if route is None or kube._stores[route[0]].missing:
+            if (
+                route is None
+                or kube._stores[route.resource].missing
+                or (route.subresource and not RESOURCES[route.resource].status)
+            ):
                 raise _ApiError(
                     status(404, "NotFound", "the server could not find the requested resource")
                 )
-            resource, namespace, name = route
-            if method == "POST" and name is None:
-                self._send_json(201, kube._create(resource, namespace, json.loads(body or b"{}")))
-            elif method != "GET":
-                raise _ApiError(status(405, "MethodNotAllowed", f"{method} is not supported"))
-            elif name is not None:
+            resource, namespace, name, sub = route
+            try:
+                decoded = json.loads(body) if body else {}
+            except ValueError:
+                raise _ApiError(status(400, "BadRequest", "the body is not JSON")) from None
+            if method == "POST" and not name:
+                self._send_json(201, kube._create(resource, namespace, decoded))
+            elif method == "GET" and name:
                 self._send_json(200, kube._get_one(resource, namespace, name))
-            elif request.watch:
+            elif method == "GET" and request.watch:
                 self._watch(resource, namespace, query)
-            else:
+            elif method == "GET":
                 self._send_json(200, kube._list(resource, namespace, query))
+            elif method == "PUT" and name:
+                self._send_json(200, kube._replace(resource, namespace, name, sub, decoded))
+            elif method == "PATCH" and name:
+                self._send_json(
+                    200, kube._patch(resource, namespace, name, sub, decoded, content_type)
+                )
+            elif method == "DELETE" and name and not sub:
+                self._send_json(
+                    200, kube._delete_request(resource, namespace, name, decoded, query)
+                )
+            else:
+                raise _ApiError(status(405, "MethodNotAllowed", f"{method} is not supported"))
         except _ApiError as e:
             self._send_json(e.body["code"], e.body)
 
@@ -568,6 +865,7 @@ class _Handler(BaseHTTPRequestHandler):
         res = RESOURCES[resource]
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         bookmarks = query.get("allowWatchBookmarks") == "true"
+        selects = _selector(query.get("labelSelector") or "")
         with kube._cond:
             store = kube._stores[resource]
             epoch, closes, bookmark_seen = store.epoch, kube._closes, kube._bookmarks
@@ -578,7 +876,7 @@ class _Handler(BaseHTTPRequestHandler):
                 lines = [
                     {"type": "ADDED", "object": _render(res, obj)}
                     for key, obj in sorted(store.objects.items())
-                    if namespace is None or key[0] == namespace
+                    if (namespace is None or key[0] == namespace) and selects(obj)
                 ]
             else:
                 cursor = int(requested)
@@ -604,8 +902,11 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     start = bisect.bisect_right(store.history_rvs, cursor)
                     for event in store.history[start:]:
-                        if namespace is None or event.namespace == namespace:
-                            lines.append({"type": event.type, "object": _render(res, event.obj)})
+                        if namespace is not None and event.namespace != namespace:
+                            continue
+                        seen = _selected_as(event, selects)
+                        if seen is not None:
+                            lines.append({"type": seen, "object": _render(res, event.obj)})
                     if store.history:
                         cursor = max(cursor, store.history_rvs[-1])
                     if bookmarks and kube._bookmarks != bookmark_seen:
@@ -644,8 +945,15 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
 
-def _route(path: str) -> tuple[str, str | None, str | None] | None:
-    """``(resource, namespace or None, name or None)`` for a collection or object path."""
+class _Route(NamedTuple):
+    resource: str
+    namespace: str | None
+    name: str | None
+    subresource: str  # "status", or "" for the object itself
+
+
+def _route(path: str) -> _Route | None:
+    """The resource, namespace, name and subresource a collection or object path names."""
     for res in RESOURCES.values():
         if not path.startswith(f"{res.base}/"):
             continue
@@ -653,9 +961,186 @@ def _route(path: str) -> tuple[str, str | None, str | None] | None:
         namespace = None
         if res.namespaced and len(parts) > 2 and parts[0] == "namespaces":
             namespace, parts = parts[1], parts[2:]
-        if parts[0] == res.plural and len(parts) <= 2 and all(parts) and namespace != "":
-            return res.plural, namespace, parts[1] if len(parts) == 2 else None
+        if parts[0] != res.plural or not all(parts) or namespace == "":
+            continue
+        if len(parts) <= 2:
+            return _Route(res.plural, namespace, parts[1] if len(parts) == 2 else None, "")
+        if len(parts) == 3 and parts[2] == "status":
+            return _Route(res.plural, namespace, parts[1], "status")
     return None
+
+
+def _selected_as(event: _Event, selects: Callable[[Obj], bool]) -> str | None:
+    """How a watch with a label selector reports an event: an object that starts matching
+    is ADDED, one that stops is DELETED, one that never matched is not reported."""
+    now = selects(event.obj)
+    before = event.old is not None and selects(event.old)
+    if event.type == "MODIFIED":
+        if before and now:
+            return "MODIFIED"
+        return "ADDED" if now else ("DELETED" if before else None)
+    return event.type if now else None
+
+
+_REQUIREMENT = re.compile(
+    r"\s*(?:(?P<not>!)\s*(?P<absent>[\w./-]+)"
+    r"|(?P<key>[\w./-]+)\s*(?:(?P<op>==|=|!=)\s*(?P<value>[\w.-]*)"
+    r"|\s+(?P<set>in|notin)\s*\((?P<values>[^)]*)\))?)\s*(?:,|$)"
+)
+
+
+def _selector(text: str) -> Callable[[Obj], bool]:
+    """A label selector (``a=b,c!=d,e,!f,g in (h,i),j notin (k)``) as a predicate."""
+    requirements: list[tuple[str, str, frozenset[str]]] = []  # (operator, key, values)
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _REQUIREMENT.match(text, pos)
+        if m is None or m.end() == pos:
+            raise _ApiError(
+                status(400, "BadRequest", f"unable to parse requirement: {text[pos:]!r}")
+            )
+        pos = m.end()
+        if m["absent"]:
+            requirements.append(("!", m["absent"], frozenset()))
+        elif m["op"]:
+            requirements.append(
+                ("!=" if m["op"] == "!=" else "=", m["key"], frozenset([m["value"]]))
+            )
+        elif m["set"]:
+            values = frozenset(v.strip() for v in m["values"].split(",") if v.strip())
+            requirements.append((m["set"], m["key"], values))
+        else:
+            requirements.append(("exists", m["key"], frozenset()))
+
+    def holds(op: str, key: str, values: frozenset[str], labels: Mapping[str, str]) -> bool:
+        if op == "!":
+            return key not in labels
+        if op == "exists":
+            return key in labels
+        if op in ("=", "in"):
+            return labels.get(key) in values
+        return labels.get(key) not in values  # != and notin: true when the label is absent
+
+    def selects(obj: Obj) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return all(holds(op, key, values, labels) for op, key, values in requirements)
+
+    return selects
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge, null removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
+
+
+def _defaults(resource: str, obj: Obj) -> None:
+    """The defaults the API server fills in on a write (the ones a controller sees back)."""
+    spec = obj.setdefault("spec", {}) if resource in ("services", "deployments") else None
+    if resource == "services" and spec is not None:
+        for k, v in json.loads(_SERVICE_SPEC).items():
+            spec.setdefault(k, v)
+        for port in spec.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+            port.setdefault("targetPort", port.get("port"))
+        obj.setdefault("status", {"loadBalancer": {}})
+    elif resource == "deployments" and spec is not None:
+        spec.setdefault("replicas", 1)
+        spec.setdefault("revisionHistoryLimit", 10)
+        spec.setdefault("progressDeadlineSeconds", 600)
+        spec.setdefault(
+            "strategy",
+            {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"},
+            },
+        )
+        template = spec.setdefault("template", {})
+        template.setdefault("metadata", {}).setdefault("creationTimestamp", None)
+        pod = template.setdefault("spec", {})
+        for k, v in (
+            ("restartPolicy", "Always"),
+            ("terminationGracePeriodSeconds", 30),
+            ("dnsPolicy", "ClusterFirst"),
+            ("securityContext", {}),
+            ("schedulerName", "default-scheduler"),
+        ):
+            pod.setdefault(k, v)
+        if pod.get("serviceAccountName"):
+            pod.setdefault("serviceAccount", pod["serviceAccountName"])  # the deprecated alias
+        for c in pod.get("containers") or []:
+            c.setdefault("resources", {})
+            c.setdefault("terminationMessagePath", "/dev/termination-log")
+            c.setdefault("terminationMessagePolicy", "File")
+            latest = ":" not in str(c.get("image", "")).rsplit("/", 1)[-1] or str(
+                c.get("image", "")
+            ).endswith(":latest")
+            c.setdefault("imagePullPolicy", "Always" if latest else "IfNotPresent")
+            for port in c.get("ports") or []:
+                port.setdefault("protocol", "TCP")
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe in c:
+                    p = c[probe]
+                    for k, v in (
+                        ("timeoutSeconds", 1),
+                        ("periodSeconds", 10),
+                        ("successThreshold", 1),
+                        ("failureThreshold", 3),
+                    ):
+                        p.setdefault(k, v)
+                    if "httpGet" in p:
+                        p["httpGet"].setdefault("scheme", "HTTP")
+        for volume in pod.get("volumes") or []:
+            for source in ("configMap", "secret", "projected", "downwardAPI"):
+                if source in volume:
+                    volume[source].setdefault("defaultMode", 420)
+            for part in (volume.get("projected") or {}).get("sources") or []:
+                if "serviceAccountToken" in part:
+                    part["serviceAccountToken"].setdefault("expirationSeconds", 3600)
+
+
+def _keep_cluster_ip(current: Obj, new: Obj) -> None:
+    """A Service keeps its clusterIP when a write leaves it out, and may not change it."""
+    old_spec, spec = current.get("spec") or {}, new.setdefault("spec", {})
+    for field_name in ("clusterIP", "clusterIPs"):
+        if field_name in old_spec and not spec.get(field_name):
+            spec[field_name] = copy.deepcopy(old_spec[field_name])
+    if old_spec.get("clusterIP") and spec.get("clusterIP") != old_spec["clusterIP"]:
+        name = current["metadata"]["name"]
+        raise _ApiError(
+            status(
+                422,
+                "Invalid",
+                f'Service "{name}" is invalid: spec.clusterIPs[0]: Invalid value: '
+                f'["{spec.get("clusterIP")}"]: may not change once set',
+            )
+        )
+
+
+def _qualified(res: Resource) -> str:
+    return f"{res.plural}.{res.group}" if res.group else res.plural
+
+
+def _conflict(res: Resource, name: str) -> Obj:
+    message = (
+        f'Operation cannot be fulfilled on {_qualified(res)} "{name}": the object has been '
+        "modified; please apply your changes to the latest version and try again"
+    )
+    details = {"name": name, "group": res.group, "kind": res.plural}
+    return status(409, "Conflict", message, details)
+
+
+def _already_exists(res: Resource, name: str) -> Obj:
+    details = {"name": name, "group": res.group, "kind": res.plural}
+    return status(409, "AlreadyExists", f'{_qualified(res)} "{name}" already exists', details)
 
 
 def _not_found(res: Resource, name: str) -> Obj:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import json
 import logging
 import threading
 import time
@@ -23,6 +25,7 @@ from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from controlplane.sources.kubernetes import (
+    LAST_APPLIED,
     KubernetesConfigError,
     KubernetesSource,
     ServiceAccountInfo,
@@ -37,11 +40,14 @@ from controlplane.state import (
     ServicePortInfo,
     SourceState,
     WaypointInfo,
+    WaypointListener,
     frozen_labels,
 )
 from tests.support import fake_kube as k
 from tests.support.fake_kube import FakeKube
 
+MERGE = "application/merge-patch+json"
+STRATEGIC = "application/strategic-merge-patch+json"
 # kubernetes.watch is not annotated.
 new_watch: Callable[[], Any] = watch.Watch
 LOGGER = "test.kubernetes-source"
@@ -258,9 +264,21 @@ def test_initial_state_converts_every_kind(kube: FakeKube, client: ApiClient) ->
             service="reviews", namespace="default", addresses=("10.244.1.5",), name="reviews-x2x9q"
         ),
     )
+    # Read by controlplane.l7.gateway_api.parse_gateway: labels, listeners, generation.
+    created = kube.get("gateways", "waypoint", "default")["metadata"]["creationTimestamp"]
     assert state.waypoints == (
-        WaypointInfo(name="waypoint", namespace="default", address="10.96.200.10"),
+        WaypointInfo(
+            name="waypoint",
+            namespace="default",
+            address="10.96.200.10",
+            waypoint_for="service",
+            listeners=(WaypointListener(name="mesh", port=15008, protocol="HBONE"),),
+            labels=frozen_labels({"istio.io/waypoint-for": "service"}),
+            generation=1,
+            created=created,
+        ),
     )
+    assert state.l7 == ()
     [policy] = state.policies
     assert (policy.name, policy.namespace, policy.action) == ("reviews", "default", "ALLOW")
     assert policy.selector == frozen_labels({"app": "reviews"})
@@ -611,3 +629,306 @@ def test_the_fake_speaks_what_the_official_watch_helper_reads(
             )
         )
     assert gone.value.status == 410
+
+
+# -- what the L7 translation reads -------------------------------------------------------------
+
+HTTP_ROUTE = {
+    "metadata": {
+        "name": "reviews",
+        "namespace": "default",
+        "annotations": {LAST_APPLIED: '{"kind":"HTTPRoute"}\n', "team": "shop"},
+    },
+    "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080}],
+        "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}],
+    },
+}
+L7_OBJECTS = {
+    "httproutes": HTTP_ROUTE,
+    "grpcroutes": {
+        "metadata": {"name": "ratings", "namespace": "default"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "ratings"}]},
+    },
+    "virtualservices": {
+        "metadata": {"name": "reviews", "namespace": "default"},
+        "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]},
+    },
+    "destinationrules": {
+        "metadata": {"name": "reviews", "namespace": "default"},
+        "spec": {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]},
+    },
+}
+
+
+def test_routes_and_traffic_policies_are_kept_as_written(kube: FakeKube, client: ApiClient) -> None:
+    bookinfo(kube)
+    for resource, obj in L7_OBJECTS.items():
+        kube.add(resource, obj)
+
+    async def scenario() -> tuple[SourceState, int, SourceState]:
+        async with running(client) as recorder:
+            first = await recorder.first()
+            # Every object listed again, unchanged: nothing new to publish.
+            kube.expire()
+            await eventually(lambda: len(kube.list_requests("httproutes")) == 2, within_s=3)
+            await asyncio.sleep(0.3)
+            published = len(recorder.states)
+            # A route changes: the new version is published, with its generation.
+            route = kube.get("httproutes", "reviews", "default")
+            route["spec"]["rules"][0]["backendRefs"][0]["port"] = 9081
+            kube.update("httproutes", route)
+            changed = await recorder.until(
+                lambda s: any(
+                    o.raw["spec"]["rules"][0]["backendRefs"][0]["port"] == 9081
+                    for o in s.l7
+                    if o.kind == "HTTPRoute"
+                )
+            )
+            return first, published, changed
+
+    first, published, changed = asyncio.run(scenario())
+    assert published == 1
+    by_kind = {o.kind: o for o in first.l7}
+    assert sorted(by_kind) == ["DestinationRule", "GRPCRoute", "HTTPRoute", "VirtualService"]
+    route = by_kind["HTTPRoute"]
+    assert (route.namespace, route.name) == ("default", "reviews")
+    meta = route.raw["metadata"]
+    assert "resourceVersion" not in meta and "managedFields" not in meta
+    assert meta["annotations"] == {"team": "shop"}  # kubectl's copy of the object is noise
+    assert meta["uid"] and meta["generation"] == 1 and meta["creationTimestamp"]
+    assert route.raw["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route.raw["spec"] == HTTP_ROUTE["spec"]
+    assert "annotations" not in by_kind["GRPCRoute"].raw["metadata"]
+    assert len(changed.l7) == 4
+
+
+def test_service_ports_carry_their_app_protocol(kube: FakeKube, client: ApiClient) -> None:
+    kube.add("namespaces", k.namespace("default"))
+    kube.add(
+        "services",
+        k.service(
+            "grpc",
+            cluster_ip="10.96.0.21",
+            ports=[
+                {"name": "api", "port": 50051, "appProtocol": "kubernetes.io/h2c"},
+                {"name": "plain", "port": 8080},
+            ],
+        ),
+    )
+
+    async def scenario() -> SourceState:
+        async with running(client) as recorder:
+            return await recorder.first()
+
+    [svc] = asyncio.run(scenario()).services
+    assert [(p.name, p.app_protocol) for p in svc.ports] == [
+        ("api", "kubernetes.io/h2c"),
+        ("plain", ""),
+    ]
+
+
+def test_a_gateway_the_l7_reader_refuses_is_rejected_alone(
+    kube: FakeKube, client: ApiClient
+) -> None:
+    bookinfo(kube)
+    broken = k.gateway("broken", "default", None)
+    broken["spec"]["listeners"][0]["tls"] = None
+    broken["spec"]["allowedListeners"] = {"namespaces": {"from": "All"}}
+    kube.add("gateways", broken)
+    odd = k.gateway("odd", "default", "10.96.200.11")
+    odd["metadata"]["labels"]["istio.io/waypoint-for"] = "everything"
+    kube.add("gateways", odd)
+
+    async def scenario() -> SourceState:
+        async with running(client) as recorder:
+            return await recorder.first()
+
+    state = asyncio.run(scenario())
+    waypoints = {w.name: w for w in state.waypoints}
+    assert sorted(waypoints) == ["odd", "waypoint"]  # the ingress Gateway is not ours
+    assert "waypoint-for='everything'" in waypoints["odd"].problem
+    assert state.rejected == (
+        "Gateway default/broken: spec.allowedListeners: not supported: listener sets",
+    )
+
+
+def test_missing_route_and_policy_crds_count_as_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = ["httproutes", "grpcroutes", "virtualservices", "destinationrules"]
+    with FakeKube(missing=missing) as kube:
+        kube.add("namespaces", k.namespace("default"))
+        kubeconfig = str(kube.write_kubeconfig(tmp_path / "kubeconfig"))
+        with contextlib.closing(api_client_from(kubeconfig)) as client:
+
+            async def scenario() -> SourceState:
+                async with running(client, backoff_max_s=0.05) as recorder:
+                    state = await recorder.first()
+                    # They are asked again (slowly), and not said again.
+                    await eventually(lambda: len(kube.list_requests("httproutes")) >= 3, 3)
+                    return state
+
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                state = asyncio.run(scenario())
+    assert state.l7 == ()
+    lines = warning_lines(caplog)
+    assert len(lines) == 4
+    for plural in missing:
+        assert sum("the API server does not serve" in x and plural in x for x in lines) == 1
+
+
+# -- the fake's writes are the API server's --------------------------------------------------
+
+
+def request(
+    client: ApiClient, method: str, path: str, body: Any = None, content_type: str = ""
+) -> tuple[int, dict[str, Any]]:
+    """One raw request through the client's transport; (status, JSON body)."""
+    headers = {"Accept": "application/json"}
+    if content_type or body is not None:
+        headers["Content-Type"] = content_type or "application/json"
+    method, url, headers, body, post = client.param_serialize(
+        method=method,
+        resource_path=path,
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = client.call_api(method, url, headers, body, post)
+    data: bytes = response.read()  # type: ignore[no-untyped-call]
+    return response.status, json.loads(data or b"{}")
+
+
+GATEWAYS = "/apis/gateway.networking.k8s.io/v1/namespaces/default/gateways"
+DEPLOYMENTS = "/apis/apps/v1/namespaces/default/deployments"
+
+
+def test_the_fake_updates_with_conflicts_and_the_status_subresource(
+    kube: FakeKube, client: ApiClient
+) -> None:
+    kube.add("gateways", k.gateway("waypoint", "default", None))
+    gw = kube.get("gateways", "waypoint", "default")
+    stale = copy.deepcopy(gw)
+
+    # PUT to the object: the spec changes (generation too), the status does not.
+    gw["spec"]["listeners"][0]["port"] = 15009
+    gw["status"] = {"conditions": []}
+    code, body = request(client, "PUT", f"{GATEWAYS}/waypoint", gw)
+    assert code == 200 and body["metadata"]["generation"] == 2
+    assert body["status"] == stale["status"]
+    assert int(body["metadata"]["resourceVersion"]) > int(stale["metadata"]["resourceVersion"])
+
+    # A write from an old version is refused, as the API server refuses it.
+    code, body = request(client, "PUT", f"{GATEWAYS}/waypoint", stale)
+    assert (code, body["reason"]) == (409, "Conflict")
+    assert "the object has been modified" in body["message"]
+
+    # PUT to /status: only the status changes.
+    current = kube.get("gateways", "waypoint", "default")
+    current["status"] = {"addresses": [{"type": "IPAddress", "value": "10.96.0.9"}]}
+    current["spec"]["listeners"] = []
+    code, body = request(client, "PUT", f"{GATEWAYS}/waypoint/status", current)
+    assert code == 200 and body["status"]["addresses"][0]["value"] == "10.96.0.9"
+    assert body["spec"]["listeners"][0]["port"] == 15009 and body["metadata"]["generation"] == 2
+
+    # A merge patch; a resourceVersion in it is a precondition; null removes.
+    patch = {"metadata": {"labels": {"team": "shop", "istio.io/waypoint-for": None}}}
+    code, body = request(client, "PATCH", f"{GATEWAYS}/waypoint", patch, MERGE)
+    assert code == 200 and body["metadata"]["labels"] == {"team": "shop"}
+    patch = {"metadata": {"resourceVersion": stale["metadata"]["resourceVersion"]}}
+    assert request(client, "PATCH", f"{GATEWAYS}/waypoint", patch, MERGE)[0] == 409
+    # A custom resource takes no strategic merge patch; JSON patch is not implemented here.
+    assert request(client, "PATCH", f"{GATEWAYS}/waypoint", {}, STRATEGIC)[0] == 415
+    assert (
+        request(client, "PATCH", f"{GATEWAYS}/waypoint", [], "application/json-patch+json")[0]
+        == 415
+    )
+    # Nothing there: 404; a no-op write makes no new version.
+    assert request(client, "PUT", f"{GATEWAYS}/nope", gw)[0] == 404
+    before = kube.resource_version
+    request(client, "PATCH", f"{GATEWAYS}/waypoint", {"spec": {}}, MERGE)
+    assert kube.resource_version == before
+
+
+def test_the_fake_defaults_allocates_and_collects_garbage(
+    kube: FakeKube, client: ApiClient
+) -> None:
+    kube.add("gateways", k.gateway("waypoint", "default", None))
+    owner_uid = kube.get("gateways", "waypoint", "default")["metadata"]["uid"]
+    owner = [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+              "name": "waypoint", "uid": owner_uid, "controller": True}]  # fmt: skip
+    svc = {"metadata": {"name": "waypoint", "ownerReferences": owner},
+           "spec": {"ports": [{"name": "mesh", "port": 15008}]}}  # fmt: skip
+    code, body = request(client, "POST", "/api/v1/namespaces/default/services", svc)
+    assert code == 201
+    spec = body["spec"]
+    assert spec["clusterIP"] and spec["clusterIPs"] == [spec["clusterIP"]]
+    assert (spec["type"], spec["ports"][0]["targetPort"], spec["ports"][0]["protocol"]) == (
+        "ClusterIP",
+        15008,
+        "TCP",
+    )
+    # The address stays when an update leaves it out, and may not change.
+    ip = spec["clusterIP"]
+    body["spec"].pop("clusterIP")
+    body["spec"].pop("clusterIPs")
+    code, again = request(client, "PUT", "/api/v1/namespaces/default/services/waypoint", body)
+    assert code == 200 and again["spec"]["clusterIP"] == ip
+    again["spec"]["clusterIP"] = "10.96.0.1"
+    assert request(client, "PUT", "/api/v1/namespaces/default/services/waypoint", again)[0] == 422
+
+    containers = [{"name": "w", "image": "w:1"}]
+    dep = {"metadata": {"name": "waypoint", "ownerReferences": owner},
+           "spec": {"selector": {"matchLabels": {"app": "w"}},
+                    "template": {"spec": {"containers": containers}}}}  # fmt: skip
+    code, body = request(client, "POST", DEPLOYMENTS, dep)
+    assert code == 201 and body["spec"]["replicas"] == 1 and body["metadata"]["generation"] == 1
+    assert body["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+    assert request(client, "POST", DEPLOYMENTS, dep)[1]["reason"] == "AlreadyExists"
+
+    # A precondition that does not hold refuses the delete; deleting the owner takes both.
+    wrong = {"preconditions": {"uid": "not-its-uid"}}
+    assert request(client, "DELETE", f"{GATEWAYS}/waypoint", wrong)[0] == 409
+    code, body = request(client, "DELETE", f"{GATEWAYS}/waypoint")
+    assert (code, body["status"], body["details"]["uid"]) == (200, "Success", owner_uid)
+    assert kube.find("services", "waypoint", "default") is None
+    assert kube.find("deployments", "waypoint", "default") is None
+    # Written with an owner that is gone: collected at once, as the GC collects it.
+    assert request(client, "POST", DEPLOYMENTS, dep)[0] == 201
+    assert kube.find("deployments", "waypoint", "default") is None
+
+
+def test_the_fake_selects_by_label_in_lists_and_watches(kube: FakeKube, client: ApiClient) -> None:
+    kube.add("configmaps", {"metadata": {"name": "a", "labels": {"istio.io/config": "true"}}})
+    kube.add("configmaps", {"metadata": {"name": "b", "labels": {"tier": "x"}}})
+    core = kubernetes.client.CoreV1Api(client)
+
+    def names(selector: str) -> list[str]:
+        listed = core.list_config_map_for_all_namespaces(label_selector=selector)
+        return [str(i.metadata.name) for i in listed.items if i.metadata is not None]
+
+    assert names("istio.io/config=true") == ["a"]
+    assert names("tier in (x,y),!istio.io/config") == ["b"]
+    assert names("tier!=x") == ["a"] and names("tier notin (x)") == ["a"] and names("tier") == ["b"]
+    with pytest.raises(ApiException) as bad:
+        names("tier in (x")
+    assert bad.value.status == 400
+
+    start = kube.resource_version
+    b = kube.get("configmaps", "b", "default")
+    b["metadata"]["labels"]["istio.io/config"] = "true"  # starts matching
+    kube.update("configmaps", b)
+    a = kube.get("configmaps", "a", "default")
+    a["metadata"]["labels"] = {}  # stops matching
+    kube.update("configmaps", a)
+    w = new_watch()
+    seen = []
+    for event in w.stream(
+        core.list_config_map_for_all_namespaces,
+        label_selector="istio.io/config=true",
+        resource_version=start,
+        timeout_seconds=1,
+    ):
+        seen.append((event["type"], event["object"].metadata.name))
+    assert seen == [("ADDED", "b"), ("DELETED", "a")]
