@@ -59,8 +59,6 @@ from controlplane.kube_waypoints import (
     GATEWAY_API,
     GATEWAY_NAME,
     ISTIO_CONFIG_LABEL,
-    MANAGED,
-    MANAGED_VALUE,
     DeployerSettings,
     GatewayRef,
     covers,
@@ -74,7 +72,7 @@ from controlplane.l7.gateway_api import is_waypoint, parse_gateway
 from controlplane.l7.reader import InvalidObject
 from controlplane.l7.status import ObjectStatus
 from controlplane.sources.kubernetes import Entry, Informer, Key, Kind, _reason, as_written
-from controlplane.state import SourceState
+from controlplane.state import MANAGED, MANAGED_VALUE, SourceState
 
 log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"

@@ -21,12 +21,10 @@ from typing import Any
 
 import yaml
 
-from controlplane.state import WAYPOINT_CLASS
+from controlplane.state import MANAGED, MANAGED_VALUE, WAYPOINT_CLASS
 
 Obj = dict[str, Any]
 
-MANAGED = "gateway.istio.io/managed"
-MANAGED_VALUE = "istio.io-mesh-controller"
 GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
 GATEWAY_CLASS = "gateway.networking.k8s.io/gateway-class-name"
 GATEWAY_API = "gateway.networking.k8s.io/v1"

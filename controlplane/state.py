@@ -25,6 +25,10 @@ USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
 WAYPOINT_FOR = "istio.io/waypoint-for"
 WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
 WAYPOINT_CLASS = "istio-waypoint"
+# On what the waypoint controller makes for a Gateway (pods, Service, ...). A
+# waypoint instance is never bound to a waypoint, whatever its namespace says.
+MANAGED = "gateway.istio.io/managed"
+MANAGED_VALUE = "istio.io-mesh-controller"
 
 # Istio's annotation for a service's traffic distribution, from before (and
 # beside) spec.trafficDistribution; its value is compared case-insensitively.

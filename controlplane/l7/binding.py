@@ -14,6 +14,12 @@ waypoint by hostname only, which ztunnel cannot reach, so it refuses the
 connection rather than skip the waypoint's L7 policy. The one quiet case
 is Istio's too: a namespace label naming a service waypoint does not bind the
 namespace's pods (they are reached through their services).
+
+A waypoint's own instance (its pods and Service, labelled
+``gateway.istio.io/managed=istio.io-mesh-controller``) is never bound, as in
+istiod (``fetchWaypointForService``, and the workload builder's "waypoints do
+not have waypoints"): its namespace's label would otherwise send traffic to the
+waypoint through itself.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from controlplane.state import USE_WAYPOINT, USE_WAYPOINT_NAMESPACE, WaypointInfo
+from controlplane.state import (
+    MANAGED,
+    MANAGED_VALUE,
+    USE_WAYPOINT,
+    USE_WAYPOINT_NAMESPACE,
+    WaypointInfo,
+)
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 
@@ -61,9 +73,11 @@ def bind(
 ) -> Binding | None:
     """The waypoint ``what`` (a ``service`` or ``workload`` of ``namespace``) is bound to.
 
-    None: no waypoint (none asked for, opted out, or a namespace-wide label for
-    the other kind of traffic).
+    None: no waypoint (none asked for, opted out, a namespace-wide label for
+    the other kind of traffic, or ``what`` is a waypoint's own pod or Service).
     """
+    if object_labels.get(MANAGED) == MANAGED_VALUE:
+        return None  # a waypoint instance: never through a waypoint, even its own
     name = object_labels.get(USE_WAYPOINT)
     explicit = name is not None
     if name is None:

@@ -82,6 +82,24 @@ def test_a_service_label_binds_without_a_namespace_label() -> None:
     assert [s.name for s in build(state).shares["shop/waypoint"].services] == ["reviews"]
 
 
+def test_the_waypoints_own_service_is_not_one_it_serves() -> None:
+    """Its namespace is bound to it, but the waypoint's Service gets no listener there."""
+    managed = {
+        "gateway.istio.io/managed": "istio.io-mesh-controller",
+        "gateway.networking.k8s.io/gateway-name": "waypoint",
+    }
+    own = service(
+        "waypoint",
+        {"gateway.networking.k8s.io/gateway-name": "waypoint"},
+        ports=(ServicePortInfo(port=15008, target_port=15008, name="mesh"),),
+        labels=managed,
+        vip="10.96.0.30",
+    )
+    result = build(world(services=(*world().services, own)))
+    names = [s.name for s in result.shares["shop/waypoint"].services]
+    assert names == ["reviews", "reviews-v1", "reviews-v2"]
+
+
 def test_binding_fails_closed_when_the_waypoint_cannot_be_used() -> None:
     def binding(
         waypoint: WaypointInfo | None, labels: dict[str, str], ns_labels: dict[str, str]

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
+from controlplane.incremental import IncrementalTranslator
 from controlplane.state import (
     AuthorizationPolicyInfo,
     NamespaceInfo,
@@ -330,6 +331,47 @@ def test_a_waypoint_of_another_namespace_must_allow_it() -> None:
     assert by["a"] is not None and str(by["a"].address) == "10.0.9.1"
     assert by["b"] is not None and by["b"].address is None
     assert any("does not allow namespace apps" in line for line in r.rejected)
+
+
+WAYPOINT_INSTANCE = {
+    "gateway.istio.io/managed": "istio.io-mesh-controller",
+    "gateway.networking.k8s.io/gateway-name": "waypoint",
+}
+
+
+@pytest.mark.parametrize("translator", ["specification", "incremental"])
+def test_a_waypoint_instance_is_never_bound_to_a_waypoint(translator: str) -> None:
+    """The namespace's label binds everything in it but the waypoint's own pod and
+    Service (Istio's rule): else traffic to the waypoint would go through itself."""
+    state = SourceState(
+        namespaces=(ns("apps", **{"istio.io/use-waypoint": "waypoint"}),),
+        pods=(
+            pod("waypoint-7f9c", "10.0.9.5", sa="waypoint", labels=WAYPOINT_INSTANCE),
+            pod("web-1", "10.0.0.1", app="web"),
+        ),
+        services=(
+            labelled_svc("waypoint", "10.96.0.9", WAYPOINT_INSTANCE),
+            svc("web", "10.96.0.1", selector={"app": "web"}),
+        ),
+        waypoints=(
+            WaypointInfo(
+                name="waypoint", namespace="apps", address="10.96.0.9", waypoint_for="all"
+            ),
+        ),
+    )
+    r = (
+        translate(state)
+        if translator == "specification"
+        else IncrementalTranslator().translate(state)
+    )
+    assert r.rejected == ()
+    workloads = {n: w.to_proto().workload for n, w in by_name(r).items()}
+    services = {s.name: s.to_proto().service for s in r.services.values()}
+    assert not workloads["waypoint-7f9c"].HasField("waypoint")
+    assert not services["waypoint"].HasField("waypoint")
+    for bound in (workloads["web-1"], services["web"]):
+        assert bound.waypoint.address.address == bytes([10, 96, 0, 9])
+        assert bound.waypoint.hbone_mtls_port == 15008
 
 
 def test_bad_objects_are_rejected_alone() -> None:
