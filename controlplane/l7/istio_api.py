@@ -826,6 +826,24 @@ def _traffic_policy(
             },
             {"maxConcurrentStreams": "HTTP/2 stream limits"},
         )
+        # The waypoint speaks the port's protocol upstream (HTTP/1.1 for an http
+        # port, never upgraded): Istio's defaults. Asking for anything else is refused
+        # rather than quietly not done. DEFAULT is the mesh's h2UpgradePolicy, whose
+        # default (we read no MeshConfig) is DO_NOT_UPGRADE.
+        if http.has("h2UpgradePolicy"):
+            upgrade = http.one_of("h2UpgradePolicy", ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"))
+            if upgrade == "UPGRADE":
+                raise http.error(
+                    "not supported: UPGRADE (HTTP/1.1 requests go upstream as HTTP/1.1; "
+                    "declare the port http2 or grpc to speak HTTP/2 to it)",
+                    "h2UpgradePolicy",
+                )
+        if http.has("useClientProtocol") and http.boolean("useClientProtocol"):
+            raise http.error(
+                "not supported: true (the port's declared protocol is spoken upstream, "
+                "whatever the client's)",
+                "useClientProtocol",
+            )
 
         def positive(reader: Reader, key: str) -> int | None:
             value = reader.opt_integer(key, low=0)

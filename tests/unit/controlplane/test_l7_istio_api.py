@@ -548,6 +548,46 @@ def test_connection_pool_becomes_circuit_breakers_with_zero_meaning_unset() -> N
     assert both.idle_timeout_s == 5.0
 
 
+@pytest.mark.parametrize(
+    "http",
+    [
+        "{h2UpgradePolicy: DEFAULT}",
+        "{h2UpgradePolicy: DO_NOT_UPGRADE}",
+        "{useClientProtocol: false}",
+        "{h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: false, maxRetries: 3}",
+    ],
+)
+def test_protocol_choices_that_are_the_default_are_accepted(http: str) -> None:
+    p = policy(connectionPool={"http": Y(http)})
+    assert p.lb is ir.LbPolicy.LEAST_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("http", "key", "reason"),
+    [
+        ("{h2UpgradePolicy: UPGRADE}", "h2UpgradePolicy", "not supported: UPGRADE"),
+        ("{h2UpgradePolicy: SOMETIMES}", "h2UpgradePolicy", "'SOMETIMES' is not supported"),
+        ("{useClientProtocol: true}", "useClientProtocol", "not supported: true"),
+        ("{useClientProtocol: 'yes'}", "useClientProtocol", "must be true or false"),
+    ],
+)
+def test_protocol_choices_the_waypoint_does_not_make_are_refused(
+    http: str, key: str, reason: str
+) -> None:
+    """Upstream, the waypoint speaks the port's protocol and never upgrades HTTP/1.1: a
+    DestinationRule asking otherwise is refused (with a status), not quietly ignored."""
+    obj = dr(trafficPolicy={"connectionPool": {"http": Y(http)}})
+    e = refused(obj)
+    path = f"spec.trafficPolicy.connectionPool.http.{key}"
+    assert e.path == path and e.reason.startswith(reason)
+    policies, _, _, statuses = parse_many(obj)
+    assert policies == {}
+    (status,) = statuses
+    (condition,) = status.conditions
+    assert (condition.status, condition.reason) == (False, "Invalid")
+    assert condition.message == f"{path}: {e.reason}"
+
+
 def test_outlier_detection_defaults_and_zero() -> None:
     od = ir.OutlierDetection
     seven = policy("{outlierDetection: {consecutive5xxErrors: 7}}").outlier
