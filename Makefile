@@ -21,7 +21,7 @@ help:
 	@echo "make demo   bring up a local meshlab cluster, show it working, tear it down"
 	@echo "make test   ruff, mypy and the whole test suite (root runs the namespace tests)"
 	@echo "make bench  HBONE throughput, latency, connection rate, CPU and memory beside Envoy;"
-	@echo "            meshd at 10,000 workloads and 50 subscribers"
+	@echo "            meshd at 10,000 workloads and 50 subscribers; the waypoint beside Envoy"
 
 deps: host-deps venv protos
 
@@ -64,14 +64,16 @@ demo: deps
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" examples/demo.sh
 
 # Benchmarks: HBONE beside a real Envoy, the mesh pod to pod across two meshlab
-# nodes beside an Envoy pair (root), then meshd at scale; each appends a table to
-# bench/RESULTS.md.
+# nodes beside an Envoy pair (root), meshd at scale, then the waypoint beside
+# Envoy as the waypoint (root); each appends a table to bench/RESULTS.md.
 bench: deps envoy
 	@scripts/host-deps.sh bench
 	$(VPY) -m bench.hbone_bench --json bench/results/hbone.json --record bench/RESULTS.md
 	$(VPY) -m bench.mesh_bench --json bench/results/mesh.json --record bench/RESULTS.md \
 		--logs bench/results/mesh-logs
 	$(VPY) -m bench.meshd_bench --json bench/results/meshd.json --record bench/RESULTS.md
+	$(VPY) -m bench.waypoint_bench --json bench/results/waypoint.json --record bench/RESULTS.md \
+		--logs bench/results/waypoint-logs
 
 lint: venv protos
 	$(VENV)/bin/ruff check .

@@ -44,6 +44,8 @@ from bench.mesh.topology import (
 class MeshLab:
     """The cluster, its two pods, the apps in the server pod and the placements."""
 
+    cluster_spec = CLUSTER  # the meshlab cluster file, as a dict
+
     def __init__(self, workdir: Path, log: Log, *, pin_cipher: bool = True) -> None:
         self.dir = workdir
         self.log = log
@@ -89,7 +91,7 @@ class MeshLab:
         from mesh.cluster.statefile import read_state
 
         spec = self.dir / "cluster.yaml"
-        spec.write_text(json.dumps(CLUSTER, indent=1) + "\n")  # JSON is YAML
+        spec.write_text(json.dumps(self.cluster_spec, indent=1) + "\n")  # JSON is YAML
         self.up = True  # from here on, `meshlab down` in any case
         self.log(f"cluster {self.name}: meshlab up --mesh (2 nodes, 2 pods)")
         self.meshlab("up", "-f", str(spec), "--name", self.name, "--mesh")

@@ -43,13 +43,14 @@ def iperf(lab: MeshLab, seconds: float) -> tuple[float, int]:
 _LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
-def wrk(lab: MeshLab, seconds: float, *, close: bool) -> dict[str, float]:
+def wrk(lab: MeshLab, seconds: float, *, close: bool, url: str | None = None) -> dict[str, float]:
+    """wrk from the client pod to ``url`` (default: nginx in the server pod, by its IP)."""
     argv = ["wrk", "-t1", "-c50", f"-d{seconds:g}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
     out = in_netns(
         lab.client_ns,
-        [*argv, f"http://{lab.server_ip}:{HTTP_PORT}/"],
+        [*argv, url or f"http://{lab.server_ip}:{HTTP_PORT}/"],
         timeout_s=seconds + 60,
         check=False,
     )
@@ -72,14 +73,14 @@ def wrk(lab: MeshLab, seconds: float, *, close: bool) -> dict[str, float]:
     return result
 
 
-def warm_up(lab: MeshLab) -> None:
+def warm_up(lab: MeshLab, url: str | None = None) -> None:
     """A second of new connections through the placement just made, not measured.
 
     Each placement starts cold (pods just enrolled, Envoys just started):
     without this the first round of each pays for first calls and allocations.
     """
     with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
-        wrk(lab, WARMUP_S, close=True)
+        wrk(lab, WARMUP_S, close=True, url=url)
 
 
 def measure_placement(
