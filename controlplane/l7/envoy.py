@@ -192,6 +192,9 @@ def _filter_chain(service: ServiceSpec, pr: PortRoutes) -> listener_components_p
             use_remote_address=wrappers_pb2.BoolValue(value=False),
             normalize_path=wrappers_pb2.BoolValue(value=True),
             upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
+            # 0s: no stream idle timeout, as Istio's HCMs say and as our waypoint does
+            # (Envoy's default would reset a stream idle for 5 minutes).
+            stream_idle_timeout=_duration(0),
         )
         network = listener_components_pb2.Filter(
             name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm)

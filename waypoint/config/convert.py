@@ -124,6 +124,13 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         raise Unsupported(f"{where}.codec_type: only AUTO (HTTP/1.1 and HTTP/2 by preface)")
     if h.use_remote_address.value:
         raise Unsupported(f"{where}.use_remote_address: true is not supported")
+    if h.HasField("stream_idle_timeout") and seconds(h.stream_idle_timeout) != 0:
+        # Istio (and meshd) send 0s. Left unset, Envoy's 5 minutes would apply, which
+        # we do not do either; that is what a stock Envoy would differ on, not a request.
+        raise Unsupported(
+            f"{where}.stream_idle_timeout: {seconds(h.stream_idle_timeout):g}s is not supported: "
+            "this waypoint has no stream idle timeout (only 0s, which disables it)"
+        )
     only(h.rds, {"config_source", "route_config_name"}, f"{where}.rds")
     if not h.rds.route_config_name:
         raise Unsupported(f"{where}.rds.route_config_name: is required (routes come by RDS)")
@@ -163,9 +170,6 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         normalize_path=h.normalize_path.value,
         fault_filter=fault,
         websocket=websocket,
-        stream_idle_timeout_s=seconds(h.stream_idle_timeout)
-        if h.HasField("stream_idle_timeout")
-        else 300.0,
     )
 
 

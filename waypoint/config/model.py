@@ -272,6 +272,9 @@ class LoadAssignment:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpManager:
+    """One HTTP connection manager. It has no stream idle timeout (a stream may idle
+    forever): an HCM's ``stream_idle_timeout`` other than 0s (Istio's) is refused."""
+
     route_config: str
     stat_prefix: str = ""
     server_name: str = "envoy"
@@ -279,7 +282,6 @@ class HttpManager:
     normalize_path: bool = False
     fault_filter: bool = False
     websocket: bool = False
-    stream_idle_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

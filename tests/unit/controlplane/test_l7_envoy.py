@@ -85,6 +85,8 @@ def test_one_filter_chain_per_vip_and_port_hcm_with_rds_or_tcp_proxy() -> None:
     assert [f.name for f in hcm.http_filters] == [envoy.FAULT_FILTER, envoy.ROUTER_FILTER]
     assert (hcm.server_name, hcm.use_remote_address.value) == ("istio-envoy", False)
     assert [u.upgrade_type for u in hcm.upgrade_configs] == ["websocket"]
+    # Said, not left to Envoy's 5-minute default: no stream idle timeout, as Istio's and ours.
+    assert hcm.HasField("stream_idle_timeout") and hcm.stream_idle_timeout.ToNanoseconds() == 0
     proxy = tcp_proxy_pb2.TcpProxy()
     chains["reviews-v2.shop.svc.cluster.local:3306"].filters[0].typed_config.Unpack(proxy)
     assert proxy.cluster == "inbound-vip|3306|tcp|reviews-v2.shop.svc.cluster.local"
