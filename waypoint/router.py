@@ -21,9 +21,10 @@ Modelled on Envoy's router: the decisions are pure and live elsewhere
    the ``server`` and ``date`` headers, and the body streamed with
    back-pressure both ways;
 5. mirrors: a copy of the request to each mirror cluster (its Host with
-   ``-shadow``), fire and forget.
+   ``-shadow``), fire and forget (:mod:`waypoint.mirror`).
 
-Every request ends with one :class:`RequestRecord` (access log, metrics).
+Every request ends with one :class:`~waypoint.records.RequestRecord` (access
+log, metrics).
 """
 
 from __future__ import annotations
@@ -35,52 +36,24 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
+from waypoint import mirror
 from waypoint.config.model import DirectResponse, Forward, HttpManager, Redirect, Route
 from waypoint.config.snapshot import WaypointConfig
-from waypoint.headers import http_date, mutate, redirect_location, rewrite_path, shadow_host
+from waypoint.headers import http_date, mutate, redirect_location, rewrite_path
 from waypoint.http import messages
 from waypoint.http.body import BodyError
 from waypoint.http.exchange import Exchange, Upstream
 from waypoint.http.h1server import DownstreamGone
 from waypoint.http.messages import Headers, LocalReply, RequestHead, ResponseHead
 from waypoint.match import RequestView, normalize_path, pick_cluster, select_route
+from waypoint.records import RequestRecord
 from waypoint.retry import RetryState
 from waypoint.upstream.lb import Host, stable_hash
 from waypoint.upstream.pool import ClusterRuntime, ConnectFailed, Overflow, Upstreams
 
 log = logging.getLogger("waypoint.router")
 RETRY_BUFFER_LIMIT = 1 << 20  # Envoy's default per-request buffer for retries
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """What one request did, for the access log and the metrics."""
-
-    start: float
-    method: str = ""
-    path: str = ""
-    protocol: str = "HTTP/1.1"
-    authority: str = ""
-    status: int = 0
-    flags: str = "-"
-    details: str = ""
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    duration_ms: float = 0.0
-    upstream_service_ms: float | None = None
-    upstream_host: str = ""
-    upstream_workload: str = ""
-    cluster: str = ""
-    route: str = ""
-    attempts: int = 0
-    user_agent: str = ""
-    request_id: str = ""
-    forwarded_for: str = ""
-    grpc_status: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class _Failed(Exception):
@@ -214,9 +187,7 @@ class _Life:
         exchange = self.exchange
         head = exchange.head
         rec = self.record
-        rec.method, rec.path, rec.authority = head.method, head.target, head.authority
-        rec.protocol = exchange.protocol
-        rec.info = exchange.info
+        rec.opened(exchange)
         try:
             reply = await self._serve()
             if reply is not None:
@@ -239,10 +210,7 @@ class _Life:
                 exchange.abort()
         finally:
             router.active -= 1
-            rec.duration_ms = (time.time() - rec.start) * 1000
-            rec.bytes_received = exchange.body.received
-            rec.bytes_sent = exchange.response_bytes
-            rec.status = rec.status or exchange.status
+            rec.closed(exchange)
             if router.on_record is not None:
                 router.on_record(rec)
 
@@ -300,9 +268,7 @@ class _Life:
             request_id = str(uuid.uuid4())
             head.headers.append(("x-request-id", request_id))
         rec = self.record
-        rec.request_id = request_id
-        rec.user_agent = next((v for k, v in head.headers if k == "user-agent"), "")
-        rec.forwarded_for = next((v for k, v in head.headers if k == "x-forwarded-for"), "")
+        rec.saw_headers(head.headers, request_id)
 
         config = self.router.config()
         routes = config.routes.get(manager.route_config)
@@ -400,9 +366,9 @@ class _Life:
         upstream.headers = mutate(upstream.headers, route.request_headers)
         self.upstream_head = upstream
         self.timeout_s = action.timeout_s
-        for mirror in action.mirrors:
-            if self.random % 1_000_000 < mirror.ppm:
-                self._mirror(mirror.cluster, upstream)
+        for policy in action.mirrors:
+            if self.random % 1_000_000 < policy.ppm:
+                self._mirror(policy.cluster, upstream)
         retry = RetryState(action.retry, self.router.rng) if action.retry else None
         hash_key = self._hash_key(action)
         body_task = None
@@ -709,63 +675,22 @@ class _Life:
         runtime = self.router.upstreams.clusters.get(cluster)
         if runtime is None:
             return
-        shadow = RequestHead(
-            method=upstream.method,
-            target=upstream.target,
-            authority=shadow_host(upstream.authority),
-            scheme=upstream.scheme,
-            headers=list(upstream.headers),
+        shadow = mirror.shadow(
+            runtime,
+            mirror.shadow_head(upstream),
+            self.router.rng,
+            self.request_complete,
+            self._mirrored_body,
         )
-        task = self.loop.create_task(self._shadow(runtime, shadow))
+        task = self.loop.create_task(shadow)
         self.router.tasks.add(task)
         task.add_done_callback(self.router.tasks.discard)
 
-    async def _shadow(self, runtime: ClusterRuntime, head: RequestHead) -> None:
-        """Fire and forget: the mirror's answer (or failure) is dropped."""
-        host = runtime.balancer.choose(self.router.rng)
-        if host is None:
-            return
-        sink = _Sink()
-        try:
-            client = await runtime.acquire(host)
-        except (ConnectFailed, Overflow):
-            return
-        body = self.exchange.body
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.request_complete.wait(), 30)
-        if self.buffer_overflowed or body.error is not None or not self.request_complete.is_set():
-            client.abort()
-            return
-        data = b"".join(self.buffered)
-        client.send(head, sink, has_body=bool(data), length=len(data) if data else None)
-        if data:
-            client.data(data)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(30):
-                await sink.done
-
-
-class _Sink:
-    """The receiver of a mirrored request's answer: it ignores it."""
-
-    def __init__(self) -> None:
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def on_informational(self, status: int, headers: Headers) -> None:
-        pass
-
-    def on_response(self, head: ResponseHead) -> None:
-        pass
-
-    def on_data(self, data: bytes) -> None:
-        pass
-
-    def on_end(self, trailers: Headers | None = None) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def on_reset(self, reason: str, sent: bool) -> None:
-        self.on_end()
+    def _mirrored_body(self) -> bytes | None:
+        """The whole request body for the mirrors; None when it was not kept or failed."""
+        if self.buffer_overflowed or self.exchange.body.error is not None:
+            return None
+        return b"".join(self.buffered)
 
 
 def _grpc_status(http_status: int) -> int:

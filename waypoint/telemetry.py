@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from waypoint.router import RequestRecord
+from waypoint.records import RequestRecord
 
 access_log = logging.getLogger("waypoint.access")
 UNKNOWN = "unknown"

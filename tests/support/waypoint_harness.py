@@ -23,7 +23,8 @@ from controlplane.l7.build import build
 from controlplane.state import SourceState
 from waypoint.config.snapshot import WaypointConfig, apply_response
 from waypoint.proxy import WaypointProxy, serve_http
-from waypoint.router import RequestRecord, Router
+from waypoint.records import RequestRecord
+from waypoint.router import Router
 from waypoint.upstream.pool import TcpConnector, Upstreams
 
 
