@@ -101,6 +101,7 @@ async def run(args: argparse.Namespace) -> int:
         fetch_certificate=ca.fetch,
         xds_target=args.xds_address,
         xds_credentials=secure,
+        freeze_gc=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

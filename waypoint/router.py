@@ -210,6 +210,10 @@ class _Life:
                 exchange.abort()
         finally:
             router.active -= 1
+            # The attempt points back at this life: break the cycle, so reference
+            # counting frees the request at once (a cycle per request kept the
+            # collector busy, and its pauses were the waypoint's p99).
+            self.current = None
             rec.closed(exchange)
             if router.on_record is not None:
                 router.on_record(rec)

@@ -35,6 +35,7 @@ from mesh.xds.client import FeedClient
 from waypoint.config import convert
 from waypoint.config.snapshot import WaypointConfig, apply_response
 from waypoint.connect import MeshConnector
+from waypoint.gcfreeze import ConfigFreezer
 from waypoint.proxy import WaypointProxy, drain
 from waypoint.router import Router
 from waypoint.telemetry import Telemetry
@@ -73,7 +74,10 @@ class WaypointRuntime:
         xds_target: str,
         xds_credentials: Any = None,
         rng: random.Random | None = None,
+        freeze_gc: bool = False,
     ) -> None:
+        """``freeze_gc``: move each applied config out of the collector's way
+        (:mod:`waypoint.gcfreeze`); for the waypoint process, not for tests sharing one."""
         self.namespace = namespace
         self.gateway = gateway
         self.identity = identity
@@ -82,6 +86,7 @@ class WaypointRuntime:
         struct = struct_pb2.Struct()
         struct.update(self.metadata)
         self.config = WaypointConfig()
+        self.freezer = ConfigFreezer() if freeze_gc else None
         self.xds: FeedClient[WaypointConfig] = FeedClient(
             xds_target,
             node_id=self.node_id,
@@ -129,6 +134,9 @@ class WaypointRuntime:
                 self.telemetry.config_refused.labels(type=type_url.rsplit(".", 1)[-1]).inc()
         self.config = config
         self.upstreams.update(config.clusters, config.endpoints)
+        if config.synced and self.freezer is not None:
+            # After this call returns, on the loop: the config it replaced is gone by then.
+            asyncio.get_running_loop().call_soon(self.freezer.applied)
 
     def ready(self) -> tuple[bool, str]:
         if self.tls is None:
