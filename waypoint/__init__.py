@@ -1,8 +1,13 @@
-"""waypoint, the per-namespace L7 proxy.
+"""waypoint, the per-namespace L7 proxy: HBONE in, HTTP routing, HBONE out.
 
-Owns: HTTP codecs, the router, upstream clusters and load balancing, filters
-(authz, JWT, fault, rate limit, headers) and L7 telemetry. Empty until the
-waypoint issue lands.
+Owns: the xDS config it is fed and its typed model (``config``), the HTTP
+codecs (``http``: HTTP/1.1 on httptools, h2c, gRPC), the router and its
+pure decisions (``router``, ``match``, ``headers``, ``retry``, ``mirror``,
+``records``), upstream clusters, pools, load balancing and outlier ejection
+(``upstream``), the HBONE data path in and out (``proxy``, ``connect``),
+telemetry (``telemetry``), the admin listeners (``admin``), the process
+(``runtime``, ``cli``, ``gcfreeze``) and the operator's view (``explain``,
+``ctl``). L7 security (authz, JWT) and rate limits are later issues.
 
 May import: ``mesh`` and third-party libraries. Never ``controlplane``,
 ``ztunnel``, ``ebpf`` or ``meshlab``.
