@@ -69,12 +69,14 @@ def _port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running(pki: Pki) -> AsyncIterator[tuple[WaypointRuntime, int, HboneClientPool]]:
-    first = await Backend("v1-a", "127.0.0.11").start()
+async def running(
+    pki: Pki, delay_s: float = 0.0
+) -> AsyncIterator[tuple[WaypointRuntime, int, HboneClientPool]]:
+    first = await Backend("v1-a", "127.0.0.11", delay_s=delay_s).start()
     backends = {
         "reviews-v1-a": first,
-        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port).start(),
-        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port).start(),
+        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port, delay_s=delay_s).start(),
+        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port, delay_s=delay_s).start(),
     }
     meshd = Meshd()
     server = grpc.aio.server(options=grpc_server_options())
@@ -165,3 +167,32 @@ def test_metrics_count_the_requests_with_istio_labels(pki: Pki) -> None:
     assert f'source_principal="{CLIENT}"' in line
     assert 'destination_workload="reviews-v2-a"' in line and 'destination_version="v2"' in line
     assert 'destination_service="reviews-v2.shop.svc.cluster.local"' in line
+
+
+def test_sigterms_drain_finishes_the_request_in_flight_and_takes_no_new_one(pki: Pki) -> None:
+    # What the waypoint does on SIGTERM (cli: runtime.drain): GOAWAY on every HBONE
+    # connection, stop accepting, let the streams in flight finish within the deadline.
+    async def body() -> tuple[bytes, float, BaseException | None]:
+        async with running(pki, delay_s=0.5) as (runtime, port, client):
+            loop = asyncio.get_running_loop()
+            in_flight = asyncio.ensure_future(ask(client, port, "10.96.0.20:9080"))
+            await asyncio.sleep(0.2)  # at the backend, which answers after 0.5 s
+            started = loop.time()
+            draining = asyncio.ensure_future(runtime.drain(0.8))
+            answer = await in_flight
+            await draining
+            took = loop.time() - started
+            late = HboneClientPool(identities=pki.client)
+            try:
+                await ask(late, port, "10.96.0.20:9080")
+                refused = None
+            except Exception as e:  # any refusal will do; a 200 will not
+                refused = e
+            finally:
+                await late.close()
+            return answer, took, refused
+
+    answer, took, refused = run(body)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert took < 2.0  # the deadline (0.8 s, the stream kept open by the client) held
+    assert refused is not None  # drained: nothing listens any more
