@@ -165,7 +165,10 @@ def explain(
     routes = config.routes.get(handler.route_config)
     if routes is None:
         raise ExplainError(f"route configuration {handler.route_config} not received yet")
-    authority = next((v for k, v in headers if k == "host"), None) or f"{parts.hostname}:{port}"
+    # As curl sends it: the URL's host[:port] as written (no port when it is the default).
+    authority = (
+        next((v for k, v in headers if k == "host"), None) or parts.netloc.rpartition("@")[2]
+    )
     if handler.normalize_path:
         target = normalize_path(target)
     view = RequestView(

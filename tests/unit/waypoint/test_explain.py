@@ -80,3 +80,27 @@ def test_the_command_reads_a_saved_dump(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0
     assert json.loads(capsys.readouterr().out)["verdict"]["clusters"] == {V2: 0}
     assert ctl.main(["-f", str(path), "-n", "shop", "explain", "GET http://nowhere:1/"]) == 2
+
+
+MOVED = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: moved, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+"""
+
+
+def test_a_redirect_is_explained_with_the_location_the_client_would_get() -> None:
+    # No -H host: the Host is the URL's, as curl sends it, port and all.
+    config = config_for(world(MOVED))
+    verdict = explain(config, "GET http://reviews:9080/old/x", namespace="shop").verdict
+    assert verdict == {"kind": "redirect", "status": 302, "location": "http://reviews:9080/new/x"}
+    told = explain(config, "GET http://reviews:9080/old/x -H host:reviews.shop", namespace="shop")
+    # The port is the service port's, as Gateway API says for a redirect without one.
+    assert told.verdict["location"] == "http://reviews.shop:9080/new/x"
