@@ -1,6 +1,7 @@
 """How the waypoint reaches endpoints: HBONE to a mesh pod's ztunnel, plain TCP otherwise.
 
-An endpoint in the mesh (EDS tunnel marker) is reached as Istio's waypoint
+An endpoint in the mesh (the EDS tunnel marker, or for the pod an
+ORIGINAL_DST cluster sends to, the cluster's) is reached as Istio's waypoint
 reaches it: an HBONE CONNECT to ``podIP:15008`` with ``:authority``
 ``podIP:port``, under the waypoint's own identity, the pod's identity
 checked; connections to one pod are pooled by the HBONE client pool.

@@ -1,12 +1,14 @@
 """What happens to a stream that reaches the waypoint: find its filter chain, then serve it.
 
 The HBONE CONNECT's ``:authority`` is the original destination (a service's
-VIP and port): the ``waypoint`` listener's filter chain for it says whether
+VIP and port, or a pod's IP and port for a pod bound to the waypoint as a
+workload): the ``waypoint`` listener's filter chain for it says whether
 the stream carries HTTP (an HTTP connection manager: the router serves each
-request) or bytes (``tcp_proxy``: relayed to an endpoint of the cluster). A
-destination without a chain is refused with 503 before any byte flows, and
-before the waypoint has its configuration every stream is refused (fail
-closed: no config, no forwarding).
+request) or bytes (``tcp_proxy``: relayed to an endpoint of the cluster, or,
+for an ORIGINAL_DST cluster, to the authority itself, which must be the one
+pod the chain names). A destination without a chain is refused with 503
+before any byte flows, and before the waypoint has its configuration every
+stream is refused (fail closed: no config, no forwarding).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from mesh.hbone import ConnectRequest, LocalSocket, PlainProtocol, Refused
-from waypoint.config.model import FilterChain, HttpManager, TcpProxy
+from waypoint.config.model import Cluster, Endpoint, FilterChain, HttpManager, TcpProxy
 from waypoint.config.snapshot import WaypointConfig
 from waypoint.http.h2server import AutoServer
 from waypoint.router import Router
-from waypoint.upstream.pool import ConnectFailed, Upstreams
+from waypoint.upstream.pool import ClusterRuntime, ConnectFailed, Upstreams
 
 log = logging.getLogger("waypoint.proxy")
 LISTENER = "waypoint"
@@ -99,6 +101,23 @@ class Relay(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
 
+def original_destination(
+    chain: FilterChain, cluster: Cluster, host: str, port: int
+) -> Endpoint | str:
+    """Where an ORIGINAL_DST cluster sends a connection to ``host:port`` that came in
+    by ``chain``: that very address, if the chain names it as a whole host (the pod
+    it serves), or a reason to refuse it: such a cluster never sends elsewhere."""
+    original = cluster.original_dst
+    if original is None:
+        return f"cluster {cluster.name} is not an ORIGINAL_DST cluster"
+    if not chain.names_host(host):
+        return (
+            f"{host}:{port} is not the destination filter chain {chain.name} serves "
+            f"(cluster {cluster.name} relays only to the pod address its chain names)"
+        )
+    return original.endpoint(host, port)
+
+
 class WaypointProxy:
     """The HBONE handler of the waypoint (``HboneServer(handler=proxy.connect)``)."""
 
@@ -129,7 +148,7 @@ class WaypointProxy:
             raise Refused(
                 503,
                 f"{request.authority} is not a destination of this waypoint "
-                "(no service bound to it has that address and port)",
+                "(no service or workload bound to it has that address and port)",
             )
         info: dict[str, Any] = {
             "peer": request.peer_address,
@@ -147,25 +166,38 @@ class WaypointProxy:
             manager = handler
             server = AutoServer(lambda exchange: self.router.handle(exchange, manager), info)
             return LocalSocket(server, {"peername": request.peer_address})
-        return await self._tcp(handler, request, info)
+        return await self._tcp(handler, chain, request)
 
     async def _tcp(
-        self, proxy: TcpProxy, request: ConnectRequest, info: dict[str, Any]
+        self, proxy: TcpProxy, chain: FilterChain, request: ConnectRequest
     ) -> PlainProtocol:
         runtime = self.upstreams.clusters.get(proxy.cluster)
         if runtime is None:
             raise Refused(503, f"cluster {proxy.cluster} is not known")
+        if runtime.cluster.original_dst is not None:
+            target = original_destination(chain, runtime.cluster, request.host, request.port)
+            if isinstance(target, str):
+                raise Refused(503, target)
+            return await self._relay(runtime, target, request)
         host = runtime.balancer.choose(self.router.rng)
         if host is None:
             raise Refused(503, f"no healthy upstream in {proxy.cluster}")
+        try:
+            return await self._relay(runtime, host.endpoint, request)
+        except Refused:
+            runtime.record(host, 0)
+            raise
+
+    async def _relay(
+        self, runtime: ClusterRuntime, endpoint: Endpoint, request: ConnectRequest
+    ) -> PlainProtocol:
         downstream = Relay()
         try:
             upstream = await runtime.connector.open(
-                host.endpoint, runtime.cluster.connect_timeout_s, Relay
+                endpoint, runtime.cluster.connect_timeout_s, Relay
             )
         except ConnectFailed as e:
-            runtime.record(host, 0)
-            raise Refused(503, f"{host.address}: {e}") from e
+            raise Refused(503, f"{endpoint.address}: {e}") from e
         downstream.join(upstream)
         return LocalSocket(downstream, {"peername": request.peer_address})
 

@@ -11,6 +11,9 @@
   relays bytes to the service;
 * every service port (and subset) the rules send to becomes a cluster, with
   the pods behind it as endpoints (over HBONE when they are in the mesh);
+* a waypoint for ``workload`` (or ``all``) traffic also serves the pods bound
+  to it (:class:`WorkloadSpec`): what a client sends to such a pod's own IP,
+  on any port, reaches it through the waypoint;
 * routes, Gateways and their references get Gateway API status conditions,
   and what cannot be used is said once in ``rejected``.
 """
@@ -50,6 +53,7 @@ from controlplane.l7.status import (
     not_resolved,
     resolved,
 )
+from controlplane.l7.workloads import WorkloadSpec, bound_pods, workload_spec
 from controlplane.state import (
     L7Object,
     PodInfo,
@@ -104,6 +108,7 @@ class WaypointShare:
     trust_domain: str
     services: tuple[ServiceSpec, ...]
     clusters: Mapping[str, ClusterSpec]
+    workloads: tuple[WorkloadSpec, ...] = ()
 
     @property
     def key(self) -> str:
@@ -153,13 +158,16 @@ def build(state: SourceState) -> L7Result:
         if binding is not None and binding.waypoint is not None and binding.usable:
             bound.setdefault(binding.key, []).append(info)
 
+    pods = bound_pods(state, namespaces, waypoints)
     attached = _attach(routes, services, out)
     ported = _ports_of(services, attached, virtual_services, out)
     endpoints = _Endpoints(state, namespaces)
 
     shares: dict[str, WaypointShare] = {}
     for waypoint in state.waypoints:
-        out.status.append(_gateway_status(waypoint, bool(bound.get(waypoint.key))))
+        out.status.append(
+            _gateway_status(waypoint, bool(bound.get(waypoint.key)), bool(pods.get(waypoint.key)))
+        )
         if waypoint.problem:
             out.reject(f"Gateway {waypoint.key}: {waypoint.problem}")
             continue
@@ -219,11 +227,23 @@ def build(state: SourceState) -> L7Result:
                 policy=policy.for_port(port, subset) if policy is not None else DEFAULT_POLICY,
                 endpoints=endpoints.of(target, port, labels),
             )
+        vips = {vip for spec in specs for vip in spec.vips}
+        workloads = []
+        for pod in pods.get(waypoint.key, ()):
+            if pod.ip in vips:
+                # Its chains would clash with the service's (Envoy refuses the listener).
+                out.reject(
+                    f"pod {pod.namespace}/{pod.name}: IP {pod.ip} is also a service VIP "
+                    f"of waypoint {waypoint.key}; traffic to it as a workload is refused"
+                )
+                continue
+            workloads.append(workload_spec(state, pod, namespaces))
         shares[waypoint.key] = WaypointShare(
             waypoint=waypoint,
             trust_domain=state.trust_domain,
             services=tuple(specs),
             clusters=MappingProxyType(clusters),
+            workloads=tuple(workloads),
         )
     return L7Result(
         shares=MappingProxyType(shares),
@@ -264,7 +284,7 @@ def _port_protocol(
     return Protocol.HTTP
 
 
-def _gateway_status(waypoint: WaypointInfo, serving: bool) -> ObjectStatus:
+def _gateway_status(waypoint: WaypointInfo, services: bool, workloads: bool) -> ObjectStatus:
     if waypoint.problem:
         conditions: tuple[Condition, ...] = (
             Condition(type="Accepted", status=False, reason="Invalid", message=waypoint.problem),
@@ -287,7 +307,7 @@ def _gateway_status(waypoint: WaypointInfo, serving: bool) -> ObjectStatus:
                 type="Programmed",
                 status=True,
                 reason="Programmed",
-                message="serving " + ("its bound services" if serving else "no service yet"),
+                message="serving " + _serving(services, workloads),
             ),
         )
     return ObjectStatus(
@@ -298,6 +318,14 @@ def _gateway_status(waypoint: WaypointInfo, serving: bool) -> ObjectStatus:
         conditions=conditions,
         addresses=(waypoint.address,) if waypoint.address else (),
     )
+
+
+def _serving(services: bool, workloads: bool) -> str:
+    if services and workloads:
+        return "its bound services and workloads"
+    if workloads:
+        return "its bound workloads"
+    return "its bound services" if services else "no service yet"
 
 
 # ------------------------------------------------------------------ routes

@@ -18,7 +18,14 @@ listeners or filters), consumed by our waypoint and by a real Envoy alike:
 * one ``ClusterLoadAssignment`` per cluster: the pods, healthy or not; a pod in
   the mesh carries Istio's tunnel marker (``envoy.transport_socket_match``
   ``tunnel: http``) and its SPIFFE ID in the ``istio`` metadata: the waypoint
-  reaches it over HBONE at ``ip:15008`` with ``:authority`` ``ip:port``.
+  reaches it over HBONE at ``ip:15008`` with ``:authority`` ``ip:port``;
+* for each pod bound to the waypoint as a workload, filter chains matched on
+  its IP alone (any port; and each port a service chain names, see
+  :func:`_workload_chains`) with a ``tcp_proxy`` to that pod's own
+  ``ORIGINAL_DST`` cluster (``inbound-pod|<ip>``): the connection goes to the
+  address the client dialled, the pod's tunnel marker and identity in the
+  Cluster's ``metadata`` as an endpoint's are in its own (a stock Envoy
+  ignores metadata it has no use for).
 
 Resource names are unique within one waypoint only: the feed is scoped.
 """
@@ -50,6 +57,7 @@ from google.protobuf.message import Message
 
 from controlplane.l7.build import ClusterSpec, ServiceSpec, WaypointShare, cluster_name
 from controlplane.l7.ir import (
+    DEFAULT_POLICY,
     BackendRef,
     Fault,
     HashPolicy,
@@ -68,6 +76,7 @@ from controlplane.l7.ir import (
     StringMatch,
     TrafficPolicy,
 )
+from controlplane.l7.workloads import WorkloadSpec, pod_cluster_name
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -132,6 +141,7 @@ def _percent(value: float) -> percent_pb2.FractionalPercent:
 def translate(share: WaypointShare) -> EnvoyResources:
     routes: dict[str, route_pb2.RouteConfiguration] = {}
     chains = []
+    ports: set[int] = set()
     for service in share.services:
         if not service.vips:
             # A headless service has no address to match on: a chain without one
@@ -139,9 +149,12 @@ def translate(share: WaypointShare) -> EnvoyResources:
             continue
         for pr in service.ports:
             chains.append(_filter_chain(service, pr))
+            ports.add(pr.port)
             if pr.protocol.is_http:
                 rc = _route_config(service, pr, share.clusters)
                 routes[rc.name] = rc
+    for workload in share.workloads:
+        chains.extend(_workload_chains(workload, sorted(ports)))
     listener = listener_pb2.Listener(
         name=LISTENER_NAME,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
@@ -155,6 +168,9 @@ def translate(share: WaypointShare) -> EnvoyResources:
     )
     clusters = {name: _cluster(spec) for name, spec in share.clusters.items()}
     endpoints = {name: _load_assignment(spec) for name, spec in share.clusters.items()}
+    for workload in share.workloads:
+        cluster = _workload_cluster(workload)
+        clusters[cluster.name] = cluster  # ORIGINAL_DST: no ClusterLoadAssignment
     return EnvoyResources(
         listeners={LISTENER_NAME: listener},
         routes=routes,
@@ -166,17 +182,17 @@ def translate(share: WaypointShare) -> EnvoyResources:
 # ------------------------------------------------------------------ listener
 
 
+def _host_range(ip: str) -> address_pb2.CidrRange:
+    return address_pb2.CidrRange(
+        address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=128 if ":" in ip else 32)
+    )
+
+
 def _filter_chain(service: ServiceSpec, pr: PortRoutes) -> listener_components_pb2.FilterChain:
     name = cluster_name(service.hostname, pr.port, pr.protocol)
     match = listener_components_pb2.FilterChainMatch(
         destination_port=wrappers_pb2.UInt32Value(value=pr.port),
-        prefix_ranges=[
-            address_pb2.CidrRange(
-                address_prefix=vip,
-                prefix_len=wrappers_pb2.UInt32Value(value=128 if ":" in vip else 32),
-            )
-            for vip in service.vips
-        ],
+        prefix_ranges=[_host_range(vip) for vip in service.vips],
     )
     if pr.protocol.is_http:
         hcm = hcm_pb2.HttpConnectionManager(
@@ -211,6 +227,46 @@ def _filter_chain(service: ServiceSpec, pr: PortRoutes) -> listener_components_p
     return listener_components_pb2.FilterChain(
         name=f"{service.hostname}:{pr.port}", filter_chain_match=match, filters=[network]
     )
+
+
+def _workload_chains(
+    workload: WorkloadSpec, service_ports: Iterable[int]
+) -> list[listener_components_pb2.FilterChain]:
+    """The chains of traffic addressed to a pod: its IP on any port, relayed to its cluster.
+
+    Envoy narrows the chains by destination port before it looks at the
+    address, and never falls back: with a service chain on port 9080, a
+    connection to ``podIP:9080`` would be left with the chains of port 9080,
+    none for the pod, and refused. So the pod also gets a chain on each port
+    that a service chain names (Istio avoids this with a matcher tree keyed
+    on the address first, which is not in the portable subset).
+    """
+    cluster = pod_cluster_name(workload.ip)
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)
+    network = listener_components_pb2.Filter(
+        name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
+    )
+    chains = [
+        listener_components_pb2.FilterChain(
+            name=f"direct-tcp|{workload.ip}",
+            filter_chain_match=listener_components_pb2.FilterChainMatch(
+                prefix_ranges=[_host_range(workload.ip)]
+            ),
+            filters=[network],
+        )
+    ]
+    for port in service_ports:
+        chains.append(
+            listener_components_pb2.FilterChain(
+                name=f"direct-tcp|{workload.ip}|{port}",
+                filter_chain_match=listener_components_pb2.FilterChainMatch(
+                    destination_port=wrappers_pb2.UInt32Value(value=port),
+                    prefix_ranges=[_host_range(workload.ip)],
+                ),
+                filters=[network],
+            )
+        )
+    return chains
 
 
 # ------------------------------------------------------------------ routes
@@ -615,18 +671,45 @@ def _cluster(spec: ClusterSpec) -> cluster_pb2.Cluster:
     return out
 
 
+def _workload_cluster(workload: WorkloadSpec) -> cluster_pb2.Cluster:
+    """One pod's cluster: to the connection's own destination (the address the client
+    dialled), as Envoy's ORIGINAL_DST does, the pod's peer metadata on the cluster."""
+    out = cluster_pb2.Cluster(
+        name=pod_cluster_name(workload.ip),
+        type=cluster_pb2.Cluster.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=_duration(DEFAULT_POLICY.connect_timeout_s),
+        circuit_breakers=_thresholds(DEFAULT_POLICY),
+    )
+    _peer_metadata(
+        out.metadata,
+        hbone=workload.hbone,
+        workload=f"{workload.name};{workload.namespace};{workload.canonical_name};"
+        f"{workload.canonical_revision};Kubernetes",
+        identity=workload.identity,
+    )
+    return out
+
+
+def _peer_metadata(
+    metadata: base_pb2.Metadata, *, hbone: bool, workload: str, identity: str
+) -> None:
+    """Istio's marker of an HBONE peer and the peer's workload and SPIFFE ID."""
+    if hbone:
+        metadata.filter_metadata[TUNNEL_MATCH].update({"tunnel": "http"})
+    metadata.filter_metadata["istio"].update({"workload": workload, "identity": identity})
+
+
 def _load_assignment(spec: ClusterSpec) -> endpoint_pb2.ClusterLoadAssignment:
     lb_endpoints = []
     for ep in spec.endpoints:
         metadata = base_pb2.Metadata()
-        if ep.hbone:
-            metadata.filter_metadata[TUNNEL_MATCH].update({"tunnel": "http"})
-        metadata.filter_metadata["istio"].update(
-            {
-                "workload": f"{ep.pod};{ep.namespace};{ep.canonical_name};"
-                f"{ep.canonical_revision};Kubernetes",
-                "identity": ep.identity,
-            }
+        _peer_metadata(
+            metadata,
+            hbone=ep.hbone,
+            workload=f"{ep.pod};{ep.namespace};{ep.canonical_name};"
+            f"{ep.canonical_revision};Kubernetes",
+            identity=ep.identity,
         )
         lb_endpoints.append(
             endpoint_components_pb2.LbEndpoint(

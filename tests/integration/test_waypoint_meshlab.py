@@ -138,6 +138,75 @@ def test_a_pod_behind_the_waypoint_cannot_be_reached_directly(books: str) -> Non
     assert done.returncode != 0 and "version" not in done.stdout
 
 
+def curl_json(name: str, url: str) -> dict[str, Any] | None:
+    """GET ``url`` from the client pod: the echo's JSON, or None when it was not answered."""
+    done = meshlab(
+        "exec",
+        "--name",
+        name,
+        "client/sleep",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "3",
+        url,
+        check=False,
+    )
+    return dict(json.loads(done.stdout)) if done.returncode == 0 else None
+
+
+def waypoint_chains(name: str) -> set[str]:
+    """The filter chains of the waypoint's listener, from its own /config_dump."""
+    done = meshlab(
+        "exec",
+        "--name",
+        name,
+        "shop/waypoint",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "3",
+        "http://127.0.0.1:15000/config_dump",
+    )
+    dump = json.loads(done.stdout)
+    listeners = next(c for c in dump["configs"] if c["@type"].endswith("ListenersConfigDump"))
+    return {
+        chain["name"]
+        for listener in listeners["dynamic_listeners"]
+        for chain in listener["active_state"]["listener"]["filter_chains"]
+    }
+
+
+def test_a_waypoint_for_workloads_too_takes_what_is_sent_to_a_pods_own_ip(
+    books: str, tmp_path: Path
+) -> None:
+    """``istio.io/waypoint-for: all``: the namespace label now binds shop's pods as well, so
+    the client's request to a pod's IP goes to the waypoint, which relays it to that pod."""
+    state = json.loads(meshlab("status", "--name", books, "-o", "json").stdout)
+    ip = next(p["ip"] for p in state["pods"] if p["name"] == "reviews-v1-1")
+    waypoint_ip = next(p["ip"] for p in state["pods"] if p["name"] == "waypoint")
+    for_all = tmp_path / "waypoint-all.yaml"
+    for_all.write_text(
+        (EXAMPLES / "waypoint.yaml")
+        .read_text()
+        .replace("istio.io/waypoint-for: service", "istio.io/waypoint-for: all")
+    )
+    meshlab("apply", "--name", books, "-f", str(for_all))
+    try:
+        seen = eventually(lambda: curl_json(books, f"http://{ip}:8080/"))
+        assert (seen["pod"], seen["version"]) == ("reviews-v1-1", "v1")
+        # The pod saw the waypoint as its client: the connection came through it.
+        assert seen["client"].rsplit(":", 1)[0] == waypoint_ip
+        assert {f"direct-tcp|{ip}", f"direct-tcp|{ip}|9080"} <= waypoint_chains(books)
+        # The services are served as before.
+        assert collections.Counter(count(books, 20)).keys() <= {"v1", "v2"}
+    finally:
+        meshlab("apply", "--name", books, "-f", str(EXAMPLES / "waypoint.yaml"))
+        eventually(lambda: curl_json(books, f"http://{ip}:8080/") is None)
+
+
 def test_a_route_to_a_missing_backend_answers_500_and_says_why(books: str, tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text(

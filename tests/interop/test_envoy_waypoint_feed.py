@@ -11,6 +11,7 @@ import asyncio
 import json
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import pytest
 from bench.envoy import Envoy, envoy_binary, free_port, waypoint_config
 from controlplane.l7 import envoy as l7envoy
 from controlplane.meshd import Meshd, grpc_server_options
-from tests.support.l7world import CANARY, world
+from controlplane.state import SourceState
+from tests.support.l7world import CANARY, WAYPOINT, world
 from tests.unit.hbone.conftest import run
 
 pytestmark = pytest.mark.skipif(
@@ -65,14 +67,20 @@ async def _eventually(check: Callable[[], bool], timeout_s: float = 20) -> None:
             await asyncio.sleep(0.1)
 
 
-def test_envoy_takes_the_waypoint_feed_unchanged(tmp_path: Path) -> None:
-    async def body() -> dict[str, set[str]]:
+def envoy_takes(
+    tmp_path: Path, state: SourceState, want: dict[str, int]
+) -> tuple[dict[str, set[str]], dict[str, Any]]:
+    """Feed ``state``'s share of shop/waypoint to a real Envoy; once it has at least
+    ``want`` resources of each type, check it NACKed and rejected none: the names it
+    holds, and its config dump."""
+
+    async def body() -> tuple[dict[str, set[str]], dict[str, Any]]:
         meshd = Meshd()
         server = grpc.aio.server(options=grpc_server_options())
         meshd.ads.add_to(server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        meshd.on_source(world(CANARY))
+        meshd.on_source(state)
         admin = free_port()
         envoy = Envoy(
             waypoint_config(xds_port=port, admin_port=admin, namespace="shop", gateway="waypoint"),
@@ -81,7 +89,6 @@ def test_envoy_takes_the_waypoint_feed_unchanged(tmp_path: Path) -> None:
         )
         await asyncio.to_thread(envoy.start)
         try:
-            want = {l7envoy.CLUSTER_TYPE: 2, l7envoy.ROUTE_TYPE: 3, l7envoy.ENDPOINT_TYPE: 2}
 
             def synced() -> bool:
                 subs = [s.status() for s in meshd.ads.subscriptions]
@@ -98,12 +105,17 @@ def test_envoy_takes_the_waypoint_feed_unchanged(tmp_path: Path) -> None:
             stats = envoy.stats()
             rejected = {k: v for k, v in stats.items() if k.endswith("update_rejected") and v}
             assert not rejected, rejected
-            return dynamic_names(dump)
+            return dynamic_names(dump), dump
         finally:
             envoy.stop()
             await server.stop(0.2)
 
-    names = run(body)
+    return run(body)
+
+
+def test_envoy_takes_the_waypoint_feed_unchanged(tmp_path: Path) -> None:
+    want = {l7envoy.CLUSTER_TYPE: 2, l7envoy.ROUTE_TYPE: 3, l7envoy.ENDPOINT_TYPE: 2}
+    names, _ = envoy_takes(tmp_path, world(CANARY), want)
     assert names["ListenersConfigDump"] == {"waypoint"}
     host = "reviews.shop.svc.cluster.local"
     assert f"inbound-vip|9080|http|{host}" in names["RoutesConfigDump"]
@@ -112,3 +124,25 @@ def test_envoy_takes_the_waypoint_feed_unchanged(tmp_path: Path) -> None:
         "inbound-vip|9080|http|reviews-v1.shop.svc.cluster.local",
         "inbound-vip|9080|http|reviews-v2.shop.svc.cluster.local",
     }
+
+
+def test_envoy_takes_the_chains_and_original_dst_clusters_of_workloads(tmp_path: Path) -> None:
+    """A waypoint for all traffic: each bound pod's chains (its IP on any port, and on the
+    services' port) and its ORIGINAL_DST cluster with the HBONE metadata, as Envoy reads them."""
+    state = world(CANARY, waypoints=(replace(WAYPOINT, waypoint_for="all"),))
+    want = {l7envoy.CLUSTER_TYPE: 5, l7envoy.ROUTE_TYPE: 3, l7envoy.ENDPOINT_TYPE: 2}
+    names, dump = envoy_takes(tmp_path, state, want)
+    pods = {"inbound-pod|10.244.1.11", "inbound-pod|10.244.1.21", "inbound-pod|10.244.2.12"}
+    assert pods < names["ClustersConfigDump"]
+    clusters = next(c for c in dump["configs"] if c["@type"].endswith("ClustersConfigDump"))
+    (pod,) = [
+        c["cluster"]
+        for c in clusters["dynamic_active_clusters"]
+        if c["cluster"]["name"] == "inbound-pod|10.244.1.11"
+    ]
+    assert (pod["type"], pod["lb_policy"]) == ("ORIGINAL_DST", "CLUSTER_PROVIDED")
+    assert pod["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == {"tunnel": "http"}
+    listeners = next(c for c in dump["configs"] if c["@type"].endswith("ListenersConfigDump"))
+    (listener,) = listeners["dynamic_listeners"]
+    chains = {c["name"] for c in listener["active_state"]["listener"]["filter_chains"]}
+    assert {"direct-tcp|10.244.1.11", "direct-tcp|10.244.1.11|9080"} <= chains

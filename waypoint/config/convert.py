@@ -30,6 +30,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from mesh.identity import IdentityError, SpiffeId
 from waypoint.config import model as m
 from waypoint.config.checks import Unsupported, only, seconds, unpack
 from waypoint.config.routes import route_config
@@ -176,6 +177,18 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
 # ------------------------------------------------------------------ clusters
 
 
+# Settings that do not apply to an ORIGINAL_DST cluster (no endpoints to balance over,
+# eject or speak HTTP to: it relays a connection to its own destination).
+_NOT_ORIGINAL_DST = (
+    "eds_cluster_config",
+    "ring_hash_lb_config",
+    "least_request_lb_config",
+    "outlier_detection",
+    "common_lb_config",
+    "typed_extension_protocol_options",
+)
+
+
 def cluster(msg: cluster_pb2.Cluster) -> m.Cluster:
     where = f"Cluster {msg.name}"
     only(
@@ -193,11 +206,31 @@ def cluster(msg: cluster_pb2.Cluster) -> m.Cluster:
             "common_lb_config",
             "typed_extension_protocol_options",
             "metadata",
+            "original_dst_lb_config",
         },
         where,
     )
-    if msg.type != cluster_pb2.Cluster.EDS:
-        raise Unsupported(f"{where}.type: only EDS clusters")
+    original = msg.type == cluster_pb2.Cluster.ORIGINAL_DST
+    if msg.type not in (cluster_pb2.Cluster.EDS, cluster_pb2.Cluster.ORIGINAL_DST):
+        raise Unsupported(f"{where}.type: only EDS and ORIGINAL_DST clusters")
+    if original:
+        given = {fd.name for fd, _ in msg.ListFields()}
+        for name in _NOT_ORIGINAL_DST:
+            if name in given:
+                raise Unsupported(f"{where}.{name}: not supported on an ORIGINAL_DST cluster")
+        settings = msg.original_dst_lb_config.ListFields()
+        if settings:  # use_http_header, http_header_name, upstream_port_override, ...
+            raise Unsupported(
+                f"{where}.original_dst_lb_config.{settings[0][0].name}: not supported by this "
+                "waypoint (it sends to the connection's own destination, nowhere else)"
+            )
+        if msg.lb_policy != cluster_pb2.Cluster.CLUSTER_PROVIDED:
+            raise Unsupported(f"{where}.lb_policy: an ORIGINAL_DST cluster's is CLUSTER_PROVIDED")
+    else:
+        if msg.HasField("original_dst_lb_config"):
+            raise Unsupported(f"{where}.original_dst_lb_config: only on ORIGINAL_DST clusters")
+        if msg.lb_policy == cluster_pb2.Cluster.CLUSTER_PROVIDED:
+            raise Unsupported(f"{where}.lb_policy: CLUSTER_PROVIDED is for ORIGINAL_DST clusters")
     if msg.eds_cluster_config.service_name not in ("", msg.name):
         raise Unsupported(f"{where}.eds_cluster_config.service_name: must be the cluster's name")
     try:
@@ -316,6 +349,7 @@ def cluster(msg: cluster_pb2.Cluster) -> m.Cluster:
         per_connection = common.max_requests_per_connection.value
     metadata = {k: json_format.MessageToDict(v) for k, v in msg.metadata.filter_metadata.items()}
     return m.Cluster(
+        original_dst=_original_dst(metadata, where) if original else None,
         name=msg.name,
         lb=lb,
         choice_count=msg.least_request_lb_config.choice_count.value or 2,
@@ -329,6 +363,34 @@ def cluster(msg: cluster_pb2.Cluster) -> m.Cluster:
         max_requests_per_connection=per_connection,
         metadata=metadata,
     )
+
+
+def _original_dst(metadata: Mapping[str, Any], where: str) -> m.OriginalDst:
+    """How an ORIGINAL_DST cluster reaches its destination, from the cluster's metadata
+    (in the form an EDS endpoint's metadata has): HBONE needs the identity to expect."""
+    tunnel = _tunnel(metadata, f"{where}.metadata")
+    istio = metadata.get("istio", {})
+    identity = str(istio.get("identity") or "")
+    if tunnel == "http":
+        try:
+            SpiffeId.parse(identity)
+        except IdentityError as e:
+            raise Unsupported(
+                f"{where}.metadata: an HBONE destination needs istio.identity, the SPIFFE ID "
+                f"it must present ({e})"
+            ) from None
+    return m.OriginalDst(
+        hbone=tunnel == "http", identity=identity, workload=str(istio.get("workload") or "")
+    )
+
+
+def _tunnel(metadata: Mapping[str, Any], where: str) -> str | None:
+    tunnel = metadata.get(TUNNEL_MATCH, {}).get("tunnel")
+    if tunnel is None:
+        return None
+    if tunnel != "http":
+        raise Unsupported(f"{where}: tunnel {tunnel!r} is not supported")
+    return "http"
 
 
 def _uint(msg: Any, name: str, default: int) -> int:
@@ -355,9 +417,7 @@ def load_assignment(msg: endpoint_pb2.ClusterLoadAssignment) -> m.LoadAssignment
             except ValueError:
                 raise Unsupported(f"{ew}: {sa.address!r} is not an IP address") from None
             meta = _struct(lb.metadata.filter_metadata)
-            tunnel = meta.get(TUNNEL_MATCH, {}).get("tunnel")
-            if tunnel not in (None, "http"):
-                raise Unsupported(f"{ew}.metadata: tunnel {tunnel!r} is not supported")
+            tunnel = _tunnel(meta, f"{ew}.metadata")
             istio = meta.get("istio", {})
             endpoints.append(
                 m.Endpoint(

@@ -211,6 +211,7 @@ class LbPolicy(enum.Enum):
     RING_HASH = 2
     RANDOM = 3
     MAGLEV = 5
+    CLUSTER_PROVIDED = 6  # ORIGINAL_DST clusters only: the host is the connection's own
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,6 +235,22 @@ class OutlierConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OriginalDst:
+    """How an ORIGINAL_DST cluster reaches the one address it sends to, the connection's
+    own destination: over HBONE with this identity, or plain TCP (the cluster's metadata,
+    as an EDS endpoint's says it of itself)."""
+
+    hbone: bool = False
+    identity: str = ""  # the SPIFFE ID the destination must present (HBONE)
+    workload: str = ""  # Istio's "name;namespace;canonical;revision;cluster"
+
+    def endpoint(self, ip: str, port: int) -> Endpoint:
+        return Endpoint(
+            ip=ip, port=port, hbone=self.hbone, identity=self.identity, workload=self.workload
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Cluster:
     name: str
     lb: LbPolicy = LbPolicy.ROUND_ROBIN
@@ -247,6 +264,7 @@ class Cluster:
     idle_timeout_s: float = 3600.0
     max_requests_per_connection: int = 0  # 0: unlimited
     metadata: Mapping[str, Any] = field(default_factory=_empty)
+    original_dst: OriginalDst | None = None  # set: an ORIGINAL_DST cluster (no endpoints)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -302,21 +320,47 @@ class FilterChain:
             return False
         return not self.prefixes or any(ip in net for net in self.prefixes)
 
+    def names_host(self, host: str) -> bool:
+        """Whether one of the chain's prefixes is exactly ``host`` (a /32 or /128): the
+        only destinations an ORIGINAL_DST cluster behind the chain may be sent to."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(
+            net.prefixlen == net.max_prefixlen and net.network_address == ip
+            for net in self.prefixes
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Listener:
     name: str
     chains: tuple[FilterChain, ...]
+    # The chains by the port they name (None: any port), for chain_for on every stream.
+    by_port: Mapping[int | None, tuple[FilterChain, ...]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        by_port: dict[int | None, list[FilterChain]] = {}
+        for chain in self.chains:
+            by_port.setdefault(chain.port, []).append(chain)
+        index = MappingProxyType({k: tuple(v) for k, v in by_port.items()})
+        object.__setattr__(self, "by_port", index)
 
     def chain_for(self, host: str, port: int) -> FilterChain | None:
         """The filter chain for a destination (the CONNECT authority), as Envoy picks
-        one: the most specific destination prefix wins among those on the port."""
+        one: first by port (the chains naming the port, if any, else those naming
+        none), then the most specific destination prefix among those; no fall back
+        to the chains of any port when the port's own do not take the address."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             return None
+        candidates = self.by_port.get(port) or self.by_port.get(None, ())
         best: tuple[int, FilterChain] | None = None
-        for chain in self.chains:
+        for chain in candidates:
             if not chain.matches(ip, port):
                 continue
             length = max((n.prefixlen for n in chain.prefixes if ip in n), default=-1)

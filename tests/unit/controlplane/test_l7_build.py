@@ -24,6 +24,7 @@ from controlplane.state import (
     WaypointInfo,
     frozen_labels,
 )
+from controlplane.translate import translate
 from tests.support.l7world import CANARY, WAYPOINT, l7, pod, service, world
 
 HOST = "reviews.shop.svc.cluster.local"
@@ -125,6 +126,110 @@ def test_binding_fails_closed_when_the_waypoint_cannot_be_used() -> None:
     assert binding(WAYPOINT, {"istio.io/use-waypoint": "none"}, label) is None
     good = binding(WAYPOINT, label, {})
     assert good is not None and good.usable and good.hostname == "waypoint.shop.svc.cluster.local"
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def for_traffic(kind: str) -> WaypointInfo:
+    return replace(WAYPOINT, waypoint_for=kind)
+
+
+def test_a_workload_waypoint_serves_the_pods_bound_to_it_not_the_services() -> None:
+    result = build(world(waypoints=(for_traffic("workload"),)))
+    share = result.shares["shop/waypoint"]
+    assert share.services == ()
+    assert [(w.name, w.ip, w.hbone) for w in share.workloads] == [
+        ("reviews-v1-a", "10.244.1.11", True),
+        ("reviews-v2-a", "10.244.1.21", True),
+        ("reviews-v1-b", "10.244.2.12", True),
+    ]
+    first = share.workloads[0]
+    assert (first.namespace, first.identity) == (
+        "shop",
+        "spiffe://cluster.local/ns/shop/sa/reviews",
+    )
+    assert (first.canonical_name, first.canonical_revision) == ("reviews", "v1")
+    (programmed,) = [
+        c for c in status(result, "Gateway/shop/waypoint").conditions if c.type == "Programmed"
+    ]
+    assert programmed.message == "serving its bound workloads"
+
+
+def test_an_all_waypoint_serves_both_and_a_service_waypoint_no_pod() -> None:
+    both = build(world(waypoints=(for_traffic("all"),))).shares["shop/waypoint"]
+    assert len(both.services) == 3 and len(both.workloads) == 3
+    assert build(world()).shares["shop/waypoint"].workloads == ()
+
+
+def test_which_pods_are_bound_as_workloads() -> None:
+    v1a, v1b, v2a = world().pods
+    opted_out = replace(v1b, labels=frozen_labels({**v1b.labels, "istio.io/use-waypoint": "none"}))
+    unwired = replace(v2a, ip=None)
+    outside = replace(
+        pod("legacy", "10.244.1.40", "v1"),
+        labels=frozen_labels({"app": "legacy", "istio.io/dataplane-mode": "none"}),
+    )
+    twin = pod("twin", "10.244.1.11", "v1")  # another pod's IP: meshd refuses that workload
+    instance = replace(
+        pod("waypoint", "10.244.1.50", "v1"),
+        labels=frozen_labels({"gateway.istio.io/managed": "istio.io-mesh-controller"}),
+    )
+    state = world(
+        waypoints=(for_traffic("workload"),),
+        pods=(v1a, opted_out, unwired, outside, twin, instance),
+    )
+    workloads = build(state).shares["shop/waypoint"].workloads
+    # Out of the mesh, but bound: reached in plaintext, as such an endpoint is.
+    assert [(w.name, w.hbone) for w in workloads] == [("reviews-v1-a", True), ("legacy", False)]
+
+
+def told_and_served(state: Any) -> tuple[set[str], set[str]]:
+    """The pods whose Workload names a reachable waypoint; the pods the waypoint serves."""
+    told = {
+        w.name
+        for w in translate(state).workloads.values()
+        if w.waypoint is not None and w.waypoint.address is not None
+    }
+    return told, {w.name for w in build(state).shares["shop/waypoint"].workloads}
+
+
+def test_the_share_holds_the_pods_whose_workload_names_the_waypoint() -> None:
+    """What ztunnel is told (the Workload's waypoint) and what the waypoint serves agree."""
+    other_ns = NamespaceInfo(
+        name="other",
+        labels=frozen_labels(
+            {"istio.io/use-waypoint": "waypoint", "istio.io/use-waypoint-namespace": "shop"}
+        ),
+    )
+    # The waypoint's listener allows its own namespace only (allowedRoutes: Same).
+    foreign = replace(pod("foreign", "10.244.3.3", "v1"), namespace="other")
+    explicit = replace(
+        pod("explicit", "10.244.3.4", "v1"),
+        namespace="other",
+        labels=frozen_labels({"app": "x", "istio.io/use-waypoint": "waypoint"}),
+    )  # names shop's waypoint without the namespace label: a waypoint that does not exist
+    state = world(
+        waypoints=(for_traffic("all"),),
+        namespaces=(*world().namespaces, other_ns),
+        pods=(*world().pods, foreign, explicit),
+    )
+    told, served = told_and_served(state)
+    assert served == told == {"reviews-v1-a", "reviews-v1-b", "reviews-v2-a"}
+    everywhere = replace(
+        for_traffic("all"),
+        listeners=(replace(WAYPOINT.listeners[0], allowed_from="All"),),
+    )
+    state = replace(state, waypoints=(everywhere,))
+    told, served = told_and_served(state)
+    assert served == told and "foreign" in served and "explicit" not in served
+
+
+def test_a_pod_with_a_service_vip_of_the_waypoint_is_not_served_and_said() -> None:
+    clash = pod("clash", "10.96.0.21", "v1")  # reviews-v1's VIP
+    result = build(world(waypoints=(for_traffic("all"),), pods=(*world().pods, clash)))
+    assert "clash" not in {w.name for w in result.shares["shop/waypoint"].workloads}
+    assert any("pod shop/clash: IP 10.96.0.21 is also a service VIP" in r for r in result.rejected)
 
 
 # ------------------------------------------------------------------ attachment

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import yaml
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
@@ -20,8 +21,8 @@ from google.protobuf import json_format
 
 from controlplane.l7 import envoy
 from controlplane.l7.build import build
-from controlplane.state import ServicePortInfo
-from tests.support.l7world import CANARY, l7, objects, service, world
+from controlplane.state import NamespaceInfo, ServicePortInfo, frozen_labels
+from tests.support.l7world import CANARY, WAYPOINT, l7, objects, service, world
 
 HOST = "reviews.shop.svc.cluster.local"
 REVIEWS = f"inbound-vip|9080|http|{HOST}"
@@ -99,6 +100,71 @@ def test_a_headless_service_gets_no_chain_that_would_take_every_address() -> Non
     names = [c.name for c in res.listeners["waypoint"].filter_chains]
     assert all(c.filter_chain_match.prefix_ranges for c in res.listeners["waypoint"].filter_chains)
     assert "reviews-v2.shop.svc.cluster.local:9080" not in names
+
+
+def workload_resources(kind: str = "all", **changes: Any) -> envoy.EnvoyResources:
+    waypoint = replace(WAYPOINT, waypoint_for=kind)
+    return envoy.translate(build(world(waypoints=(waypoint,), **changes)).shares["shop/waypoint"])
+
+
+def test_a_workload_gets_chains_on_its_ip_alone_to_an_original_dst_cluster() -> None:
+    res = workload_resources()
+    chains = {c.name: c for c in res.listeners["waypoint"].filter_chains}
+    any_port = chains["direct-tcp|10.244.1.11"]
+    assert not any_port.filter_chain_match.HasField("destination_port")
+    (ip,) = any_port.filter_chain_match.prefix_ranges
+    assert (ip.address_prefix, ip.prefix_len.value) == ("10.244.1.11", 32)
+    # Envoy picks by port before address, with no fall back: on a port a service chain
+    # names, the pod needs a chain of its own, or podIP:9080 would match nothing.
+    on_9080 = chains["direct-tcp|10.244.1.11|9080"]
+    assert on_9080.filter_chain_match.destination_port.value == 9080
+    assert list(on_9080.filter_chain_match.prefix_ranges) == [ip]
+    proxy = tcp_proxy_pb2.TcpProxy()
+    any_port.filters[0].typed_config.Unpack(proxy)
+    assert (proxy.cluster, proxy.stat_prefix) == (
+        "inbound-pod|10.244.1.11",
+        "inbound-pod|10.244.1.11",
+    )
+    assert on_9080.filters[0] == any_port.filters[0]
+    cluster = res.clusters["inbound-pod|10.244.1.11"]
+    assert cluster.type == cluster_pb2.Cluster.ORIGINAL_DST
+    assert cluster.lb_policy == cluster_pb2.Cluster.CLUSTER_PROVIDED
+    assert not cluster.HasField("eds_cluster_config") and not cluster.HasField("load_assignment")
+    assert cluster.connect_timeout.ToSeconds() == 10  # Istio's default
+    meta = as_dict(cluster.metadata)["filter_metadata"]
+    assert meta[envoy.TUNNEL_MATCH] == {"tunnel": "http"}
+    assert meta["istio"] == {
+        "workload": "reviews-v1-a;shop;reviews;v1;Kubernetes",
+        "identity": "spiffe://cluster.local/ns/shop/sa/reviews",
+    }
+    # Reached at the address dialled: no endpoints to send.
+    assert "inbound-pod|10.244.1.11" not in res.endpoints
+    assert {n for n in res.clusters if n.startswith("inbound-pod|")} == {
+        "inbound-pod|10.244.1.11",
+        "inbound-pod|10.244.1.21",
+        "inbound-pod|10.244.2.12",
+    }
+
+
+def test_workload_chains_leave_the_service_chains_as_they_were() -> None:
+    def service_chains(res: envoy.EnvoyResources) -> list[Any]:
+        return [c for c in res.listeners["waypoint"].filter_chains if "direct-tcp" not in c.name]
+
+    both = workload_resources("all")
+    assert service_chains(both) == service_chains(resources())
+    assert set(resources().clusters) < set(both.clusters)
+    only_pods = workload_resources("workload")
+    names = [c.name for c in only_pods.listeners["waypoint"].filter_chains]
+    assert names == ["direct-tcp|10.244.1.11", "direct-tcp|10.244.1.21", "direct-tcp|10.244.2.12"]
+    assert only_pods.routes == {} and set(only_pods.endpoints) == set()
+
+
+def test_a_workload_outside_the_mesh_has_no_tunnel_marker() -> None:
+    ns = NamespaceInfo(name="shop", labels=frozen_labels({"istio.io/use-waypoint": "waypoint"}))
+    cluster = workload_resources(namespaces=(ns,)).clusters["inbound-pod|10.244.1.11"]
+    meta = as_dict(cluster.metadata)["filter_metadata"]
+    assert envoy.TUNNEL_MATCH not in meta
+    assert meta["istio"]["identity"] == "spiffe://cluster.local/ns/shop/sa/reviews"
 
 
 def test_route_configuration_shape() -> None:
