@@ -1,0 +1,142 @@
+"""The ClusterRoles grant what the Kubernetes code calls, verb by verb, and nothing more.
+
+The rules meshd needs are derived from its code's own tables, so a kind added
+there fails here until the manifests grant it: the source's and the
+deployer's informers (list, watch), what the deployer writes (its objects'
+kinds: create, get after a conflict, merge patch; delete for the children it
+garbage-collects), the status it writes (get, then a PUT to ``/status``), the
+TokenReview and the CA Secret. The official client's calls (``read_*``,
+``create_*``, ...) are found in the source of each module that makes them and
+looked up in :data:`CLIENT_CALLS`; a call the table does not know fails, so
+it cannot go ungranted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import defaultdict
+from types import ModuleType
+
+from controlplane import ca_secret, deployer, kube_status, kube_waypoints
+from controlplane.sources import kubernetes as source
+from tests.unit.deploy.render import Obj, find, render
+from ztunnel.nodeagent import kube as node_agent_kube
+
+Rules = dict[tuple[str, str], set[str]]  # (apiGroup, resource) -> verbs
+
+# The official client's methods the code calls, and the permission each needs.
+CLIENT_CALLS = {
+    "create_token_review": ("authentication.k8s.io", "tokenreviews", "create"),
+    "read_namespaced_secret": ("", "secrets", "get"),
+    "create_namespaced_secret": ("", "secrets", "create"),
+    "list_namespace": ("", "namespaces", "list"),
+    "read_namespace": ("", "namespaces", "get"),
+    "list_pod_for_all_namespaces": ("", "pods", "list"),
+    "read_namespaced_pod": ("", "pods", "get"),
+}
+_CALL = re.compile(
+    r"\.((?:list|read|create|patch|replace|delete)_"
+    r"(?:namespaced_\w+|\w+_for_all_namespaces|namespace|node|token_review))\("
+)
+_GROUPS = {"CoreV1Api": "", "DiscoveryV1Api": "discovery.k8s.io", "AppsV1Api": "apps"}
+
+
+def _client_calls(module: ModuleType) -> Rules:
+    rules: Rules = defaultdict(set)
+    for name in _CALL.findall(inspect.getsource(module)):
+        assert name in CLIENT_CALLS, (
+            f"{module.__name__} calls {name}: add it to CLIENT_CALLS and grant it in deploy/"
+        )
+        group, resource, verb = CLIENT_CALLS[name]
+        rules[(group, resource)].add(verb)
+    return rules
+
+
+def _group(kind: source.Kind) -> str:
+    return kind.args[0] if kind.args else _GROUPS[kind.api]
+
+
+def _api_group(kind: str) -> tuple[str, str]:
+    api = deployer.APIS[kind]
+    prefix = api.prefix.removeprefix("/apis/").removeprefix("/api/v1")
+    return prefix.rpartition("/")[0], api.plural
+
+
+def meshd_needs() -> tuple[Rules, Rules]:
+    """(cluster-wide rules, rules in istio-system) that meshd's code calls for."""
+    rules: Rules = defaultdict(set)
+    for kind in (*source.KINDS, *deployer._KINDS.values()):
+        rules[(_group(kind), kind.name)] |= {"list", "watch"}
+    ref = kube_waypoints.GatewayRef.of({"metadata": {"namespace": "n", "name": "w", "uid": "u"}})
+    settings = kube_waypoints.DeployerSettings()
+    written = [o["kind"] for o in kube_waypoints.instance_objects(ref, settings)]
+    written.append(kube_waypoints.root_cert_config_map("n", "PEM")["kind"])
+    for name in written:  # _ensure: POST; GET after a 409; PATCH when it differs
+        rules[_api_group(name)] |= {"create", "get", "patch"}
+    for name in deployer.CHILD_KINDS:  # _delete_orphans
+        rules[_api_group(name)].add("delete")
+    rules[_api_group("ConfigMap")].add("get")  # a Gateway's parameters ConfigMap
+    for name in ("Gateway", *kube_status.ROUTE_KINDS):  # _write_status: GET, then PUT /status
+        group, plural = _api_group(name)
+        rules[(group, plural)].add("get")
+        rules[(group, f"{plural}/status")].add("update")
+    for (group, resource), verbs in _client_calls(source).items():
+        rules[(group, resource)] |= verbs
+    namespaced = _client_calls(ca_secret)
+    assert set(namespaced) == {("", "secrets")}
+    return dict(rules), namespaced
+
+
+def granted(role: Obj) -> tuple[Rules, set[str]]:
+    """The role's (apiGroup, resource) -> verbs, and the resourceNames it names."""
+    rules: Rules = defaultdict(set)
+    names: set[str] = set()
+    for rule in role["rules"]:
+        names |= set(rule.get("resourceNames") or ())
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                rules[(group, resource)] |= set(rule["verbs"])
+    return dict(rules), names
+
+
+def test_meshds_cluster_role_is_exactly_what_its_code_calls() -> None:
+    cluster, _ = meshd_needs()
+    rules, names = granted(find(render("default"), "ClusterRole", "meshd"))
+    missing = {k: v - rules.get(k, set()) for k, v in cluster.items() if v - rules.get(k, set())}
+    extra = {k: v - cluster.get(k, set()) for k, v in rules.items() if v - cluster.get(k, set())}
+    assert not missing, f"meshd's code needs, and its ClusterRole lacks: {missing}"
+    assert not extra, f"meshd's ClusterRole grants what no code calls: {extra}"
+    assert not names
+
+
+def test_meshds_secret_access_is_the_ca_secret_in_istio_system_only() -> None:
+    _, namespaced = meshd_needs()
+    objects = render("default")
+    role = find(objects, "Role", "meshd")
+    rules, _ = granted(role)
+    assert rules == namespaced == {("", "secrets"): {"get", "create"}}
+    defaults = inspect.signature(ca_secret.load_or_create_ca_secret).parameters
+    assert role["metadata"]["namespace"] == defaults["namespace"].default
+    # get is limited to the CA secret's name; create cannot be limited by name.
+    for rule in role["rules"]:
+        if "get" in rule["verbs"]:
+            assert rule["resourceNames"] == [defaults["name"].default]
+    assert _binds(objects, "RoleBinding", "meshd") == [("istio-system", "meshd")]
+    assert _binds(objects, "ClusterRoleBinding", "meshd") == [("istio-system", "meshd")]
+
+
+def test_node_agents_cluster_role_is_exactly_what_its_code_calls() -> None:
+    objects = render("default")
+    rules, names = granted(find(objects, "ClusterRole", "ztunnel-node-agent"))
+    assert rules == _client_calls(node_agent_kube)
+    assert not names
+    assert _binds(objects, "ClusterRoleBinding", "ztunnel-node-agent") == [
+        ("istio-system", "ztunnel-node-agent")
+    ]
+
+
+def _binds(objects: list[Obj], kind: str, name: str) -> list[tuple[str, str]]:
+    binding = find(objects, kind, name)
+    assert binding["roleRef"]["name"] == name
+    return [(s["namespace"], s["name"]) for s in binding["subjects"]]
