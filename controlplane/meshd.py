@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from controlplane.deployer import WaypointDeployer
 
 log = logging.getLogger("meshd")
+CA_TOKEN_AUDIENCE = "istio-ca"  # the audience of the tokens istiod's CA takes
 
 # Keepalive, as istiod's: meshd pings a quiet subscriber every 30 s and drops
 # it after 10 s without an answer, and lets the proxies ping it (ztunnel and
@@ -425,8 +426,11 @@ def _ca(
         from controlplane.sources import kubernetes as k8s
 
         client = k8s.api_client_from(args.kubeconfig)
+        # Only tokens minted for the CA (a projected token of audience istio-ca, as
+        # istiod asks): a pod's default API token must not buy a certificate.
         authenticator = ca_service.TokenReviewAuthenticator(
-            lambda token: k8s.review_token(client, token), trust_domain=args.trust_domain
+            lambda token: k8s.review_token(client, token, [CA_TOKEN_AUDIENCE]),
+            trust_domain=args.trust_domain,
         )
     else:
         log.info("meshd: a file source has no callers to authenticate: the CA is not served")

@@ -90,6 +90,13 @@ def test_meshd_follows_the_api_server_and_signs_for_its_nodes(tmp_path: Path) ->
             namespace="istio-system",
             service_account="ztunnel",
             node="kind-worker",
+            audiences=["istio-ca"],  # the DaemonSet's projected token
+        )
+        kube.add_token(  # the same account's default API token
+            "ztunnel-api",
+            namespace="istio-system",
+            service_account="ztunnel",
+            node="kind-worker",
         )
         kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
         web = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
@@ -158,6 +165,14 @@ def test_meshd_follows_the_api_server_and_signs_for_its_nodes(tmp_path: Path) ->
                         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
                     finally:
                         await ca.close()
+                    # A token for the API server, not for the CA: refused.
+                    api_only = CaClient(target, "ztunnel-api", credentials=root)
+                    try:
+                        with pytest.raises(CaError) as wrong_audience:
+                            await api_only.fetch(web)
+                        assert wrong_audience.value.code == grpc.StatusCode.UNAUTHENTICATED
+                    finally:
+                        await api_only.close()
                 finally:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
