@@ -7,8 +7,8 @@ and the ``waypoint.yaml`` template), three objects named after the Gateway:
 * a ServiceAccount, the waypoint's identity;
 * a Deployment whose pods run our image's ``waypoint`` command, labelled as
   meshlab labels waypoint pods (:mod:`meshlab.waypoints`), with the mesh root
-  (the ``istio-ca-root-cert`` ConfigMap, which the deployer also writes into
-  the Gateway's namespace, as istiod's namespace controller does) and a
+  (the ``istio-ca-root-cert`` ConfigMap, which the deployer writes into every
+  namespace but Kubernetes' own, as istiod's namespace controller does) and a
   projected service-account token of audience ``istio-ca`` for meshd's CA;
 * a Service (15008 ``mesh``, 15021 ``status-port``, 15020 ``metrics``)
   selecting those pods.
@@ -119,6 +119,10 @@ _KINDS = {
                       selector=f"{ISTIO_CONFIG_LABEL}=true"),
 }  # fmt: skip
 CHILD_KINDS = ("ServiceAccount", "Deployment", "Service")
+# Kubernetes' own namespaces, which istiod leaves alone too (inject.IgnoredNamespaces).
+ROOT_CERT_SKIPPED = frozenset(
+    {"kube-system", "kube-public", "kube-node-lease", "local-path-storage"}
+)
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10.0, 30.0
 STATUS_ATTEMPTS = 3
 
@@ -326,6 +330,13 @@ class WaypointDeployer:
             return report
         self.passes += 1
         gateways = [g for g in self.objects("Gateway") if is_waypoint(g)]
+        # The mesh root in every namespace (istiod's namespace controller): what
+        # ztunnel, waypoints and any Istio proxy mount to trust meshd.
+        namespaces = {ns.name for ns in state.namespaces} | {
+            str(g["metadata"].get("namespace")) for g in gateways
+        }
+        for namespace in sorted(namespaces - ROOT_CERT_SKIPPED):
+            self._ensure_root_cert(namespace, report)
         wanted_keys = set()
         for obj in sorted(
             gateways, key=lambda o: (o["metadata"].get("namespace"), o["metadata"]["name"])
@@ -336,7 +347,6 @@ class WaypointDeployer:
                 report.errors.append(f"Gateway: {e}")
                 continue
             wanted_keys.add((ref.namespace, ref.name))
-            self._ensure_root_cert(ref.namespace, report)
             for desired in instance_objects(ref, self.settings):
                 self._ensure(desired, report)
         self._delete_orphans(wanted_keys, gateways, report)

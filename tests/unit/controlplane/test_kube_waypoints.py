@@ -457,6 +457,34 @@ def test_a_deleted_or_edited_child_is_repaired(kube: FakeKube, client: ApiClient
     asyncio.run(scenario())
 
 
+def root_cert_in(kube: FakeKube, namespace: str) -> k.Obj | None:
+    return kube.find("configmaps", "istio-ca-root-cert", namespace)
+
+
+def test_the_mesh_root_is_in_every_namespace_but_kubernetes_own_and_kept_there(
+    kube: FakeKube, client: ApiClient
+) -> None:
+    # No waypoint at all: ztunnel (istio-system) and any pod's proxy mount this.
+    for name in ("istio-system", "shop", "kube-system", "kube-public"):
+        kube.add("namespaces", k.namespace(name))
+
+    async def scenario() -> None:
+        async with meshd(client):
+            for ns in ("istio-system", "shop"):
+                cm = await eventually(functools.partial(root_cert_in, kube, ns))
+                assert cm["data"]["root-cert.pem"] == ROOT_PEM
+            await quiet(kube)
+            assert gone(kube, "configmaps", "istio-ca-root-cert", "kube-system")
+            assert gone(kube, "configmaps", "istio-ca-root-cert", "kube-public")
+            # A namespace made later gets it; one deleted by hand comes back.
+            kube.add("namespaces", k.namespace("books"))
+            await eventually(lambda: kube.find("configmaps", "istio-ca-root-cert", "books"))
+            kube.delete("configmaps", kube.get("configmaps", "istio-ca-root-cert", "shop"))
+            await eventually(lambda: kube.find("configmaps", "istio-ca-root-cert", "shop"))
+
+    asyncio.run(scenario())
+
+
 def test_replicas_come_from_the_gateways_parameters(kube: FakeKube, client: ApiClient) -> None:
     kube.add("namespaces", k.namespace("shop"))
     kube.add(
