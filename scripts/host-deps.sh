@@ -19,6 +19,10 @@ PACKAGES=(
 if [ "${1:-}" = "bench" ]; then
     PACKAGES+=(wrk nginx-light)
 fi
+# `host-deps.sh image` adds what builds the container image without a registry.
+if [ "${1:-}" = "image" ]; then
+    PACKAGES+=(buildah podman runc debootstrap)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
