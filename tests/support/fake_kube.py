@@ -19,13 +19,16 @@ by key: a difference from the real server); custom resources refuse strategic
 merge with 415, as the real server does, and JSON patch and apply patch are
 refused with 415 (not implemented here). Kinds with a status subresource keep
 their status on writes to the object and take only the status from writes to
-``/status``. DELETE honours ``preconditions`` and ``propagationPolicy``; the
-garbage collector then deletes (or, for ``Orphan``, releases) the dependents
+``/status`` (a pod its labels and annotations too, as the API server does).
+DELETE honours ``preconditions`` and ``propagationPolicy``; the garbage
+collector then deletes (or, for ``Orphan``, releases) the dependents
 that named the deleted object in their ``ownerReferences`` and have no owner
 left, at once rather than a moment later. On writes through the API, Services
 and Deployments get the defaults the API server fills in, and a Service
 without a ``clusterIP`` is given one (also when added by a test); lists and
-watches take equality- and set-based label selectors, and a selected watch
+watches take equality- and set-based label selectors and field selectors
+(``metadata.name``, ``metadata.namespace``, and a pod's ``spec.nodeName`` and
+the other fields the API server selects pods by), and a selected watch
 reports an object that stops (starts) matching as DELETED (ADDED).
 
 Tests steer it: ``add``/``update``/``delete`` objects, ``send_bookmark``,
@@ -498,7 +501,7 @@ class FakeKube:
                     )
             else:
                 rv = self._rv
-                selects = _selector(query.get("labelSelector") or "")
+                selects = _selects(resource, query)
                 items = [
                     copy.deepcopy(obj)
                     for key, obj in sorted(store.objects.items())
@@ -575,8 +578,18 @@ class FakeKube:
             new.pop("kind", None)
             new.pop("apiVersion", None)
             if subresource == "status":
-                # Only the status changes through /status.
-                new = {**copy.deepcopy(current), "status": new.get("status") or {}}
+                # Only the status changes through /status; for a pod its metadata too
+                # (Kubernetes' podStatusStrategy resets only the spec and ownerReferences),
+                # which is how istio-cni annotates pods with pods/status rights alone.
+                taken = {**copy.deepcopy(current), "status": new.get("status") or {}}
+                if resource == "pods":
+                    taken["metadata"] = {
+                        **new.get("metadata", {}),
+                        **{k: v for k, v in old_meta.items() if k in _POD_STATUS_KEEPS},
+                    }
+                    for k in _POD_STATUS_KEEPS - set(old_meta):
+                        taken["metadata"].pop(k, None)
+                new = taken
             else:
                 if res.status:
                     new["status"] = copy.deepcopy(current.get("status") or {})
@@ -865,7 +878,7 @@ class _Handler(BaseHTTPRequestHandler):
         res = RESOURCES[resource]
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         bookmarks = query.get("allowWatchBookmarks") == "true"
-        selects = _selector(query.get("labelSelector") or "")
+        selects = _selects(resource, query)
         with kube._cond:
             store = kube._stores[resource]
             epoch, closes, bookmark_seen = store.epoch, kube._closes, kube._bookmarks
@@ -987,6 +1000,53 @@ _REQUIREMENT = re.compile(
     r"|(?P<key>[\w./-]+)\s*(?:(?P<op>==|=|!=)\s*(?P<value>[\w.-]*)"
     r"|\s+(?P<set>in|notin)\s*\((?P<values>[^)]*)\))?)\s*(?:,|$)"
 )
+
+
+# What a write to pods/status may not change in a pod's metadata.
+_POD_STATUS_KEEPS = frozenset(
+    {"name", "namespace", "uid", "creationTimestamp", "managedFields", "ownerReferences"}
+    | {"deletionTimestamp", "generation"}
+)
+# The fields each kind can be selected by besides metadata.name and metadata.namespace
+# (the API server refuses others with 400).
+_FIELDS = {
+    "pods": frozenset(
+        {"spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.hostNetwork"}
+        | {"spec.serviceAccountName", "status.phase", "status.podIP"}
+        | {"status.nominatedNodeName"}
+    ),
+}
+
+
+def _selects(resource: str, query: Mapping[str, str]) -> Callable[[Obj], bool]:
+    """The request's label and field selectors, both."""
+    labels = _selector(query.get("labelSelector") or "")
+    fields = _field_selector(resource, query.get("fieldSelector") or "")
+    return lambda obj: labels(obj) and fields(obj)
+
+
+def _field_selector(resource: str, text: str) -> Callable[[Obj], bool]:
+    """A field selector (``spec.nodeName=n,status.phase!=Failed``) as a predicate."""
+    terms: list[tuple[str, bool, str]] = []  # (field, equal?, value)
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = re.fullmatch(r"([\w.]+)\s*(==|=|!=)\s*(.*)", part)
+        if m is None:
+            message = f"invalid selector: '{text}'; can't understand '{part}'"
+            raise _ApiError(status(400, "BadRequest", message))
+        name, op, value = m.groups()
+        if name not in {"metadata.name", "metadata.namespace"} | _FIELDS.get(resource, set()):
+            raise _ApiError(status(400, "BadRequest", f"field label not supported: {name}"))
+        terms.append((name, op != "!=", value))
+
+    def value_of(obj: Obj, name: str) -> str:
+        at: Any = obj
+        for part in name.split("."):
+            at = at.get(part) if isinstance(at, dict) else None
+        if isinstance(at, bool):
+            return "true" if at else "false"
+        return "" if at is None else str(at)
+
+    return lambda obj: all((value_of(obj, name) == value) == eq for name, eq, value in terms)
 
 
 def _selector(text: str) -> Callable[[Obj], bool]:
