@@ -5,7 +5,8 @@
 The run directory holds the plugin socket (``plugin.sock``), the ZDS socket
 (``zds.sock``), the CNI plugin's pod records (``pods/``) and the ambient
 namespaces hint; the ``ztunnel-cni`` plugin's ``runDir`` names it.
-SIGTERM stops the agent and leaves capture in place.
+``--readiness-address`` (istio-cni's ``:8000`` by default) serves ``/readyz``
+and ``/healthz``. SIGTERM stops the agent and leaves capture in place.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import uvloop
 
+from ztunnel.nodeagent.health import DEFAULT_ADDRESS, HealthServer
 from ztunnel.nodeagent.service import NodeAgent, ViewSource
 from ztunnel.nodeagent.view import MeshlabView
 
@@ -46,8 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="redirect the pods' DNS to ztunnel's proxy on 15053",
     )
     p.add_argument("--poll-seconds", type=float, default=0.5)
+    p.add_argument(
+        "--readiness-address",
+        type=_listen,
+        default="{}:{}".format(*DEFAULT_ADDRESS),
+        help="HOST:PORT of /readyz and /healthz, or 'off' (default %(default)s, istio-cni's)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _listen(text: str) -> tuple[str, int] | None:
+    if text == "off":
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT or 'off'")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def make_source(args: argparse.Namespace) -> ViewSource:
@@ -75,6 +92,17 @@ async def run(args: argparse.Namespace) -> int:
         dns_capture=args.dns_capture,
         poll_s=args.poll_seconds,
     )
+    health = HealthServer(agent.ready)
+    if args.readiness_address is not None:
+        try:
+            await health.start(*args.readiness_address)  # 503 until the agent is ready
+        except OSError as e:
+            await agent.close()
+            host, port = args.readiness_address
+            raise SystemExit(
+                f"ztunnel-node-agent: cannot listen on {host}:{port} for /readyz: {e.strerror} "
+                "(another process on the port? --readiness-address moves it, 'off' drops it)"
+            ) from e
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,6 +120,7 @@ async def run(args: argparse.Namespace) -> int:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
+        await health.close()
 
 
 def main(argv: list[str] | None = None) -> int:

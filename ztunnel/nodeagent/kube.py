@@ -1,28 +1,53 @@
 """The node agent's view of a Kubernetes cluster: Namespaces, and this node's Pods.
 
-Istio's CNI node agent watches the same two things. This view lists them
-every ``poll_s`` seconds on a thread of its own (the node's pods only, by
-``spec.nodeName``, checked again here), so :meth:`read` never blocks the
-agent; a pod the CNI plugin asks about before the next list is fetched at
-once by :meth:`refresh_pod`. A failed list keeps the last good view and is
-logged once until it recovers.
+Istio's CNI node agent follows the same two: every Namespace, and the Pods
+whose ``spec.nodeName`` is this node (a field selector: other nodes' pods are
+never sent). Each is an :class:`~ztunnel.nodeagent.informer.Informer` (list,
+then watch) on a thread of its own, so :meth:`KubernetesView.read` never
+blocks the agent; the view is known once both have listed. A pod the CNI
+plugin asks about before its watch event has arrived is fetched at once by
+:meth:`~KubernetesView.refresh_pod`. While the API server cannot be followed
+the last good view is kept, and why is said once (and in ``error``).
+
+The agent says with :meth:`~KubernetesView.report` what each pod's
+redirection annotation should be; a thread of its own patches the pods whose
+annotation differs (:func:`~ztunnel.nodeagent.reconcile.redirection_changes`)
+with a JSON merge patch on ``pods/status``, as istio-cni does: the API server
+takes a pod's metadata there too, and it is a lower privilege than patching
+the pod. A failed patch is said once per pod and retried with a backoff; it
+never holds up enrollment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import kubernetes
+from kubernetes.client.exceptions import ApiException
 
+from ztunnel.nodeagent import reconcile
+from ztunnel.nodeagent.informer import CONNECT_TIMEOUT_S, Informer, Kind, Obj
 from ztunnel.nodeagent.view import ClusterView, PodFacts
 
 log = logging.getLogger("ztunnel.nodeagent")
 
+# What the agent follows; ``{node}`` is this node's name.
+KINDS = (
+    Kind("namespaces", "list_namespace"),
+    Kind("pods", "list_pod_for_all_namespaces", field_selector="spec.nodeName={node}"),
+)
+MERGE_PATCH = "application/merge-patch+json"
+PATCH_TIMEOUT_S = 30.0
+PATCH_RETRY_INITIAL_S = 0.5
+PATCH_RETRY_MAX_S = 30.0
 
 # The config loaders are not annotated.
 _load_kube_config: Callable[..., None] = kubernetes.config.load_kube_config
@@ -48,79 +73,162 @@ def _json(response: Any) -> dict[str, Any]:
     return data
 
 
-def _labels(obj: dict[str, Any]) -> dict[str, str]:
+def _labels(obj: Obj) -> dict[str, str]:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     return {str(k): str(v) for k, v in labels.items()}
 
 
-def _facts(pod: dict[str, Any], node: str) -> PodFacts | None:
+def _key(obj: Obj) -> reconcile.Key:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
+
+
+def _facts(pod: Obj, node: str) -> PodFacts | None:
     spec, meta = pod.get("spec") or {}, pod.get("metadata") or {}
     if spec.get("nodeName") != node or spec.get("hostNetwork"):
         return None  # another node's, or a host-network pod: never captured
+    redirection = (meta.get("annotations") or {}).get(reconcile.REDIRECTION)
     return PodFacts(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
         node=node,
         service_account=str(spec.get("serviceAccountName") or "default"),
         labels=_labels(pod),
+        redirection=None if redirection is None else str(redirection),
     )
 
 
 class KubernetesView:
-    def __init__(self, node: str, api: Any, *, poll_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        node: str,
+        api: Any,
+        *,
+        watch_timeout_s: int = 300,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 30.0,
+        patch_retry_initial_s: float = PATCH_RETRY_INITIAL_S,
+    ) -> None:
         self.node = node
+        self.patch_retry_initial_s = patch_retry_initial_s
         self.core = kubernetes.client.CoreV1Api(api)
-        self.poll_s = poll_s
         self.view = ClusterView()
-        self.error = ""
+        self._namespaces: dict[str, dict[str, str]] = {}
+        self._pods: dict[reconcile.Key, PodFacts] = {}
+        self._listed: set[str] = set()
+        self._errors: dict[str, str] = {}
         self._version = 0
         self._lock = threading.Lock()
+        self.informers = {
+            kind.name: Informer(
+                getattr(self.core, kind.method),
+                dataclasses.replace(kind, field_selector=kind.field_selector.format(node=node)),
+                self,
+                watch_timeout_s=watch_timeout_s,
+                backoff_initial_s=backoff_initial_s,
+                backoff_max_s=backoff_max_s,
+            )
+            for kind in KINDS
+        }
+        # Reporting: what the agent wants (None: nothing said yet); the rest belongs to
+        # the reporter thread alone.
+        self._desired: dict[reconcile.Key, str] | None = None
+        self._retry: dict[reconcile.Key, tuple[float, float]] = {}  # (not before, delay)
+        self._patch_errors: dict[reconcile.Key, str] = {}
+        self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._reporter = threading.Thread(target=self._report_loop, name="kube-report", daemon=True)
 
     def describe(self) -> str:
         return f"Kubernetes, pods of node {self.node!r}"
 
+    @property
+    def error(self) -> str:
+        """Why the view cannot follow the API server right now ("" when it can)."""
+        with self._lock:
+            return "; ".join(f"{k}: {why}" for k, why in sorted(self._errors.items()) if why)
+
     def start(self) -> None:
-        self.poll()
-        self._thread = threading.Thread(target=self._run, name="kube-view", daemon=True)
-        self._thread.start()
+        for informer in self.informers.values():
+            informer.start()
+        self._reporter.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._wake.set()
+        for informer in self.informers.values():
+            informer.stop()
+        if self._reporter.ident is not None:
+            self._reporter.join(timeout=5)
 
     def read(self) -> ClusterView:
         return self.view
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.poll()
+    # -- what the informers deliver (on their threads) --------------------------------------
 
-    def poll(self) -> None:
-        """List Namespaces and the node's Pods; publish a new view when they changed."""
-        try:
-            namespaces = _json(self.core.list_namespace(_preload_content=False))
-            pods = _json(
-                self.core.list_pod_for_all_namespaces(
-                    field_selector=f"spec.nodeName={self.node}", _preload_content=False
-                )
-            )
-        except Exception as e:  # the client raises many kinds: all mean "not now"
-            self._report(f"listing from the API server failed: {e}")
+    def replace(self, kind: str, objects: list[Obj]) -> None:
+        with self._lock:
+            if kind == "namespaces":
+                self._namespaces = {_key(o)[1]: _labels(o) for o in objects}
+            else:
+                pods = ((_key(o), _facts(o, self.node)) for o in objects)
+                self._pods = {key: facts for key, facts in pods if facts is not None}
+            self._listed.add(kind)
+            self._publish()
+
+    def put(self, kind: str, obj: Obj) -> None:
+        with self._lock:
+            self._put(kind, obj)
+            self._publish()
+
+    def remove(self, kind: str, obj: Obj) -> None:
+        with self._lock:
+            if kind == "namespaces":
+                self._namespaces.pop(_key(obj)[1], None)
+            else:
+                self._pods.pop(_key(obj), None)
+            self._publish()
+
+    def failing(self, kind: str, reason: str) -> None:
+        with self._lock:
+            before = self._errors.get(kind, "")
+            if reason == before:
+                return
+            self._errors[kind] = reason
+        if reason:
+            log.warning("node agent: following %s: %s; keeping the last good view", kind, reason)
+        else:
+            log.info("node agent: following %s again", kind)
+
+    def _put(self, kind: str, obj: Obj) -> None:
+        if kind == "namespaces":
+            self._namespaces[_key(obj)[1]] = _labels(obj)
             return
-        self._report("")
-        labels = {str(ns["metadata"]["name"]): _labels(ns) for ns in namespaces.get("items") or []}
-        facts = {}
-        for pod in pods.get("items") or []:
-            found = _facts(pod, self.node)
-            if found is not None:
-                facts[(found.namespace, found.name)] = found
-        self._publish(labels, facts)
+        facts = _facts(obj, self.node)
+        if facts is None:
+            self._pods.pop(_key(obj), None)
+        else:
+            self._pods[_key(obj)] = facts
+
+    def _publish(self) -> None:
+        """Under the lock: a new view when something changed, once every kind is listed."""
+        if len(self._listed) < len(self.informers):
+            return
+        if self._namespaces == self.view.namespaces and self._pods == self.view.pods:
+            return
+        self._version += 1
+        self.view = ClusterView(
+            version=self._version,
+            namespaces=MappingProxyType({k: dict(v) for k, v in self._namespaces.items()}),
+            pods=MappingProxyType(dict(self._pods)),
+        )
+        self._wake.set()  # a pod's annotation may need writing again
+
+    # -- the CNI plugin's question ----------------------------------------------------------
 
     def refresh_pod(self, namespace: str, name: str) -> ClusterView:
-        """Fetch one pod and its namespace now (a pod the CNI plugin is adding)."""
+        """Fetch one pod and its namespace now (a pod the CNI plugin is adding, whose
+        watch event may not have arrived yet)."""
         try:
             pod = _json(self.core.read_namespaced_pod(name, namespace, _preload_content=False))
             ns = _json(self.core.read_namespace(namespace, _preload_content=False))
@@ -128,32 +236,107 @@ class KubernetesView:
             log.info("node agent: cannot read pod %s/%s now: %s", namespace, name, e)
             return self.view
         with self._lock:
-            labels = {k: dict(v) for k, v in self.view.namespaces.items()}
-            labels[namespace] = _labels(ns)
-            facts = dict(self.view.pods)
-            found = _facts(pod, self.node)
-            if found is not None:
-                facts[(namespace, name)] = found
-        self._publish(labels, facts)
-        return self.view
-
-    def _publish(
-        self, labels: dict[str, dict[str, str]], facts: dict[tuple[str, str], PodFacts]
-    ) -> None:
-        with self._lock:
-            if labels == self.view.namespaces and facts == self.view.pods:
-                return
-            self._version += 1
-            self.view = ClusterView(
-                version=self._version,
-                namespaces=MappingProxyType(labels),
-                pods=MappingProxyType(facts),
+            self._put("pods", pod)
+            self._put("namespaces", ns)
+            self._publish()
+            if self.view.known:
+                return self.view
+            # Not listed yet: an answer for this pod alone, from what was just read.
+            return ClusterView(
+                namespaces=MappingProxyType({namespace: _labels(ns)}),
+                pods=MappingProxyType(
+                    {k: v for k, v in self._pods.items() if k == (namespace, name)}
+                ),
             )
 
-    def _report(self, error: str) -> None:
-        if error != self.error:
-            self.error = error
-            if error:
-                log.warning("node agent: %s; keeping the last good view", error)
-            else:
-                log.info("node agent: the API server answers again")
+    # -- the redirection annotation -----------------------------------------------------------
+
+    def report(self, desired: Mapping[reconcile.Key, str]) -> None:
+        """What each pod in the mesh should say (``enabled`` or ``pending``); a pod not
+        named is not in the mesh. Returns at once: the patches are made on a thread."""
+        with self._lock:
+            if desired == self._desired:
+                return
+            self._desired = dict(desired)
+        self._wake.set()
+
+    def _report_loop(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            waits = [after - now for after, _ in self._retry.values()]
+            self._wake.wait(max(0.0, min(waits)) if waits else None)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._report_once()
+            except Exception:
+                log.exception("node agent: reporting redirection failed; trying again")
+                self._stop.wait(PATCH_RETRY_MAX_S)
+
+    def _report_once(self) -> None:
+        with self._lock:
+            desired, view = self._desired, self.view
+        if desired is None or not view.known:
+            return
+        changes = reconcile.redirection_changes(view, desired)
+        wanted = {key for key, _ in changes}
+        for key in set(self._retry) - wanted:
+            del self._retry[key]  # no longer needs writing (left the mesh, went away)
+        for key in set(self._patch_errors) - wanted:
+            del self._patch_errors[key]
+        for key, value in changes:
+            if self._stop.is_set():
+                return
+            if self._retry.get(key, (0.0, 0.0))[0] <= time.monotonic():
+                self._patch(key, value)
+
+    def _patch(self, key: reconcile.Key, value: str | None) -> None:
+        namespace, name = key
+        body = {"metadata": {"annotations": {reconcile.REDIRECTION: value}}}
+        try:
+            patched = _json(
+                self.core.patch_namespaced_pod_status(
+                    name,
+                    namespace,
+                    body,
+                    _content_type=MERGE_PATCH,
+                    _preload_content=False,
+                    _request_timeout=(CONNECT_TIMEOUT_S, PATCH_TIMEOUT_S),
+                )
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return  # the pod is gone; its watch event drops it from the view
+            self._patch_failed(key, _reason(e))
+            return
+        except Exception as e:  # unreachable, timed out, a bad answer: all "not now"
+            self._patch_failed(key, f"{type(e).__name__}: {e}")
+            return
+        self._retry.pop(key, None)
+        if self._patch_errors.pop(key, None) is not None:
+            log.info("node agent: %s/%s: redirection %s reported", namespace, name, value)
+        # The answer is the pod as written: the watch may be a moment behind it.
+        self.put("pods", patched)
+
+    def _patch_failed(self, key: reconcile.Key, reason: str) -> None:
+        _, delay = self._retry.get(key, (0.0, 0.0))
+        delay = min(PATCH_RETRY_MAX_S, 2 * delay if delay else self.patch_retry_initial_s)
+        self._retry[key] = (time.monotonic() + delay, delay)
+        if key not in self._patch_errors:
+            log.warning(
+                "node agent: cannot annotate pod %s/%s with its redirection: %s; retrying",
+                *key,
+                reason,
+            )
+        self._patch_errors[key] = reason
+
+
+def _reason(e: ApiException) -> str:
+    message = ""
+    with contextlib.suppress(ValueError, AttributeError):
+        message = str(json.loads(e.body or "{}").get("message", ""))
+    text = f"HTTP {e.status} {e.reason}" + (f": {message}" if message else "")
+    if e.status in (401, 403):
+        text += " (does the node agent's ClusterRole allow patch of pods/status?)"
+    return text

@@ -5,6 +5,12 @@ and :func:`mesh.ambient.in_ambient` says so for its labels and its
 namespace's. A recorded pod the view does not know yet is left as it is
 (neither enrolled nor dropped on a guess). An enrolled pod whose record is
 gone (CNI DEL) or whose network namespace no longer exists is un-enrolled.
+
+Each enrolled pod's redirection state is reported on it as istio-cni does,
+in the annotation ``ambient.istio.io/redirection``: ``enabled`` once its
+traffic is captured and ztunnel has it, ``pending`` while it is captured but
+no ztunnel has taken it yet; removed when the pod leaves the mesh.
+:func:`redirection_changes` says which pods' annotations differ from that.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from mesh.ambient import in_ambient
 from ztunnel.nodeagent.records import PodRecord
 from ztunnel.nodeagent.view import ClusterView
 from ztunnel.zds.protocol import PodInfo
+
+REDIRECTION = "ambient.istio.io/redirection"
+ENABLED = "enabled"
+PENDING = "pending"
+Key = tuple[str, str]  # (namespace, name)
 
 
 class Unknown:
@@ -77,3 +88,19 @@ def plan(
             enroll.append((record, want))
     unenroll.extend(uid for uid in sorted(enrolled) if uid not in records)
     return Plan(tuple(enroll), tuple(unenroll), tuple(forget))
+
+
+def redirection_changes(
+    view: ClusterView, desired: Mapping[Key, str]
+) -> list[tuple[Key, str | None]]:
+    """The annotation each pod of the view should get (None: removed) to say what
+    ``desired`` says of it; a pod ``desired`` does not name is not in the mesh. A value
+    the agent never writes (an old Istio's opt-out ``disabled``, say) is left alone."""
+    changes: list[tuple[Key, str | None]] = []
+    for key, facts in sorted(view.pods.items()):
+        want = desired.get(key)
+        if want is None and facts.redirection not in (ENABLED, PENDING):
+            continue
+        if want != facts.redirection:
+            changes.append((key, want))
+    return changes

@@ -3,14 +3,21 @@
 * The plugin asks ``add`` for each new pod; the agent reads the cluster view
   at once, and for a mesh pod installs the in-pod capture and hands the pod
   to ztunnel over ZDS, answering only when ztunnel has acked it.
-* The view is polled; a label change enrolls running pods, or un-enrolls
-  them, without restarting them (:mod:`ztunnel.nodeagent.reconcile`).
+* The view is read again every ``poll_s``; a label change enrolls running
+  pods, or un-enrolls them, without restarting them
+  (:mod:`ztunnel.nodeagent.reconcile`).
 * The capture outlives ztunnel: when ztunnel restarts it reconnects, is sent
   the snapshot of enrolled pods and re-adopts them, and while it is away the
   pods' traffic is still redirected to its (closed) ports: it fails, it never
   leaves uncaptured.
 * The namespaces that are ambient are written to ``ambient-namespaces.json``
   so the plugin can fail closed for them when the agent is away.
+* A source that can (Kubernetes) is told each enrolled pod's redirection
+  state after every pass, ``enabled`` once ztunnel has taken the pod and
+  ``pending`` before, and reports it on the pod; it never holds enrollment up.
+* :meth:`NodeAgent.ready` is the readiness probe's answer: ready once both
+  sockets listen, the view is known (on Kubernetes: Namespaces and the node's
+  Pods listed) and one pass has enrolled the pods recorded on the node.
 """
 
 from __future__ import annotations
@@ -72,11 +79,14 @@ class NodeAgent:
         self.zds = ZdsAgent(run_dir / ZDS_SOCKET)
         self.enrolled: dict[str, PodInfo] = {}
         self.failed: dict[str, tuple[float, str]] = {}  # uid -> (retry after, reason)
+        self.handed: set[str] = set()  # enrolled pods some ztunnel has acked
         self._capture_retry: dict[str, float] = {}  # uid -> when to try capturing again
         self._lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._hint: list[str] | None = None
         self._view_version = -2
+        self._listening = False
+        self._reconciled = False  # a pass over a known view is done
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -88,6 +98,7 @@ class NodeAgent:
             path.unlink()
         self._server = await asyncio.start_unix_server(self._serve_plugin, path=str(path))
         path.chmod(0o600)
+        self._listening = True
         log.info("node agent: following %s; plugin socket %s", self.source.describe(), path)
 
     async def run(self) -> None:
@@ -103,7 +114,19 @@ class NodeAgent:
         finally:
             await self.close()
 
+    def ready(self) -> tuple[bool, str]:
+        """Whether the agent can enroll pods now, and if not why (the readiness probe)."""
+        if not self._listening:
+            return False, "the plugin and ZDS sockets are not listening yet"
+        if not self.source.read().known:
+            why = getattr(self.source, "error", "")
+            return False, f"waiting for {self.source.describe()}" + (f": {why}" if why else "")
+        if not self._reconciled:
+            return False, "the pods recorded on this node are not reconciled yet"
+        return True, "ready"
+
     async def close(self) -> None:
+        self._listening = False
         stop = getattr(self.source, "close", None)
         if stop is not None:
             await asyncio.to_thread(stop)
@@ -155,7 +178,29 @@ class NodeAgent:
                     await self._hand_over(failed, self.enrolled[uid], wait_for_proxy=False)
                 except EnrollError as e:
                     log.warning("node agent: %s/%s: %s", failed.namespace, failed.name, e)
+            if self.zds.proxy_ready.is_set():
+                # The connected ztunnel took every pod of its snapshot it did not refuse.
+                refused = set(self.zds.refused) | set(self.failed)
+                self.handed |= {uid for uid in self.enrolled if uid not in refused}
+        if view.known:
+            self._report()
+            self._reconciled = True
         return step
+
+    def redirections(self) -> dict[tuple[str, str], str]:
+        """Each enrolled pod's redirection state (a pod whose sandbox is being replaced
+        may be enrolled twice for a moment: the better state wins)."""
+        states: dict[tuple[str, str], str] = {}
+        for uid, info in self.enrolled.items():
+            key = (info.namespace, info.name)
+            if states.get(key) != reconcile.ENABLED:
+                states[key] = reconcile.ENABLED if uid in self.handed else reconcile.PENDING
+        return states
+
+    def _report(self) -> None:
+        report = getattr(self.source, "report", None)
+        if report is not None:
+            report(self.redirections())
 
     def _write_hint(self, view: ClusterView) -> None:
         names = reconcile.ambient_namespaces(view)
@@ -189,6 +234,7 @@ class NodeAgent:
                 except TimeoutError as e:
                     raise ZdsError(f"no ztunnel connected within {self.proxy_wait_s:g} s") from e
             await self.zds.add(record.uid, info, Path(record.netns))
+            self.handed.add(record.uid)
         except ZdsError as e:
             if not wait_for_proxy and not self.zds.proxy_ready.is_set():
                 # No ztunnel right now: the pod is in the snapshot it gets on connecting.
@@ -202,6 +248,7 @@ class NodeAgent:
     async def _unenroll(self, uid: str, record: PodRecord | None) -> None:
         info = self.enrolled.pop(uid, None)
         self.failed.pop(uid, None)
+        self.handed.discard(uid)
         self._capture_retry.pop(uid, None)
         if record is not None and self.netns_exists(record.netns):
             try:
@@ -241,6 +288,11 @@ class NodeAgent:
                 await self._enroll(record, want, wait_for_proxy=True)
             except EnrollError as e:
                 return {"ok": False, "error": str(e)}
+            finally:
+                # Captured, maybe not handed over (pending). Not before the first pass:
+                # until then the pods recorded before a restart are not enrolled again.
+                if self._reconciled:
+                    self._report()
         return {"ok": True, "enrolled": True}
 
     async def handle_del(self, uid: str) -> dict[str, Any]:

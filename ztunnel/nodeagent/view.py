@@ -1,10 +1,11 @@
 """What the node agent follows of the cluster: namespace labels, and the pods' own.
 
 Only what decides enrollment: each namespace's labels, and for each pod its
-labels, service account and node. :class:`MeshlabView` reads a running
-meshlab cluster's state file, as meshd's source does; on Kubernetes Istio's
-agent watches Namespaces and the node's Pods, which is the next source to
-add here.
+labels, service account and node (and, on Kubernetes, the redirection state
+the agent reported on it). :class:`MeshlabView` reads a running
+meshlab cluster's state file, as meshd's source does; on Kubernetes,
+:class:`ztunnel.nodeagent.kube.KubernetesView` watches Namespaces and the
+node's Pods, as Istio's agent does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class PodFacts:
     node: str
     service_account: str
     labels: Mapping[str, str]
+    # The pod's ambient.istio.io/redirection annotation, as the agent reports it
+    # (Kubernetes only; None when the pod has none).
+    redirection: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

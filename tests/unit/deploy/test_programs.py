@@ -42,6 +42,7 @@ from ztunnel import cli as ztunnel_program
 from ztunnel.admin.server import AdminServers
 from ztunnel.nodeagent import cli as node_agent_program
 from ztunnel.nodeagent import service
+from ztunnel.nodeagent.health import HealthServer
 
 # Which program each container runs (its `command`), and that program's parser.
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
@@ -58,7 +59,7 @@ def _listens(program: str, args: argparse.Namespace) -> dict[int, str]:
     elif program == "ztunnel":
         addresses = [args.admin_address, args.metrics_address, args.readiness_address]
     else:
-        addresses = []  # the node agent listens on unix sockets only
+        addresses = [args.readiness_address]  # and its unix sockets
     return {port: host for host, port in (a for a in addresses if a is not None)}
 
 
@@ -183,6 +184,26 @@ def test_ztunnel_serves_its_readiness_probe_path() -> None:
             )
         finally:
             await servers.close()
+
+    assert asyncio.run(scenario()) == (503, 404)
+
+
+def test_node_agent_serves_its_readiness_probe_path() -> None:
+    _, c, args = _parsed("default", "ztunnel-node-agent")
+    probe = c["readinessProbe"]["httpGet"]
+    assert probe["port"] == args.readiness_address[1]
+
+    async def scenario() -> tuple[int, int]:
+        health = HealthServer(_NotReady().ready)
+        await health.start("127.0.0.1", 0)
+        assert health.bound is not None
+        try:
+            return (
+                await asyncio.to_thread(_get, health.bound[1], probe["path"]),
+                await asyncio.to_thread(_get, health.bound[1], "/no-such-path"),
+            )
+        finally:
+            await health.close()
 
     assert asyncio.run(scenario()) == (503, 404)
 

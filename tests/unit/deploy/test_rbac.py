@@ -1,11 +1,12 @@
 """The ClusterRoles grant what the Kubernetes code calls, verb by verb, and nothing more.
 
-The rules meshd needs are derived from its code's own tables, so a kind added
+The rules meshd and the node agent need are derived from their code's own tables, so a kind added
 there fails here until the manifests grant it: the source's and the
 deployer's informers (list, watch), what the deployer writes (its objects'
 kinds: create, get after a conflict, merge patch; delete for the children it
 garbage-collects), the status it writes (get, then a PUT to ``/status``), the
-TokenReview and the CA Secret. The official client's calls (``read_*``,
+TokenReview and the CA Secret; the node agent's informers (list, watch) and
+its reads and pods/status patch. The official client's calls (``read_*``,
 ``create_*``, ...) are found in the source of each module that makes them and
 looked up in :data:`CLIENT_CALLS`; a call the table does not know fails, so
 it cannot go ungranted.
@@ -21,6 +22,7 @@ from types import ModuleType
 from controlplane import ca_secret, deployer, kube_status, kube_waypoints
 from controlplane.sources import kubernetes as source
 from tests.unit.deploy.render import Obj, find, render
+from ztunnel.nodeagent import informer as node_agent_informer
 from ztunnel.nodeagent import kube as node_agent_kube
 
 Rules = dict[tuple[str, str], set[str]]  # (apiGroup, resource) -> verbs
@@ -34,6 +36,7 @@ CLIENT_CALLS = {
     "read_namespace": ("", "namespaces", "get"),
     "list_pod_for_all_namespaces": ("", "pods", "list"),
     "read_namespaced_pod": ("", "pods", "get"),
+    "patch_namespaced_pod_status": ("", "pods/status", "patch"),
 }
 _CALL = re.compile(
     r"\.((?:list|read|create|patch|replace|delete)_"
@@ -88,6 +91,19 @@ def meshd_needs() -> tuple[Rules, Rules]:
     return dict(rules), namespaced
 
 
+def node_agent_needs() -> Rules:
+    """What the node agent's code calls for: its informers list and watch each kind."""
+    rules: Rules = defaultdict(set)
+    for kind in node_agent_kube.KINDS:
+        group, resource, verb = CLIENT_CALLS[kind.method]
+        assert (resource, verb) == (kind.name, "list")
+        rules[(group, resource)] |= {"list", "watch"}
+    for module in (node_agent_kube, node_agent_informer):
+        for key, verbs in _client_calls(module).items():
+            rules[key] |= verbs
+    return dict(rules)
+
+
 def granted(role: Obj) -> tuple[Rules, set[str]]:
     """The role's (apiGroup, resource) -> verbs, and the resourceNames it names."""
     rules: Rules = defaultdict(set)
@@ -129,7 +145,7 @@ def test_meshds_secret_access_is_the_ca_secret_in_istio_system_only() -> None:
 def test_node_agents_cluster_role_is_exactly_what_its_code_calls() -> None:
     objects = render("default")
     rules, names = granted(find(objects, "ClusterRole", "ztunnel-node-agent"))
-    assert rules == _client_calls(node_agent_kube)
+    assert rules == node_agent_needs()
     assert not names
     assert _binds(objects, "ClusterRoleBinding", "ztunnel-node-agent") == [
         ("istio-system", "ztunnel-node-agent")

@@ -81,6 +81,26 @@ def test_plan_enrolls_unenrolls_and_forgets() -> None:
     assert not reconcile.plan(v, {"uid-stays": record("a/stays")}, enrolled, lambda _: True).enroll
 
 
+def test_redirection_is_written_where_it_differs_and_removed_only_if_the_agents() -> None:
+    said = {"x": None, "y": "pending", "z": "enabled", "was": "enabled", "old": "disabled"}
+    facts = {
+        ("a", name): PodFacts("a", name, "node1", "sa", {}, redirection=value)
+        for name, value in {**said, "w": None}.items()
+    }
+    v = ClusterView(1, MappingProxyType({"a": AMBIENT}), MappingProxyType(facts))
+    desired = {
+        ("a", "x"): reconcile.PENDING,  # captured, no ztunnel has it yet
+        ("a", "y"): reconcile.ENABLED,  # ztunnel took it
+        ("a", "z"): reconcile.ENABLED,  # already says so
+        ("a", "absent"): reconcile.ENABLED,  # not in the view (yet): nothing to patch
+    }
+    assert reconcile.redirection_changes(v, desired) == [
+        (("a", "was"), None),  # left the mesh
+        (("a", "x"), "pending"),
+        (("a", "y"), "enabled"),
+    ]  # "old" (an opt-out the agent never writes) and "w" (never in the mesh) untouched
+
+
 # -- records ----------------------------------------------------------------------------
 
 
