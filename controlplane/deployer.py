@@ -33,8 +33,14 @@ objects comes from its own informers (list+watch, label-selected), so a
 deleted or edited child is repaired at once and an unchanged world costs no
 request. :meth:`WaypointDeployer.reconcile` is one pass (blocking: the
 official client blocks); :meth:`WaypointDeployer.run` runs the informers and
-calls it, in a thread, on every change and every ``resync_s``; a leader
-election can gate that loop later.
+calls it, in a thread, on every change and every ``resync_s``.
+
+With several meshd replicas only one may write (:mod:`controlplane.leader`):
+given an election, the deployer reconciles only while this replica leads,
+and each write asks the election first, so a pass that outlives the
+leadership stops at its next write (the new leader redoes what is left).
+Every replica keeps its informers running, so a new leader knows the
+cluster at once.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from controlplane.l7.build import L7Result, build
 from controlplane.l7.gateway_api import is_waypoint, parse_gateway
 from controlplane.l7.reader import InvalidObject
 from controlplane.l7.status import ObjectStatus
+from controlplane.leader import NotLeading, WriteGate
 from controlplane.sources.kubernetes import Entry, Informer, Key, Kind, _reason, as_written
 from controlplane.state import MANAGED, MANAGED_VALUE, SourceState
 
@@ -160,6 +167,7 @@ class ReconcileReport:
     errors: list[str] = field(default_factory=list)  # tried again soon, with a backoff
     conflicts: list[str] = field(default_factory=list)  # someone else's objects: not retried
     again_in_s: float | None = None  # something is due later (an orphan's grace ends)
+    not_leading: bool = False  # stopped (or never started): another replica leads
 
 
 # -- the deployer -----------------------------------------------------------------------------
@@ -170,7 +178,8 @@ class WaypointDeployer:
 
     ``root_cert`` returns the mesh root (PEM) for the ``istio-ca-root-cert``
     ConfigMap, or None when meshd serves no CA (then the ConfigMap is not
-    written and the pods wait for someone else's).
+    written and the pods wait for someone else's). ``leader``: the election
+    that decides whether this replica may write (None: it always may).
     """
 
     def __init__(
@@ -179,6 +188,7 @@ class WaypointDeployer:
         settings: DeployerSettings | None = None,
         *,
         root_cert: Callable[[], str | None] = lambda: None,
+        leader: WriteGate | None = None,
         logger: logging.Logger = log,
         clock: Callable[[], str] = now_rfc3339,
         watch_timeout_s: int = 300,
@@ -197,6 +207,7 @@ class WaypointDeployer:
         self.backoff_max_s = backoff_max_s
         self.stop_timeout_s = stop_timeout_s
         self.root_cert = root_cert
+        self.leader = leader
         self._clock = clock
         # Written by the informer threads and by reconcile (its own answers): under _lock.
         self._lock = threading.Lock()
@@ -214,6 +225,9 @@ class WaypointDeployer:
         self._orphans: dict[tuple[Any, ...], float] = {}  # first seen without its Gateway
         self._foreign: dict[tuple[str, str, str], str] = {}  # (kind, ns, name): not ours
         self.passes = 0
+        self._new_term = False
+        if leader is not None:
+            leader.listen(self._leadership)
 
     # -- meshd's side --------------------------------------------------------------------------
 
@@ -226,6 +240,10 @@ class WaypointDeployer:
     def state(self) -> SourceState | None:
         """The latest state offered."""
         return self._state
+
+    def leads(self) -> bool:
+        """Whether this replica may write now."""
+        return self.leader is None or self.leader.leading()
 
     @property
     def synced(self) -> bool:
@@ -263,8 +281,12 @@ class WaypointDeployer:
                     self._foreign.clear()
                 self._wake.clear()
                 state = self._state
-                if state is None or not self.synced:
-                    continue
+                if state is None or not self.synced or not self.leads():
+                    continue  # woken again by the change (or the leadership) it waits for
+                if self._new_term:
+                    self._new_term = False
+                    self._params.clear()
+                    self._foreign.clear()
                 report = await asyncio.to_thread(self.reconcile, state, self._l7)
                 if report.again_in_s is not None:
                     self._loop.call_later(report.again_in_s, self._wake.set)
@@ -311,6 +333,12 @@ class WaypointDeployer:
         if gone is not None:
             self._changed()
 
+    def _leadership(self, leading: bool) -> None:
+        # A new term: read the parameters and the others' objects again, as on a resync
+        # (what we remember may be older than what another leader saw).
+        self._new_term = self._new_term or leading
+        self._changed()
+
     def _changed(self) -> None:
         loop = self._loop
         if loop is not None and not self.stopping.is_set():
@@ -328,7 +356,25 @@ class WaypointDeployer:
             # Until every list is in, a missing object may only be unseen: decide nothing.
             report.errors.append("not every kind has been listed yet")
             return report
+        if not self.leads():
+            report.not_leading = True
+            return report
         self.passes += 1
+        try:
+            self._reconcile(state, l7, report)
+        except NotLeading as e:
+            # The lease is lost mid-pass: the writes stop here, the new leader does the rest.
+            report.not_leading = True
+            self.log.warning("waypoint deployer: stopped writing: %s", e)
+        for line in report.writes:
+            self.log.info("waypoint deployer: %s", line)
+        for line in report.errors + report.conflicts:
+            if line not in self._said:
+                self.log.warning("waypoint deployer: %s", line)
+        self._said = set(report.errors + report.conflicts)
+        return report
+
+    def _reconcile(self, state: SourceState, l7: L7Result | None, report: ReconcileReport) -> None:
         gateways = [g for g in self.objects("Gateway") if is_waypoint(g)]
         # The mesh root in every namespace (istiod's namespace controller): what
         # ztunnel, waypoints and any Istio proxy mount to trust meshd.
@@ -351,13 +397,16 @@ class WaypointDeployer:
                 self._ensure(desired, report)
         self._delete_orphans(wanted_keys, gateways, report)
         self._write_statuses(state, l7, gateways, report)
-        for line in report.writes:
-            self.log.info("waypoint deployer: %s", line)
-        for line in report.errors + report.conflicts:
-            if line not in self._said:
-                self.log.warning("waypoint deployer: %s", line)
-        self._said = set(report.errors + report.conflicts)
-        return report
+
+    def _write(
+        self, method: str, path: str, body: Any, *, content_type: str = "application/json"
+    ) -> Obj:
+        """A write only the leader may make: NotLeading, unsent, when this replica does not
+        lead (reads need no leadership and go straight to :func:`_request`)."""
+        if self.leader is None:
+            return _request(self.api_client, method, path, body, content_type=content_type)
+        with self.leader.writing():
+            return _request(self.api_client, method, path, body, content_type=content_type)
 
     def _live(self, kind: str, namespace: str, name: str) -> Obj | None:
         key = (_KINDS[kind].name, (namespace, name))
@@ -398,7 +447,7 @@ class WaypointDeployer:
         try:
             if live is None:
                 try:
-                    created = _request(self.api_client, "POST", api.path(namespace), desired)
+                    created = self._write("POST", api.path(namespace), desired)
                     self._remember(kind, created)
                     report.writes.append(f"created {where}")
                     return
@@ -420,12 +469,8 @@ class WaypointDeployer:
                     return
             if covers(_patchable(desired), live):
                 return
-            patched = _request(
-                self.api_client,
-                "PATCH",
-                api.path(namespace, name),
-                _patchable(desired),
-                content_type=MERGE_PATCH,
+            patched = self._write(
+                "PATCH", api.path(namespace, name), _patchable(desired), content_type=MERGE_PATCH
             )
             self._remember(kind, patched)
             report.writes.append(f"updated {where}")
@@ -500,7 +545,7 @@ class WaypointDeployer:
                     "preconditions": {"uid": meta.get("uid")},
                 }
                 try:
-                    _request(self.api_client, "DELETE", APIS[kind].path(namespace, name), body)
+                    self._write("DELETE", APIS[kind].path(namespace, name), body)
                     report.writes.append(f"deleted {where} ({why})")
                 except ApiException as e:
                     if e.status not in (404, 409):  # gone already, or replaced meanwhile
@@ -591,7 +636,7 @@ class WaypointDeployer:
                     return
                 live["status"] = new
                 try:
-                    _request(self.api_client, "PUT", api.path(namespace, name, "status"), live)
+                    self._write("PUT", api.path(namespace, name, "status"), live)
                 except ApiException as e:
                     if e.status == 409:
                         continue

@@ -3,6 +3,8 @@
     meshd --source meshlab:NAME | file:PATH | kubernetes [--kubeconfig PATH]
           [--listen 127.0.0.1:15010] [--tls-listen 127.0.0.1:15012 | off]
           [--status-listen 127.0.0.1:15014] [--ca-dir DIR] [--trust-domain cluster.local]
+          [--pod-name NAME] [--leader-elect-lease-duration 15s] [--leader-elect-renew-deadline 10s]
+          [--leader-elect-retry-period 2s]
 
 Ports as istiod's: 15010 plaintext xDS (and, for the local cluster only, the
 CA); 15012 xDS and the CA over TLS, with a certificate signed by the mesh root.
@@ -14,6 +16,11 @@ the source or the translation refused are logged once and listed in the
 status document (``GET /debug/status`` on the status port), beside every
 subscriber's state; ``GET /ready`` answers 200 once the first state is
 served.
+
+On Kubernetes every replica serves xDS and the CA; the one that holds the
+Lease ``istio-system/meshd-leader`` (:mod:`controlplane.leader`) also runs
+the waypoint deployer's writes (:mod:`controlplane.deployer`), so that
+several replicas may run.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -50,6 +58,7 @@ from mesh.identity import CertificateAuthority
 
 if TYPE_CHECKING:
     from controlplane.deployer import WaypointDeployer
+    from controlplane.leader import ElectionSettings, Elector
 
 log = logging.getLogger("meshd")
 CA_TOKEN_AUDIENCE = "istio-ca"  # the audience of the tokens istiod's CA takes
@@ -109,6 +118,7 @@ class Meshd:
         self.ready = asyncio.Event()
         # The daemon keeps full GC pauses out of updates (see gcpause); off in-process.
         self.collector: QuietCollector | None = None
+        self.leader: Elector | None = None  # on Kubernetes: who writes what only one may
 
     def on_source(self, state: SourceState) -> None:
         """A new state at the source: translate it and publish the result."""
@@ -171,6 +181,7 @@ class Meshd:
                 "partialPasses": self.translator.partial_passes,
             },
             "gc": self.collector.status() if self.collector is not None else None,
+            "leader": self.leader.status() if self.leader is not None else None,
         }
 
 
@@ -239,6 +250,22 @@ def _tls_address(text: str) -> tuple[str, int] | None:
     return None if text == "off" else _address(text)
 
 
+def _duration(text: str) -> float:
+    """Seconds, from ``15s``, ``500ms`` or ``15`` (the kube components' flags take Go's)."""
+    number, scale = text, 1.0
+    for unit, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(unit):
+            number, scale = text.removesuffix(unit), factor
+            break
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (15s, 500ms)") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -277,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("WAYPOINT_XDS_ADDRESS", DEFAULT_XDS_ADDRESS),
         help=f"meshd's TLS address as waypoint pods reach it (default {DEFAULT_XDS_ADDRESS})",
     )
+    # With --source kubernetes: the election of the replica that writes (controlplane.leader),
+    # with the kube components' flag names and defaults.
+    parser.add_argument(
+        "--pod-name",
+        default=os.environ.get("POD_NAME", ""),
+        help="this replica's name in the leader Lease, with a random suffix "
+        "(env POD_NAME; default the host name)",
+    )
+    parser.add_argument("--leader-elect-lease-duration", type=_duration, default=15.0)
+    parser.add_argument("--leader-elect-renew-deadline", type=_duration, default=10.0)
+    parser.add_argument("--leader-elect-retry-period", type=_duration, default=2.0)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -324,7 +362,9 @@ async def run(
     meshd.collector = QuietCollector()
     factory, default_ca_dir = make_source(args)
     kind = args.source.partition(":")[0]
-    deployer = _waypoint_deployer(args) if kind == "kubernetes" else None
+    elector = _elector(args) if kind == "kubernetes" else None
+    meshd.leader = elector
+    deployer = _waypoint_deployer(args, elector) if kind == "kubernetes" else None
     on_change = meshd.on_source
     if deployer is not None:
         waypoints = deployer
@@ -379,6 +419,7 @@ async def run(
             loop.add_signal_handler(sig, stop.set)
     source_task = asyncio.ensure_future(source.run())
     deployer_task = asyncio.ensure_future(deployer.run()) if deployer is not None else None
+    elector_task = asyncio.ensure_future(elector.run()) if elector is not None else None
     if started is not None:
         await started()
     try:
@@ -387,7 +428,9 @@ async def run(
         if source_task in done and source_task.exception() is not None:
             log.error("meshd: the source failed: %s", source_task.exception())
     finally:
-        for task in (source_task, deployer_task):
+        # The deployer first, then the election: it releases the lease once the deployer's
+        # writes in flight are done, and the other replica takes over at its next try.
+        for task in (source_task, deployer_task, elector_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -397,8 +440,9 @@ async def run(
         meshd.collector.close()
 
 
-def _waypoint_deployer(args: argparse.Namespace) -> WaypointDeployer:
-    """The waypoint Gateways' instances on Kubernetes, with a client of its own."""
+def _waypoint_deployer(args: argparse.Namespace, leader: Elector | None) -> WaypointDeployer:
+    """The waypoint Gateways' instances on Kubernetes, with a client of its own, writing
+    only while ``leader`` leads."""
     from controlplane.deployer import WaypointDeployer
     from controlplane.sources import kubernetes as k8s
 
@@ -407,7 +451,34 @@ def _waypoint_deployer(args: argparse.Namespace) -> WaypointDeployer:
         xds_address=args.waypoint_xds_address,
         trust_domain=args.trust_domain,
     )
-    return WaypointDeployer(k8s.api_client_from(args.kubeconfig), settings)
+    return WaypointDeployer(k8s.api_client_from(args.kubeconfig), settings, leader=leader)
+
+
+def election_settings(args: argparse.Namespace) -> ElectionSettings:
+    """The lease's timings from the flags (a whole number of seconds for its duration)."""
+    from controlplane.leader import ElectionSettings
+
+    try:
+        return ElectionSettings(
+            lease_duration_s=math.ceil(args.leader_elect_lease_duration),
+            renew_deadline_s=args.leader_elect_renew_deadline,
+            retry_period_s=args.leader_elect_retry_period,
+        )
+    except ValueError as e:
+        raise SystemExit(f"meshd: error: --leader-elect-*: {e}") from None
+
+
+def _elector(args: argparse.Namespace) -> Elector:
+    """The election of the replica that writes, with a client of its own (its renewals
+    must not queue behind the deployer's requests)."""
+    from controlplane import leader
+    from controlplane.sources import kubernetes as k8s
+
+    return leader.Elector(
+        k8s.api_client_from(args.kubeconfig),
+        leader.identity(args.pod_name),
+        election_settings(args),
+    )
 
 
 def _ca(

@@ -29,12 +29,18 @@ without a ``clusterIP`` is given one (also when added by a test); lists and
 watches take equality- and set-based label selectors and field selectors
 (``metadata.name``, ``metadata.namespace``, and a pod's ``spec.nodeName`` and
 the other fields the API server selects pods by), and a selected watch
-reports an object that stops (starts) matching as DELETED (ADDED).
+reports an object that stops (starts) matching as DELETED (ADDED). Leases
+(``coordination.k8s.io/v1``) are checked as the API server checks them: their
+``acquireTime`` and ``renewTime`` are ``metav1.MicroTime``, which it parses
+with exactly six fractional digits (400 otherwise: what the official Python
+client's own serialization of a whole-second datetime earns), and
+``leaseDurationSeconds`` must be positive (422).
 
 Tests steer it: ``add``/``update``/``delete`` objects, ``send_bookmark``,
-``expire``, ``close_watches``, ``fail_next``, ``before`` (another client's
-write between two requests), ``writes`` (the write requests served), and a
-token table for TokenReviews.
+``expire``, ``close_watches``, ``fail_next``, ``refusing`` (one client's requests
+fail while the others' are served), ``before`` (another client's write between
+two requests), ``writes`` (the write requests served, each with the bearer
+token that made it), and a token table for TokenReviews.
 """
 
 from __future__ import annotations
@@ -102,6 +108,7 @@ RESOURCES = {
         Resource("grpcroutes", "gateway.networking.k8s.io", "v1", "GRPCRoute"),
         Resource("virtualservices", "networking.istio.io", "v1", "VirtualService"),
         Resource("destinationrules", "networking.istio.io", "v1", "DestinationRule"),
+        Resource("leases", "coordination.k8s.io", "v1", "Lease", status=False),
     )
 }
 # Kinds whose metadata.generation counts changes to what they ask for.
@@ -136,6 +143,11 @@ class Request:
     query: Mapping[str, str]
     content_type: str = ""
     body: bytes = b""
+    token: str = ""  # the bearer token it carried: which client made it
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
 
     @property
     def watch(self) -> bool:
@@ -190,6 +202,7 @@ class FakeKube:
         self._bookmarks = 0
         self._closes = 0
         self._fail_next = 0
+        self._refused: list[tuple[str, str | None]] = []  # (token, resource or None: any)
         self._continues: dict[str, tuple[int, str, list[Obj]]] = {}
         self._tokens: dict[str, TokenInfo] = {}
         self._before: list[tuple[str, str, Callable[[], object]]] = []
@@ -435,6 +448,19 @@ class FakeKube:
         with self._cond:
             self._fail_next = n
 
+    @contextmanager
+    def refusing(self, token: str, resource: str | None = None) -> Iterator[None]:
+        """While inside, every request bearing ``token`` (to ``resource``, or to any) fails
+        with 500, as an API server that cannot reach etcd answers; other clients are served."""
+        entry = (token, resource)
+        with self._cond:
+            self._refused.append(entry)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._refused.remove(entry)
+
     def before(self, method: str, resource: str, action: Callable[[], object]) -> None:
         """Run ``action`` once, just before the next ``method`` request on ``resource`` is
         served: another client's write landing between two of the tested client's requests."""
@@ -544,6 +570,7 @@ class FakeKube:
             meta.pop(server_filled, None)
         body.pop("kind", None)
         body.pop("apiVersion", None)
+        _validate(res, body)
         _defaults(resource, body)
         with self._cond:
             try:
@@ -577,6 +604,7 @@ class FakeKube:
                 raise _ApiError(status(400, "BadRequest", "the name of the object does not match"))
             new.pop("kind", None)
             new.pop("apiVersion", None)
+            _validate(res, new)
             if subresource == "status":
                 # Only the status changes through /status; for a pod its metadata too
                 # (Kubernetes' podStatusStrategy resets only the spec and ownerReferences),
@@ -803,7 +831,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         content_type = self.headers.get("Content-Type") or ""
-        request = Request(method, url.path, query, content_type, body)
+        token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        request = Request(method, url.path, query, content_type, body, token)
         route = _route(url.path)
         with kube._cond:
             hook = next(
@@ -817,6 +846,9 @@ class _Handler(BaseHTTPRequestHandler):
             kube.requests.append(request)
             failing = kube._fail_next > 0
             kube._fail_next -= failing
+            failing = failing or any(
+                t == token and r in (None, route and route.resource) for t, r in kube._refused
+            )
         try:
             if failing:
                 raise _ApiError(
@@ -1165,6 +1197,39 @@ def _defaults(resource: str, obj: Obj) -> None:
             for part in (volume.get("projected") or {}).get("sources") or []:
                 if "serviceAccountToken" in part:
                     part["serviceAccountToken"].setdefault("expirationSeconds", 3600)
+
+
+# metav1.MicroTime's one accepted form (RFC3339Micro: "2006-01-02T15:04:05.000000Z07:00").
+_MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)")
+
+
+def _validate(res: Resource, obj: Obj) -> None:
+    """What the API server refuses in a written object (of the kinds checked here: Lease)."""
+    if res.plural != "leases":
+        return
+    spec = obj.get("spec") or {}
+    for name in ("acquireTime", "renewTime"):
+        value = spec.get(name)
+        if value is not None and not (isinstance(value, str) and _MICRO_TIME.fullmatch(value)):
+            raise _ApiError(
+                status(
+                    400,
+                    "BadRequest",
+                    f'Lease in version "v1" cannot be handled as a Lease: parsing time '
+                    f'"{value}" as "2006-01-02T15:04:05.000000Z07:00": cannot parse',
+                )
+            )
+    invalid = []
+    duration = spec.get("leaseDurationSeconds")
+    if duration is not None and (not isinstance(duration, int) or duration <= 0):
+        invalid.append(f"spec.leaseDurationSeconds: Invalid value: {duration}: must be positive")
+    transitions = spec.get("leaseTransitions")
+    if transitions is not None and (not isinstance(transitions, int) or transitions < 0):
+        invalid.append(f"spec.leaseTransitions: Invalid value: {transitions}: must be >= 0")
+    if invalid:
+        lease = (obj.get("metadata") or {}).get("name")
+        message = f'Lease.coordination.k8s.io "{lease}" is invalid: ' + ", ".join(invalid)
+        raise _ApiError(status(422, "Invalid", message))
 
 
 def _keep_cluster_ip(current: Obj, new: Obj) -> None:

@@ -123,21 +123,42 @@ def test_dev_overlay_logs_debug_with_one_meshd() -> None:
     default, dev = render("default"), render("dev")
     assert _log_levels(default) == {"meshd": "info", "ztunnel": "info", "node-agent": "info"}
     assert _log_levels(dev) == {"meshd": "debug", "ztunnel": "debug", "node-agent": "debug"}
+    assert find(default, "Deployment", "meshd")["spec"]["replicas"] == 2
     assert find(dev, "Deployment", "meshd")["spec"]["replicas"] == 1
     assert _without_log_levels(default) == _without_log_levels(dev)  # nothing else differs
 
 
 def _without_log_levels(objects: list[Obj]) -> list[Obj]:
+    """The objects less their LOG_LEVEL, and meshd's replicas."""
     out = []
     for obj in objects:
         if obj["kind"] in ("Deployment", "DaemonSet"):
             obj = copy.deepcopy(obj)
+            obj["spec"].pop("replicas", None)
             for c in pod_spec(obj)["containers"]:
                 c["env"] = sorted(
                     (e for e in c["env"] if e["name"] != "LOG_LEVEL"), key=lambda e: e["name"]
                 )
         out.append(obj)
     return out
+
+
+def test_meshds_replicas_leave_one_serving_through_a_drain_and_a_node_loss() -> None:
+    objects = render("default")
+    meshd = find(objects, "Deployment", "meshd")
+    labels = meshd["spec"]["template"]["metadata"]["labels"]
+    budget = find(objects, "PodDisruptionBudget", "meshd")["spec"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    # One at a time: never both, and a one-replica install (dev) can still be drained.
+    assert budget == {"maxUnavailable": 1, "selector": budget["selector"]}
+    assert meshd["spec"]["replicas"] - budget["maxUnavailable"] >= 1
+    spread = pod_spec(meshd)["affinity"]["podAntiAffinity"]
+    (term,) = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    # Its name in the leader Lease: the pod's, from the downward API.
+    env = {e["name"]: e for e in container(meshd, "meshd")["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def test_one_image_for_every_program_and_an_override_changes_them_all(tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ there fails here until the manifests grant it: the source's and the
 deployer's informers (list, watch), what the deployer writes (its objects'
 kinds: create, get after a conflict, merge patch; delete for the children it
 garbage-collects), the status it writes (get, then a PUT to ``/status``), the
-TokenReview and the CA Secret; the node agent's informers (list, watch) and
-its reads and pods/status patch. The official client's calls (``read_*``,
+TokenReview, the CA Secret and the leader Lease (the HTTP methods
+``controlplane/leader.py`` sends); the node agent's informers (list, watch)
+and its reads and pods/status patch. The official client's calls (``read_*``,
 ``create_*``, ...) are found in the source of each module that makes them and
 looked up in :data:`CLIENT_CALLS`; a call the table does not know fails, so
 it cannot go ungranted.
@@ -19,7 +20,7 @@ import re
 from collections import defaultdict
 from types import ModuleType
 
-from controlplane import ca_secret, deployer, kube_status, kube_waypoints
+from controlplane import ca_secret, deployer, kube_status, kube_waypoints, leader
 from controlplane.sources import kubernetes as source
 from tests.unit.deploy.render import Obj, find, render
 from ztunnel.nodeagent import informer as node_agent_informer
@@ -43,6 +44,9 @@ _CALL = re.compile(
     r"(?:namespaced_\w+|\w+_for_all_namespaces|namespace|node|token_review))\("
 )
 _GROUPS = {"CoreV1Api": "", "DiscoveryV1Api": "discovery.k8s.io", "AppsV1Api": "apps"}
+# leader.py's requests (raw JSON, not the client's methods): Elector._call("METHOD", ...).
+_LEASE_CALL = re.compile(r'self\._call\(\s*"([A-Z]+)"')
+_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
 def _client_calls(module: ModuleType) -> Rules:
@@ -54,6 +58,16 @@ def _client_calls(module: ModuleType) -> Rules:
         group, resource, verb = CLIENT_CALLS[name]
         rules[(group, resource)].add(verb)
     return rules
+
+
+def _lease_calls() -> Rules:
+    """What leader.py asks of the API server: every request goes through Elector._call,
+    to the leases of its namespace."""
+    text = inspect.getsource(leader)
+    assert text.count("call_api(") == 1 and "def _call(" in text  # no request but _call's
+    assert not _client_calls(leader)
+    group = leader.LEASES.removeprefix("/apis/").rpartition("/")[0]
+    return {(group, "leases"): {_VERBS[m] for m in _LEASE_CALL.findall(text)}}
 
 
 def _group(kind: source.Kind) -> str:
@@ -86,8 +100,8 @@ def meshd_needs() -> tuple[Rules, Rules]:
         rules[(group, f"{plural}/status")].add("update")
     for (group, resource), verbs in _client_calls(source).items():
         rules[(group, resource)] |= verbs
-    namespaced = _client_calls(ca_secret)
-    assert set(namespaced) == {("", "secrets")}
+    namespaced = {**_client_calls(ca_secret), **_lease_calls()}
+    assert set(namespaced) == {("", "secrets"), ("coordination.k8s.io", "leases")}
     return dict(rules), namespaced
 
 
@@ -126,18 +140,26 @@ def test_meshds_cluster_role_is_exactly_what_its_code_calls() -> None:
     assert not names
 
 
-def test_meshds_secret_access_is_the_ca_secret_in_istio_system_only() -> None:
+def test_meshds_role_is_the_ca_secret_and_the_leader_lease_in_istio_system_only() -> None:
     _, namespaced = meshd_needs()
     objects = render("default")
     role = find(objects, "Role", "meshd")
     rules, _ = granted(role)
-    assert rules == namespaced == {("", "secrets"): {"get", "create"}}
+    assert rules == namespaced
+    assert namespaced == {
+        ("", "secrets"): {"get", "create"},
+        ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    }
     defaults = inspect.signature(ca_secret.load_or_create_ca_secret).parameters
-    assert role["metadata"]["namespace"] == defaults["namespace"].default
-    # get is limited to the CA secret's name; create cannot be limited by name.
+    assert role["metadata"]["namespace"] == defaults["namespace"].default == leader.NAMESPACE
+    settings = leader.ElectionSettings()
+    assert (settings.namespace, settings.name) == (leader.NAMESPACE, leader.LEASE_NAME)
+    # get and update are limited to the object's name; create cannot be limited by name.
+    named = {"secrets": defaults["name"].default, "leases": leader.LEASE_NAME}
     for rule in role["rules"]:
-        if "get" in rule["verbs"]:
-            assert rule["resourceNames"] == [defaults["name"].default]
+        (resource,) = rule["resources"]
+        if set(rule["verbs"]) - {"create"}:
+            assert rule["resourceNames"] == [named[resource]]
     assert _binds(objects, "RoleBinding", "meshd") == [("istio-system", "meshd")]
     assert _binds(objects, "ClusterRoleBinding", "meshd") == [("istio-system", "meshd")]
 
