@@ -146,7 +146,7 @@ class NodeTokenAuthenticator:
 class ReviewResult(Protocol):
     """What a Kubernetes TokenReview says about a token.
 
-    ``controlplane.sources.kubernetes.review_token`` returns one; any object
+    ``controlplane.sources.kube_client.review_token`` returns one; any object
     with these attributes will do (tests pass a fake).
     """
 

@@ -78,7 +78,8 @@ from controlplane.l7.gateway_api import is_waypoint, parse_gateway
 from controlplane.l7.reader import InvalidObject
 from controlplane.l7.status import ObjectStatus
 from controlplane.leader import NotLeading, WriteGate
-from controlplane.sources.kubernetes import Entry, Informer, Key, Kind, _reason, as_written
+from controlplane.sources.kube_convert import as_written
+from controlplane.sources.kube_informer import Entry, Informer, Key, Kind, error_reason
 from controlplane.state import MANAGED, MANAGED_VALUE, SourceState
 
 log = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ class WaypointDeployer:
             self._remember(kind, patched)
             report.writes.append(f"updated {where}")
         except ApiException as e:
-            report.errors.append(f"cannot write {where}: {_reason(e)}")
+            report.errors.append(f"cannot write {where}: {error_reason(e)}")
 
     def _ensure_root_cert(self, namespace: str, report: ReconcileReport) -> None:
         pem = self.root_cert()
@@ -497,7 +498,7 @@ class WaypointDeployer:
                 cm = _request(self.api_client, "GET", APIS["ConfigMap"].path(namespace, name))
                 self._params[key] = replicas_of(cm)
             except ApiException as e:
-                report.errors.append(f"{where}: {_reason(e)}")
+                report.errors.append(f"{where}: {error_reason(e)}")
                 return None
             except (ValueError, yaml.YAMLError) as e:
                 report.errors.append(f"{where}: {e}")
@@ -549,7 +550,7 @@ class WaypointDeployer:
                     report.writes.append(f"deleted {where} ({why})")
                 except ApiException as e:
                     if e.status not in (404, 409):  # gone already, or replaced meanwhile
-                        report.errors.append(f"cannot delete {where}: {_reason(e)}")
+                        report.errors.append(f"cannot delete {where}: {error_reason(e)}")
                 self._forget(kind, namespace, name)
         self._orphans = {k: v for k, v in self._orphans.items() if k in seen}
 
@@ -646,7 +647,7 @@ class WaypointDeployer:
             report.errors.append(f"cannot write the {where}: it keeps changing (409 Conflict)")
         except ApiException as e:
             if e.status != 404:  # deleted meanwhile: nothing to say
-                report.errors.append(f"cannot write the {where}: {_reason(e)}")
+                report.errors.append(f"cannot write the {where}: {error_reason(e)}")
 
 
 def _decide_gateway(

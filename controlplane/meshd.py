@@ -341,11 +341,12 @@ def make_source(args: argparse.Namespace) -> tuple[SourceFactory, Path | None]:
         path = Path(value)
         return (lambda cb: FileSource(path, on_change=cb, trust_domain=args.trust_domain), None)
     if kind == "kubernetes":
-        from controlplane.sources import kubernetes as k8s
+        from controlplane.sources.kube_client import api_client_from
+        from controlplane.sources.kubernetes import KubernetesSource
 
-        client = k8s.api_client_from(args.kubeconfig)
+        client = api_client_from(args.kubeconfig)
         return (
-            lambda cb: k8s.KubernetesSource(client, on_change=cb, trust_domain=args.trust_domain),
+            lambda cb: KubernetesSource(client, on_change=cb, trust_domain=args.trust_domain),
             None,
         )
     raise SystemExit(
@@ -444,14 +445,14 @@ def _waypoint_deployer(args: argparse.Namespace, leader: Elector | None) -> Wayp
     """The waypoint Gateways' instances on Kubernetes, with a client of its own, writing
     only while ``leader`` leads."""
     from controlplane.deployer import WaypointDeployer
-    from controlplane.sources import kubernetes as k8s
+    from controlplane.sources.kube_client import api_client_from
 
     settings = DeployerSettings(
         image=args.waypoint_image,
         xds_address=args.waypoint_xds_address,
         trust_domain=args.trust_domain,
     )
-    return WaypointDeployer(k8s.api_client_from(args.kubeconfig), settings, leader=leader)
+    return WaypointDeployer(api_client_from(args.kubeconfig), settings, leader=leader)
 
 
 def election_settings(args: argparse.Namespace) -> ElectionSettings:
@@ -472,10 +473,10 @@ def _elector(args: argparse.Namespace) -> Elector:
     """The election of the replica that writes, with a client of its own (its renewals
     must not queue behind the deployer's requests)."""
     from controlplane import leader
-    from controlplane.sources import kubernetes as k8s
+    from controlplane.sources.kube_client import api_client_from
 
     return leader.Elector(
-        k8s.api_client_from(args.kubeconfig),
+        api_client_from(args.kubeconfig),
         leader.identity(args.pod_name),
         election_settings(args),
     )
@@ -494,13 +495,13 @@ def _ca(
             lambda: node_tokens(value), lambda: pod_identities(value, args.trust_domain)
         )
     elif kind == "kubernetes":
-        from controlplane.sources import kubernetes as k8s
+        from controlplane.sources.kube_client import api_client_from, review_token
 
-        client = k8s.api_client_from(args.kubeconfig)
+        client = api_client_from(args.kubeconfig)
         # Only tokens minted for the CA (a projected token of audience istio-ca, as
         # istiod asks): a pod's default API token must not buy a certificate.
         authenticator = ca_service.TokenReviewAuthenticator(
-            lambda token: k8s.review_token(client, token, [CA_TOKEN_AUDIENCE]),
+            lambda token: review_token(client, token, [CA_TOKEN_AUDIENCE]),
             trust_domain=args.trust_domain,
         )
     else:

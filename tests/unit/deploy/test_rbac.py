@@ -21,7 +21,7 @@ from collections import defaultdict
 from types import ModuleType
 
 from controlplane import ca_secret, deployer, kube_status, kube_waypoints, leader
-from controlplane.sources import kubernetes as source
+from controlplane.sources import kube_client, kube_convert, kube_informer, kubernetes
 from tests.unit.deploy.render import Obj, find, render
 from ztunnel.nodeagent import informer as node_agent_informer
 from ztunnel.nodeagent import kube as node_agent_kube
@@ -70,7 +70,7 @@ def _lease_calls() -> Rules:
     return {(group, "leases"): {_VERBS[m] for m in _LEASE_CALL.findall(text)}}
 
 
-def _group(kind: source.Kind) -> str:
+def _group(kind: kube_informer.Kind) -> str:
     return kind.args[0] if kind.args else _GROUPS[kind.api]
 
 
@@ -83,7 +83,7 @@ def _api_group(kind: str) -> tuple[str, str]:
 def meshd_needs() -> tuple[Rules, Rules]:
     """(cluster-wide rules, rules in istio-system) that meshd's code calls for."""
     rules: Rules = defaultdict(set)
-    for kind in (*source.KINDS, *deployer._KINDS.values()):
+    for kind in (*kube_convert.KINDS, *deployer._KINDS.values()):
         rules[(_group(kind), kind.name)] |= {"list", "watch"}
     ref = kube_waypoints.GatewayRef.of({"metadata": {"namespace": "n", "name": "w", "uid": "u"}})
     settings = kube_waypoints.DeployerSettings()
@@ -98,8 +98,9 @@ def meshd_needs() -> tuple[Rules, Rules]:
         group, plural = _api_group(name)
         rules[(group, plural)].add("get")
         rules[(group, f"{plural}/status")].add("update")
-    for (group, resource), verbs in _client_calls(source).items():
-        rules[(group, resource)] |= verbs
+    for module in (kubernetes, kube_informer, kube_convert, kube_client):  # the source
+        for (group, resource), verbs in _client_calls(module).items():
+            rules[(group, resource)] |= verbs
     namespaced = {**_client_calls(ca_secret), **_lease_calls()}
     assert set(namespaced) == {("", "secrets"), ("coordination.k8s.io", "leases")}
     return dict(rules), namespaced
