@@ -53,7 +53,6 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
-from controlplane.l7.build import ClusterSpec, ServiceSpec, WaypointShare, cluster_name
 from controlplane.l7.envoy_clusters import _cluster, _load_assignment, _workload_cluster
 from controlplane.l7.envoy_pb import (
     CLUSTER_TYPE,
@@ -91,6 +90,7 @@ from controlplane.l7.ir import (
     StringKind,
     StringMatch,
 )
+from controlplane.l7.share import ClusterSpec, ServiceSpec, WaypointShare, cluster_name
 from controlplane.l7.workloads import WorkloadSpec, pod_cluster_name
 
 # The feed's names, for its readers (the waypoint's tests, the oracle), and the translation.

@@ -14,7 +14,6 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from controlplane.l7.build import ClusterSpec
 from controlplane.l7.envoy_pb import (
     HTTP_PROTOCOL_OPTIONS,
     TUNNEL_MATCH,
@@ -29,6 +28,7 @@ from controlplane.l7.ir import (
     Protocol,
     TrafficPolicy,
 )
+from controlplane.l7.share import ClusterSpec
 from controlplane.l7.workloads import WorkloadSpec, pod_cluster_name
 
 _LB = {

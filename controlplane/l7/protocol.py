@@ -8,7 +8,7 @@ unless an HTTP route attaches to it (which says what it carries).
 from __future__ import annotations
 
 from controlplane.l7.ir import Protocol
-from controlplane.state import ServicePortInfo
+from controlplane.state import ServiceInfo, ServicePortInfo
 
 _APP_PROTOCOLS = {
     "http": Protocol.HTTP,
@@ -43,5 +43,14 @@ def declared_protocol(port: ServicePortInfo) -> Protocol | None:
     if name in ("https", "tls", "mongo", "mysql", "redis", "udp") or name.startswith(
         ("https-", "tls-", "mongo-", "mysql-", "redis-")
     ):
+        return Protocol.TCP
+    return None
+
+
+def declared_protocol_of(info: ServiceInfo, port: int | None) -> Protocol | None:
+    """The declared protocol of a port, or for all ports: TCP only if every port is TCP."""
+    ports = [p for p in info.ports if port is None or p.port == port]
+    found = [declared_protocol(p) for p in ports]
+    if found and all(f is Protocol.TCP for f in found):
         return Protocol.TCP
     return None

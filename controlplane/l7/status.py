@@ -132,3 +132,15 @@ def resolved(message: str = "") -> Condition:
 
 def not_resolved(reason: str, message: str) -> Condition:
     return Condition(type="ResolvedRefs", status=False, reason=reason, message=message)
+
+
+class Out:
+    """What a build says of the objects it reads: their statuses, and a line for each
+    thing it cannot use (``rejected``)."""
+
+    def __init__(self) -> None:
+        self.status: list[ObjectStatus] = []
+        self.rejected: list[str] = []
+
+    def reject(self, line: str) -> None:
+        self.rejected.append(line)

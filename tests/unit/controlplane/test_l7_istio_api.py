@@ -9,15 +9,13 @@ import pytest
 import yaml
 
 from controlplane.l7 import ir
-from controlplane.l7.build import service_key
-from controlplane.l7.istio_api import (
-    parse_all,
-    parse_destination_rule,
-    parse_virtual_service,
-    resolve_host,
-)
+from controlplane.l7.destination_rule import parse_destination_rule
+from controlplane.l7.istio_api import parse_all
+from controlplane.l7.istio_object import resolve_host
 from controlplane.l7.reader import InvalidObject
+from controlplane.l7.share import service_key
 from controlplane.l7.status import ObjectStatus
+from controlplane.l7.virtual_service import parse_virtual_service
 from controlplane.state import L7Object, ServicePortInfo
 from tests.support.l7world import service, world
 

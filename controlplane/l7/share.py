@@ -1,0 +1,76 @@
+"""A waypoint's share of the world as values: its services, their ports, the clusters.
+
+What :func:`controlplane.l7.build.build` makes of the sources for each
+waypoint, and :mod:`controlplane.l7.envoy` turns into Envoy resources; with
+the names they go by: a service's key (``namespace/fqdn``) and Istio's
+waypoint cluster names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from controlplane.l7.binding import CLUSTER_DOMAIN
+from controlplane.l7.ir import PortRoutes, Protocol, TrafficPolicy
+from controlplane.l7.workloads import WorkloadSpec
+from controlplane.state import WaypointInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointSpec:
+    ip: str
+    port: int  # the pod's port (the service port's targetPort)
+    healthy: bool
+    hbone: bool  # the pod is in the mesh: reached over HBONE to ip:15008
+    identity: str  # its SPIFFE ID
+    pod: str
+    namespace: str
+    canonical_name: str = ""
+    canonical_revision: str = ""
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSpec:
+    name: str
+    service: str  # namespace/hostname
+    hostname: str
+    port: int
+    subset: str
+    protocol: Protocol
+    policy: TrafficPolicy
+    endpoints: tuple[EndpointSpec, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceSpec:
+    key: str  # namespace/hostname
+    name: str
+    namespace: str
+    hostname: str
+    vips: tuple[str, ...]
+    ports: tuple[PortRoutes, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointShare:
+    waypoint: WaypointInfo
+    trust_domain: str
+    services: tuple[ServiceSpec, ...]
+    clusters: Mapping[str, ClusterSpec]
+    workloads: tuple[WorkloadSpec, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.waypoint.key
+
+
+def service_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}.{namespace}.{CLUSTER_DOMAIN}"
+
+
+def cluster_name(hostname: str, port: int, protocol: Protocol, subset: str = "") -> str:
+    """Istio's waypoint cluster names: ``inbound-vip|<port>|http[/<subset>]|<host>``."""
+    kind = "tcp" if protocol is Protocol.TCP else "http"
+    return f"inbound-vip|{port}|{kind}{'/' + subset if subset else ''}|{hostname}"
