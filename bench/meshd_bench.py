@@ -5,7 +5,7 @@
                                 [--record RESULTS.md]
 
 meshd runs as its own process with ``--source kubernetes`` against the local
-API server of the tests (``tests/support/fake_kube.py``: the real list and
+API server of the tests (``tests/support/fake_kube/``: the real list and
 watch wire format, kind-shaped objects), so every change travels the whole
 way: a watch event, the source, translation, the snapshot cache, Delta ADS
 to every subscriber. The subscribers are our xDS client, in this process.

@@ -1,6 +1,6 @@
 """The node agent on Kubernetes, end to end on this machine: real network namespaces and
 in-pod capture, a ZDS proxy that acks, and the local API server of
-tests/support/fake_kube.py reached through the official client.
+tests/support/fake_kube/ reached through the official client.
 
 What a user of ``kubectl`` sees: the agent's ``/readyz`` turns 200 once it has
 listed the cluster and enrolled the pods recorded on its node; each enrolled pod

@@ -1,7 +1,7 @@
 """Leader election: one meshd replica writes what only one may, and hands over safely.
 
 The decisions are tested as transcripts of :class:`Candidate` with a clock of
-our own; then electors run against ``tests/support/fake_kube.py`` through the
+our own; then electors run against ``tests/support/fake_kube/`` through the
 official client with short timings (a 1 s lease, 0.5 s renew deadline, 0.1 s
 retry), each with a token of its own, so the server can refuse one of them and
 tell their writes apart; then the deployer under an election it does not

@@ -1,7 +1,7 @@
 """meshd with ``--source kubernetes``, as a program: the real client, a local API server.
 
 No Kubernetes API server can be installed on these machines; the test runs
-meshd against ``tests/support/fake_kube.py``, which speaks the API server's
+meshd against ``tests/support/fake_kube/``, which speaks the API server's
 list and watch wire format with objects as a kind cluster returns them.
 """
 

@@ -1,6 +1,6 @@
 """The node agent on Kubernetes: its view (list, then watch), the redirection it reports
 on each pod, and its readiness, through the official client against the local API
-server of tests/support/fake_kube.py (no real one runs here). Enrolling pods needs
+server of tests/support/fake_kube/ (no real one runs here). Enrolling pods needs
 root: tests/integration/test_nodeagent_kubernetes.py."""
 
 from __future__ import annotations
