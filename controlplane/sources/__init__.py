@@ -7,6 +7,7 @@ client, from ``kube_informer`` (one list+watch thread per kind),
 ``kube_client`` (a client for the API server, and its TokenReview).
 A source publishes a whole new state on every change; meshd translates it.
 
-May import: ``mesh``, ``controlplane.state``, ``controlplane.authz_yaml`` and
-third-party libraries.
+May import: ``mesh``, ``controlplane.state``, ``controlplane.authz_yaml``,
+``controlplane.l7`` (the Gateway and route readers, to refuse a malformed
+object alone) and third-party libraries.
 """

@@ -36,7 +36,6 @@ from controlplane.state import (
     frozen_labels,
 )
 
-WAYPOINT_CLASS = "istio-waypoint"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
