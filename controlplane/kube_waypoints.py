@@ -357,3 +357,20 @@ def replicas_of(config_map: Mapping[str, Any] | None) -> int | None:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m controlplane.kube_waypoints NAMESPACE NAME``: the Deployment meshd would
+    make for that waypoint, as JSON (meshlab reads its securityContext to run a waypoint
+    pod from the image as Kubernetes would)."""
+    import json
+    import sys
+
+    namespace, name = argv if argv is not None else sys.argv[1:]
+    gw = GatewayRef(namespace=namespace, name=name, uid="")
+    print(json.dumps(deployment(gw, DeployerSettings())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The ``meshlab`` command: a local cluster of network namespaces.
 
-meshlab up [-f cluster.yaml] [--name NAME] [--nodes N --pods-per-node M]
+meshlab up [-f cluster.yaml] [--name NAME] [--nodes N --pods-per-node M] [--mesh [--image IMAGE]]
 meshlab down [--name NAME]
 meshlab status [--name NAME] [-o table|json|yaml]
 meshlab exec [--name NAME] POD|NODE -- CMD...
@@ -93,7 +93,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     name = names.validate_cluster_name(args.name or spec.name or names.DEFAULT_CLUSTER_NAME)
     if args.mesh:
         spec = replace(spec, mesh=True)
-    state = lifecycle.up(spec, name, log=_log)
+    state = lifecycle.up(spec, name, log=_log, image=args.image)
     _log(
         f"cluster {name!r} is up: {len(state.nodes)} nodes, {len(state.pods)} pods, "
         f"{len(state.services)} services. `meshlab status --name {name}` shows it; "
@@ -370,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mesh",
         action="store_true",
         help="run the mesh too: meshd, and the node agent, ztunnel and ztunnel-cni on each node",
+    )
+    up.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="with --mesh: run meshd, the node agents, the ztunnels and the waypoints from "
+        "this image in podman containers, with the manifests' privileges",
     )
     up.set_defaults(func=cmd_up)
 

@@ -35,7 +35,7 @@ from mesh.cluster.statefile import (
     state_path,
     write_state,
 )
-from meshlab import cni, mesh, names, netlink, procs
+from meshlab import cni, containers, mesh, names, netlink, procs, waypoints
 from meshlab.errors import (
     ClusterExistsError,
     ClusterNotFoundError,
@@ -95,10 +95,13 @@ def leftovers(name: str) -> list[str]:
 # ------------------------------------------------------------------ up
 
 
-def up(spec: Cluster, name: str, *, log: Log = _quiet) -> Cluster:
-    """Create cluster ``name`` from ``spec``; return its running state."""
+def up(spec: Cluster, name: str, *, log: Log = _quiet, image: str | None = None) -> Cluster:
+    """Create cluster ``name`` from ``spec``; return its running state. ``image``: the
+    mesh's processes run from it in containers (``--image``)."""
     require_root("meshlab up")
     names.validate_cluster_name(name)
+    if image is not None and not spec.mesh:
+        raise MeshlabError("--image is the image of the mesh: give --mesh too")
     procs.require_tool("ip", "iproute2")
     cni_path = cni.find_cni_path()
     with locked(name):
@@ -116,7 +119,8 @@ def up(spec: Cluster, name: str, *, log: Log = _quiet) -> Cluster:
                 _build_underlay(state, log)
             state = _build_nodes(state, log)
             if state.mesh:
-                _build_mesh(state, log)
+                _build_mesh(state, log, image)
+
             state = _build_pods(state, cni_path, log)
             state = write_state(replace(state, phase="Running"))
         except BaseException:
@@ -231,7 +235,7 @@ def _build_nodes(state: Cluster, log: Log) -> Cluster:
     return state
 
 
-def _build_mesh(state: Cluster, log: Log) -> None:
+def _build_mesh(state: Cluster, log: Log, image: str | None = None) -> None:
     """meshd and each node's agent and ztunnel, and ztunnel-cni in every CNI chain."""
     assert state.name
     mesh.install_plugin(state.name)
@@ -239,7 +243,7 @@ def _build_mesh(state: Cluster, log: Log) -> None:
         conf_dir = node_dir(state.name, node.name) / "cni" / "net.d"
         chained = mesh.chain(cni.load_conflist(conf_dir), state.name, node.name)
         cni.write_conflist(conf_dir, chained, "10-meshlab.conflist")
-    mesh.start(state, log)
+    mesh.start(state, log, image=image)
 
 
 def issue_node_token(ndir: Path) -> str:
@@ -349,15 +353,10 @@ def start_pod(state: Cluster, planned: Pod, cni_path: str, log: Log = _quiet) ->
     pod = replace(pod, ip=cni.pod_address(result))
     write_resolv_conf(state, pod)
     if pod.command:
-        pod = replace(
-            pod,
-            pid=procs.spawn(
-                netns,
-                pod.command,
-                env=pod_env(state, pod),
-                log_path=logs / f"{pod.namespace}.{pod.name}.log",
-            ),
-        )
+        log_path = logs / f"{pod.namespace}.{pod.name}.log"
+        waypoint = pod.labels.get(waypoints.MANAGED) == waypoints.MANAGED_VALUE
+        pid = mesh.start_pod_process(state, pod, pod_env(state, pod), log_path, waypoint=waypoint)
+        pod = replace(pod, pid=pid)
     log(
         f"pod {pod.key}: node {pod.node}, ip {pod.ip}"
         + (f", running {shlex.join(pod.command)}" if pod.command else "")
@@ -371,6 +370,7 @@ def stop_pod(state: Cluster, pod: Pod) -> None:
     assert state.name
     if pod.pid is not None and pod.netns and procs.is_running_in(pod.pid, pod.netns):
         procs.terminate([pod.pid], grace_s=5.0)
+    mesh.stop_pod_process(state.name, pod)
     if pod.container_id and pod.netns:
         node = state.node(pod.node)
         runtime = _runtime(state, node, cni.find_cni_path())
@@ -427,6 +427,10 @@ def _teardown(name: str, log: Log) -> DownReport:
         state = read_state(name)
     ours = [n for n in netlink.list_netns() if n.startswith(pfx)]
 
+    # The containers first (their processes with them), then what is left.
+    removed = containers.remove_all(name)
+    if removed:
+        log(f"removed {len(removed)} containers")
     pids = procs.cluster_pids(name, ours)
     report.processes = len(procs.terminate(pids))
     if pids:

@@ -13,6 +13,11 @@ Kubernetes install of Istio ambient would:
 
 Every process carries the cluster's marker, so ``meshlab down`` stops them
 with the rest. Their pids are kept in ``mesh.json`` in the cluster's dir.
+
+With ``--image IMAGE`` each of them (and each waypoint pod) runs from the
+image in a container instead (:mod:`meshlab.containers`), with its manifest's
+privileges; ``mesh.json`` records the image and those privileges, so whatever
+(re)starts a mesh process later starts it the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -30,9 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.cluster.model import Cluster, Node
-from mesh.cluster.statefile import cluster_dir, node_token_path
-from meshlab import names, procs
+from mesh.cluster.model import Cluster, Node, Pod
+from mesh.cluster.statefile import cluster_dir, node_token_path, pod_token_path
+from meshlab import containers, names, procs
 from meshlab.errors import MeshlabError
 
 XDS_PORT = 15010
@@ -124,7 +130,8 @@ def _record(name: str, change: Callable[[dict[str, Any]], None]) -> dict[str, An
 
 
 def pids(name: str) -> dict[str, Any]:
-    """``{"meshd": pid, "nodes": {node: {"agent": pid, "ztunnel": pid}}}``."""
+    """``{"meshd": pid, "nodes": {node: {"agent": pid, "ztunnel": pid}}}``, and with
+    ``--image`` ``"image": {"name": IMAGE, "security": {role: ...}}``."""
     try:
         data = json.loads(_state_file(name).read_text())
     except (OSError, ValueError):
@@ -132,6 +139,110 @@ def pids(name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         return {"nodes": {}}
     return dict(data)
+
+
+def image_of(name: str) -> tuple[str, dict[str, containers.Security]] | None:
+    """The image the cluster's mesh runs from and each role's privileges, or None when
+    its processes run on the host."""
+    recorded = pids(name).get("image")
+    if not isinstance(recorded, dict):
+        return None
+    security = {
+        role: containers.Security.from_dict(data) for role, data in recorded["security"].items()
+    }
+    return str(recorded["name"]), security
+
+
+def use_image(state: Cluster, image: str, log: Log = _quiet) -> None:
+    """Record that the mesh runs from ``image``, with the manifests' privileges, and give
+    the users the manifests name what they need of the cluster's dir: meshd writes the
+    CA and reads the node tokens (group-readable by its group), ztunnel reads its
+    node's token (its owner, root) and the root certificate."""
+    assert state.name
+    exists = subprocess.run(
+        [containers.podman(), "image", "exists", image], capture_output=True, check=False
+    )
+    if exists.returncode != 0:
+        raise MeshlabError(f"the image {image} is not in podman's store (`make image` builds it)")
+    security = containers.manifest_security()
+    meshd = security["meshd"]
+    ca = root_cert(state.name).parent
+    ca.mkdir(parents=True, exist_ok=True)
+    os.chown(ca, _id(meshd.user), _id(meshd.group))
+    for node in state.nodes:
+        token = node_token_path(state.name, node.name)
+        os.chown(token, -1, _id(meshd.group))
+        token.chmod(0o640)
+    _record(
+        state.name,
+        lambda d: d.__setitem__(
+            "image", {"name": image, "security": {r: s.to_dict() for r, s in security.items()}}
+        ),
+    )
+    log(f"mesh: from the image {image}, with the privileges of deploy/overlays/default")
+
+
+def _id(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _launch(
+    state: Cluster,
+    role: str,
+    parts: tuple[str, ...],
+    netns: str | None,
+    argv: list[str],
+    log_path: Path,
+    binds: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> int:
+    """Start one mesh process: on the host, or from the cluster's image when it has one."""
+    assert state.name
+    image = image_of(state.name)
+    if image is None:
+        return procs.spawn(netns, argv, env=env or _env(state), log_path=log_path)
+    name, security = image
+    container_env = {k: v for k, v in (env or _env(state)).items() if k not in ("PATH", "HOME")}
+    if "MESHLAB_STATE_DIR" in os.environ:
+        container_env["MESHLAB_STATE_DIR"] = os.environ["MESHLAB_STATE_DIR"]
+    return containers.run(
+        containers.Container(
+            cluster=state.name,
+            name=names.container_name(state.name, *parts),
+            image=name,
+            security=security[role],
+            argv=(Path(argv[0]).name, *argv[1:]),
+            netns=netns,
+            log_path=log_path,
+            env=container_env,
+            binds=(*containers.default_binds(state.name), *binds),
+        )
+    )
+
+
+def start_pod_process(
+    state: Cluster, pod: Pod, env: dict[str, str], log_path: Path, *, waypoint: bool
+) -> int:
+    """A pod's process: a waypoint's from the image when the mesh has one (as the
+    Deployment meshd would make: its token owned by the waypoint's user, readable by
+    meshd's group), any other pod's on the host."""
+    assert state.name and pod.netns
+    image = image_of(state.name) if waypoint else None
+    if image is None:
+        return procs.spawn(pod.netns, pod.command, env=env, log_path=log_path)
+    security = image[1]
+    token = pod_token_path(state.name, pod.namespace, pod.name)
+    if token.exists():
+        os.chown(token, _id(security["waypoint"].user), _id(security["meshd"].group))
+        token.chmod(0o640)
+    parts = ("pod", pod.namespace, pod.name)
+    return _launch(state, "waypoint", parts, pod.netns, list(pod.command), log_path, env=env)
+
+
+def stop_pod_process(name: str, pod: Pod) -> None:
+    """Remove a pod's container, when it has one (its process is stopped already)."""
+    if image_of(name) is not None:
+        containers.remove(names.container_name(name, "pod", pod.namespace, pod.name))
 
 
 def start_meshd(state: Cluster, log: Log = _quiet) -> int:
@@ -148,7 +259,7 @@ def start_meshd(state: Cluster, log: Log = _quiet) -> int:
         "--status-listen",
         f"{gw}:{STATUS_PORT}",
     ]
-    pid = procs.spawn(None, argv, env=_env(state), log_path=_logs(state) / "meshd.log")
+    pid = _launch(state, "meshd", ("meshd",), None, argv, _logs(state) / "meshd.log")
     _record(state.name, lambda d: d.__setitem__("meshd", pid))
     log(f"meshd: pid {pid}, xDS {gw}:{XDS_PORT}, TLS {gw}:{XDS_TLS_PORT}")
     return pid
@@ -181,7 +292,8 @@ def start_agent(state: Cluster, node: Node, log: Log = _quiet) -> int:
         str(rdir),
     ]
     log_path = _logs(state) / f"node-agent.{node.name}.log"
-    pid = procs.spawn(node.netns, argv, env=_env(state), log_path=log_path)
+    where = ("node-agent", node.name)
+    pid = _launch(state, "agent", where, node.netns, argv, log_path, (containers.NETNS_BIND,))
     _record(
         state.name,
         lambda d: d.setdefault("nodes", {}).setdefault(node.name, {}).__setitem__("agent", pid),
@@ -207,7 +319,7 @@ def start_ztunnel(state: Cluster, node: Node, log: Log = _quiet) -> int:
         str(rdir / "zds.sock"),
     ]
     log_path = _logs(state) / f"ztunnel.{node.name}.log"
-    pid = procs.spawn(node.netns, argv, env=_env(state), log_path=log_path)
+    pid = _launch(state, "ztunnel", ("ztunnel", node.name), node.netns, argv, log_path)
     _record(
         state.name,
         lambda d: d.setdefault("nodes", {}).setdefault(node.name, {}).__setitem__("ztunnel", pid),
@@ -256,9 +368,12 @@ def wait_node(state: Cluster, node: Node, timeout_s: float = READY_TIMEOUT_S) ->
     raise MeshlabError(f"node {node.name}: the mesh is not ready after {timeout_s:g} s: {last}")
 
 
-def start(state: Cluster, log: Log = _quiet) -> None:
-    """meshd, then every node's agent and ztunnel; returns when all are ready."""
+def start(state: Cluster, log: Log = _quiet, *, image: str | None = None) -> None:
+    """meshd, then every node's agent and ztunnel; returns when all are ready. With
+    ``image``, each runs from it in a container (:func:`use_image` first)."""
     assert state.name
+    if image is not None:
+        use_image(state, image, log)
     start_meshd(state, log)
     wait_meshd(state)
     for node in state.nodes:

@@ -61,3 +61,8 @@ def _bounded(name: str) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{name[:180]}-{digest}"
+
+
+def container_name(cluster: str, *parts: str) -> str:
+    """A container meshlab runs (``--image``): ``<cluster>-meshd``, ``<cluster>-ztunnel-<node>``."""
+    return _bounded("-".join((cluster, *parts)))

@@ -11,10 +11,11 @@ from typing import Any, TextIO
 
 import yaml
 
-from ztunnel.ctl import explain, tables, verify
+from ztunnel.ctl import explain, hostpid, tables, verify
 from ztunnel.ctl.document import Dump
 from ztunnel.ctl.errors import CtlError
 from ztunnel.ctl.fetch import (
+    ADMIN_PORT,
     DEFAULT_ADMIN_URL,
     LEVELS,
     FileSource,
@@ -279,7 +280,11 @@ def _verify(args: argparse.Namespace, source: Source, out: TextIO) -> int:
         )
     if os.geteuid() != 0:
         raise CtlError("verify enters the pods' network namespaces", "run it as root")
-    return _verified(args, source.config_dump(), out)
+    probes = None
+    netns = getattr(source, "netns", None)
+    if netns is not None:  # ztunnel may be in a container: its pids are not the host's
+        probes = verify.Probes(host_path=hostpid.translator(netns, ADMIN_PORT))
+    return _verified(args, source.config_dump(), out, probes)
 
 
 def _verified(

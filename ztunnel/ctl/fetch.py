@@ -78,6 +78,7 @@ class HttpSource:
     hint: str
     base_path: str = ""
     live: bool = True
+    netns: Path | None = None  # the node's, when reached in it (--node)
 
     def request(self, method: str, path: str) -> tuple[int, bytes]:
         try:
@@ -171,6 +172,7 @@ def node_source(node: str, cluster: str | None = None) -> HttpSource:
         host=f"127.0.0.1:{ADMIN_PORT}",
         hint=f"is ztunnel running on {node}? meshlab status --name {name}; "
         f"its log is under {cluster_dir(name) / 'logs'}",
+        netns=netns,
     )
 
 

@@ -73,6 +73,8 @@ class Probes:
     sockets: Callable[[Path], set[tuple[str, int]]] = listening
     now: Callable[[], datetime.datetime] = _now
     exists: Callable[[Path], bool] = Path.exists
+    # The dump's netns path as this host sees it (ztunnel in a container: hostpid.py).
+    host_path: Callable[[str], str] = str
 
 
 def _check(name: str, ok: bool, detail: str, fix: str = "", severity: str = "error") -> Doc:
@@ -118,6 +120,8 @@ def verify(dump: Dump, probes: Probes | None = None) -> Doc:
                 )
             )
         netns = state.get("netns")
+        if isinstance(netns, str) and netns:
+            netns = probes.host_path(netns)
         if not isinstance(netns, str) or not netns:
             checks.append(
                 _check(
