@@ -23,6 +23,16 @@ import pytest
 
 MESHLAB = str(Path(sys.executable).parent / "meshlab")
 CNI_BRIDGE = Path("/usr/lib/cni/bridge")
+# The image the mesh's tests run the mesh from (`meshlab up --mesh --image`); unset,
+# the mesh runs as host processes.
+IMAGE_ENV = "MESHLAB_IMAGE"
+
+
+def mesh_args() -> list[str]:
+    """What a test's `meshlab up` adds to run the mesh: ``--mesh``, and ``--image IMAGE``
+    when MESHLAB_IMAGE names one."""
+    image = os.environ.get(IMAGE_ENV)
+    return ["--mesh", "--image", image] if image else ["--mesh"]
 
 
 def _missing() -> str | None:
@@ -117,6 +127,15 @@ def leftovers(name: str) -> dict[str, list[str]]:
                     procs.append(entry.name)
         except OSError:
             continue
+    containers = (
+        subprocess.run(
+            ["podman", "ps", "--all", "--filter", f"label=io.meshlab.cluster={name}",
+             "--format", "{{.Names}}"],
+            capture_output=True, text=True,
+        ).stdout.split()
+        if shutil.which("podman")
+        else []
+    )  # fmt: skip
     root = Path(os.environ.get("MESHLAB_STATE_DIR", "/run/meshlab"))
     state = [str(p) for p in (root / name, root / f".{name}.lock") if p.exists()]
     return {
@@ -128,6 +147,7 @@ def leftovers(name: str) -> dict[str, list[str]]:
         ],
         "iptables": [line for line in rules.splitlines() if f"meshlab:{name}" in line],
         "processes": procs,
+        "containers": containers,
         "state": state,
     }
 

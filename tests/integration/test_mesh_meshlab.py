@@ -27,7 +27,13 @@ from scapy.sendrecv import AsyncSniffer
 
 from mesh.cluster.statefile import read_state
 from meshlab import mesh, names
-from tests.integration.conftest import assert_nothing_left, http_get, meshlab, unique_name
+from tests.integration.conftest import (
+    assert_nothing_left,
+    http_get,
+    mesh_args,
+    meshlab,
+    unique_name,
+)
 from ztunnel.capture import inpod
 
 VIP = "10.96.0.20"
@@ -103,7 +109,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     spec = tmp_path_factory.mktemp("mesh") / "cluster.yaml"
     spec.write_text(yaml.safe_dump(CLUSTER))
     try:
-        meshlab("up", "-f", str(spec), "--name", name, "--mesh")
+        meshlab("up", "-f", str(spec), "--name", name, *mesh_args())
         yield name
     finally:
         meshlab("down", "--name", name, check=False)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import assert_nothing_left, meshlab, unique_name
+from tests.integration.conftest import assert_nothing_left, mesh_args, meshlab, unique_name
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 REVIEWS = "http://10.96.0.20:9080/"
@@ -82,7 +82,7 @@ def eventually(check: Any, timeout_s: float = 30.0) -> Any:
 def books() -> Iterator[str]:
     name = unique_name()
     try:
-        meshlab("up", "-f", str(EXAMPLES / "bookstore.yaml"), "--name", name, "--mesh")
+        meshlab("up", "-f", str(EXAMPLES / "bookstore.yaml"), "--name", name, *mesh_args())
         for ns in ("shop", "client"):
             meshlab("label", "--name", name, "namespace", ns, "istio.io/dataplane-mode=ambient")
         meshlab("apply", "--name", name, "-f", str(EXAMPLES / "waypoint.yaml"))

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import assert_nothing_left, meshlab, unique_name
+from tests.integration.conftest import assert_nothing_left, mesh_args, meshlab, unique_name
 from tests.integration.gamma.harness import (
     CLUSTER_FILE,
     CONSUMER_NS,
@@ -24,7 +24,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Upstream's base manifests, in the mesh, bound to the namespace's waypoint."""
     name = unique_name()
     try:
-        meshlab("up", "-f", str(CLUSTER_FILE), "--name", name, "--mesh")
+        meshlab("up", "-f", str(CLUSTER_FILE), "--name", name, *mesh_args())
         for ns in (NS, CONSUMER_NS):
             meshlab("label", "--name", name, "namespace", ns, "istio.io/dataplane-mode=ambient")
         waypoint = tmp_path_factory.mktemp("gamma") / "waypoint.yaml"
