@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.hbone_bench import cpu_seconds, machine
-from bench.mesh.load import warm_up, wrk
-from bench.mesh.report import scan_logs
+from bench.hbone_bench import machine
+from bench.mesh.load import cpu_of, warm_up, wrk
+from bench.mesh.report import fmt, scan_logs
 from bench.mesh.shell import BenchError, Log
 from bench.mesh.waypoint_lab import WAYPOINT_PLACEMENTS, WaypointLab
 from bench.mesh_bench import _missing_tools
@@ -66,18 +66,14 @@ LABELS = {
 }
 
 
-def _cpu(pids: list[int]) -> float:
-    return sum(cpu_seconds(pid) for pid in pids)
-
-
 def measure_placement(lab: WaypointLab, seconds: float, add: Any, round_: int) -> None:
     pids = lab.proxy_pids()
-    cpu = _cpu(pids)
-    keep = wrk(lab, seconds, close=False, url=lab.url)
-    cpu_keep = _cpu(pids) - cpu
-    cpu = _cpu(pids)
-    new = wrk(lab, seconds, close=True, url=lab.url)
-    cpu_new = _cpu(pids) - cpu
+    cpu = cpu_of(pids)
+    keep = wrk(lab, seconds, close=False)
+    cpu_keep = cpu_of(pids) - cpu
+    cpu = cpu_of(pids)
+    new = wrk(lab, seconds, close=True)
+    cpu_new = cpu_of(pids) - cpu
     add("keepalive_rps", keep["rps"])
     add("keepalive_p50_ms", keep.get("p50_ms", 0.0))
     add("keepalive_p99_ms", keep.get("p99_ms", 0.0))
@@ -116,7 +112,7 @@ def measure(seconds: float, rounds: int, log: Log, logs: Path | None) -> dict[st
             shift = (round_ - 1) % len(WAYPOINT_PLACEMENTS)
             for placement in WAYPOINT_PLACEMENTS[shift:] + WAYPOINT_PLACEMENTS[:shift]:
                 lab.place(placement)
-                warm_up(lab, lab.url)
+                warm_up(lab)
 
                 def add(figure: str, value: float, p: str = placement) -> None:
                     samples[p].setdefault(figure, []).append(value)
@@ -162,12 +158,6 @@ def measure(seconds: float, rounds: int, log: Log, logs: Path | None) -> dict[st
     }
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
-
-
 def table(result: dict[str, Any]) -> str:
     figures, ratios = result["figures"], result["ratios"]
     rows = [
@@ -182,8 +172,8 @@ def table(result: dict[str, Any]) -> str:
             ok = ratio >= bound if op == ">=" else ratio <= bound
             target = f"{'pass' if ok else 'MISS'} ({op} {bound:g})"
         rows.append(
-            f"| {label} | {_fmt(figures['l4'].get(figure))} | "
-            f"{_fmt(figures['ours'].get(figure))} | {_fmt(figures['envoy'].get(figure))} | "
+            f"| {label} | {fmt(figures['l4'].get(figure))} | "
+            f"{fmt(figures['ours'].get(figure))} | {fmt(figures['envoy'].get(figure))} | "
             f"{'-' if ratio is None else f'{ratio:.2f}'} | {target} |"
         )
     return "\n".join(rows)

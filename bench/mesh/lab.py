@@ -222,8 +222,13 @@ class MeshLab:
                 return f"node agent of {node}: {e}"
         return found
 
+    @property
+    def url(self) -> str:
+        """What the client pod asks: nginx in the server pod, by its IP."""
+        return f"http://{self.server_ip}:{HTTP_PORT}/"
+
     def request(self) -> str | None:
-        """One GET from the client pod to nginx: None when it answered 200."""
+        """One GET from the client pod to ``url``: None when it answered 200."""
         done = subprocess.run(
             [
                 "ip",
@@ -238,7 +243,7 @@ class MeshLab:
                 "%{http_code}",
                 "--max-time",
                 "5",
-                f"http://{self.server_ip}:{HTTP_PORT}/",
+                self.url,
             ],
             capture_output=True,
             text=True,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from bench.hbone_bench import cpu_seconds
 from bench.mesh.lab import MeshLab
 from bench.mesh.shell import BenchError, in_netns
-from bench.mesh.topology import HTTP_PORT, IPERF_PORT
+from bench.mesh.topology import IPERF_PORT
 
 WARMUP_S = 1.0
 
@@ -43,14 +43,14 @@ def iperf(lab: MeshLab, seconds: float) -> tuple[float, int]:
 _LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
-def wrk(lab: MeshLab, seconds: float, *, close: bool, url: str | None = None) -> dict[str, float]:
-    """wrk from the client pod to ``url`` (default: nginx in the server pod, by its IP)."""
+def wrk(lab: MeshLab, seconds: float, *, close: bool) -> dict[str, float]:
+    """wrk from the client pod to what the lab's placements serve (``lab.url``)."""
     argv = ["wrk", "-t1", "-c50", f"-d{seconds:g}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
     out = in_netns(
         lab.client_ns,
-        [*argv, url or f"http://{lab.server_ip}:{HTTP_PORT}/"],
+        [*argv, lab.url],
         timeout_s=seconds + 60,
         check=False,
     )
@@ -73,14 +73,14 @@ def wrk(lab: MeshLab, seconds: float, *, close: bool, url: str | None = None) ->
     return result
 
 
-def warm_up(lab: MeshLab, url: str | None = None) -> None:
+def warm_up(lab: MeshLab) -> None:
     """A second of new connections through the placement just made, not measured.
 
     Each placement starts cold (pods just enrolled, Envoys just started):
     without this the first round of each pays for first calls and allocations.
     """
     with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
-        wrk(lab, WARMUP_S, close=True, url=url)
+        wrk(lab, WARMUP_S, close=True)
 
 
 def measure_placement(
@@ -88,17 +88,17 @@ def measure_placement(
 ) -> None:
     name = lab.mode or "?"
     pids = lab.proxy_pids()
-    cpu = _cpu(pids)
+    cpu = cpu_of(pids)
     gbps, moved = iperf(lab, seconds)
-    cpu_iperf = _cpu(pids) - cpu
+    cpu_iperf = cpu_of(pids) - cpu
     add("iperf_gbps", gbps)
     keep = wrk(lab, seconds, close=False)
     add("keepalive_rps", keep["rps"])
     add("keepalive_p50_ms", keep.get("p50_ms", 0.0))
     add("keepalive_p99_ms", keep.get("p99_ms", 0.0))
-    cpu = _cpu(pids)
+    cpu = cpu_of(pids)
     new = wrk(lab, seconds, close=True)
-    cpu_new = _cpu(pids) - cpu
+    cpu_new = cpu_of(pids) - cpu
     add("newconn_rps", new["rps"])
     if pids:
         add("cpu_s_per_gb", cpu_iperf / (moved / 1e9) if moved else 0.0)
@@ -119,6 +119,6 @@ def measure_placement(
     )
 
 
-def _cpu(pids: list[int]) -> float:
+def cpu_of(pids: list[int]) -> float:
     """CPU-seconds used so far by ``pids`` (all their threads)."""
     return sum(cpu_seconds(pid) for pid in pids)

@@ -71,7 +71,7 @@ def verdict(figure: str, ratio: float) -> str:
     return f"{'pass' if ok else 'MISS'} ({op} {bound:g})"
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     if value is None:
         return "-"
     if abs(value) >= 100:
@@ -89,16 +89,16 @@ def table(result: dict[str, Any]) -> str:
         floor = figures["floor"].get(figure) if figure != "added_p99_ms" else None
         ratio = ratios.get(figure)
         rows.append(
-            f"| {LABELS[figure]} | {_fmt(floor)} | {_fmt(figures['ours'].get(figure))} | "
-            f"{_fmt(figures['envoy'].get(figure))} | "
+            f"| {LABELS[figure]} | {fmt(floor)} | {fmt(figures['ours'].get(figure))} | "
+            f"{fmt(figures['envoy'].get(figure))} | "
             f"{'-' if ratio is None else f'{ratio:.2f}'} | "
             f"{'n/a' if ratio is None else verdict(figure, ratio)} |"
         )
     for figure, label in INFORMATIONAL.items():
         ratio = ratios.get(figure)
         rows.append(
-            f"| {label} | - | {_fmt(figures['ours'].get(figure))} | "
-            f"{_fmt(figures['envoy'].get(figure))} | "
+            f"| {label} | - | {fmt(figures['ours'].get(figure))} | "
+            f"{fmt(figures['envoy'].get(figure))} | "
             f"{'-' if ratio is None else f'{ratio:.2f}'} | (no target) |"
         )
     return "\n".join(rows)

@@ -108,7 +108,11 @@ def _gateway(name: str) -> dict[str, Any]:
 class WaypointLab(MeshLab):
     """The cluster, its pods and apps, both waypoints and the placements l4/ours/envoy."""
 
-    url = f"http://{VIP}:{SERVICE_PORT}/"
+    @property
+    def url(self) -> str:
+        """What the client pod asks: the Service, by its VIP."""
+        return f"http://{VIP}:{SERVICE_PORT}/"
+
     cluster_spec = CLUSTER
 
     def start(self) -> None:
@@ -252,32 +256,6 @@ class WaypointLab(MeshLab):
             and k.split(".")[1] not in ("connect_terminate", "status", "admin")
         )
         return {"ours": int(ours), "envoy": int(envoy)}
-
-    def request(self) -> str | None:
-        done = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.client_ns,
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "5",
-                self.url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if done.stdout.strip() == "200":
-            return None
-        return f"curl {self.url}: {done.stdout.strip() or '-'} {done.stderr.strip()}"
 
     # --------------------------------------------------------- placements
 
