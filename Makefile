@@ -15,7 +15,7 @@ ENVOY_DIR := .envoy
 ENVOY_VERSION := 1.40.*
 ENVOY_STAMP := $(ENVOY_DIR)/.installed-stamp
 
-.PHONY: help deps host-deps venv protos envoy image demo test bench lint typecheck unit integration clean
+.PHONY: help deps host-deps venv protos cni-plugin envoy image demo test bench lint typecheck unit integration clean
 
 help:
 	@echo "make demo   bring up a local meshlab cluster, show it working, tear it down"
@@ -24,7 +24,7 @@ help:
 	@echo "make bench  HBONE throughput, latency, connection rate, CPU and memory beside Envoy;"
 	@echo "            meshd at 10,000 workloads and 50 subscribers; the waypoint beside Envoy"
 
-deps: host-deps venv protos
+deps: host-deps venv protos cni-plugin
 
 host-deps:
 	@scripts/host-deps.sh
@@ -52,6 +52,21 @@ $(PROTO_STAMP): $(PROTOS) $(STAMP)
 	@$(VPY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	@touch $@
 
+# ztunnel-cni, the CNI plugin the runtime runs on the node: a small static C
+# program (the node has no Python of ours) that forwards to the node agent.
+# Built into build/bin for the image, and copied beside the venv's programs.
+CNI_PLUGIN := build/bin/ztunnel-cni
+CNI_PLUGIN_SRC := ztunnel/nodeagent/cni_shim.c
+cni-plugin: $(VENV)/bin/ztunnel-cni
+
+$(CNI_PLUGIN): $(CNI_PLUGIN_SRC) | host-deps
+	@mkdir -p $(@D)
+	@echo "cni-plugin: building $@ (static)"
+	@$${CC:-cc} -std=c11 -O2 -static -Wall -Wextra -Werror -o $@ $<
+
+$(VENV)/bin/ztunnel-cni: $(CNI_PLUGIN) $(STAMP)
+	@install -m 0755 $< $@
+
 envoy: $(ENVOY_STAMP)
 
 $(ENVOY_STAMP): | venv
@@ -70,11 +85,11 @@ BASE_IMAGE ?= localhost/ambient-mesh-base:bookworm
 IMAGE_STAMP := build/image.stamp
 IMAGE_INPUTS := deploy/Containerfile pyproject.toml \
 	$(shell find mesh controlplane ztunnel waypoint ebpf meshlab -name '*.py' -o -name '*.proto' 2>/dev/null)
-image: venv protos
+image: venv protos cni-plugin
 	@scripts/host-deps.sh image
 	@podman image exists $(IMAGE) || rm -f $(IMAGE_STAMP)
 	@$(MAKE) --no-print-directory $(IMAGE_STAMP)
-$(IMAGE_STAMP): $(IMAGE_INPUTS) $(PROTO_STAMP)
+$(IMAGE_STAMP): $(IMAGE_INPUTS) $(PROTO_STAMP) $(CNI_PLUGIN)
 	@if [ "$(BASE_IMAGE)" = "localhost/ambient-mesh-base:bookworm" ]; then scripts/base-image.sh $(BASE_IMAGE); fi
 	rm -rf build/wheels
 	$(VPY) -m pip wheel --quiet --disable-pip-version-check -w build/wheels .

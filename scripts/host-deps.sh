@@ -13,6 +13,8 @@ PACKAGES=(
     python3-venv                # the project's virtual environment
     curl                        # requests between pods in the demo
     tcpdump                     # underlay captures in the demo and tests
+    gcc                         # builds ztunnel-cni, the static CNI plugin binary
+    libc6-dev                   # its static C library
 )
 
 # `host-deps.sh bench` adds what the benchmarks drive.

@@ -7,13 +7,14 @@ restart while capture stays in place and pods are re-adopted from the
 agent's snapshot.
 
 * ``records``: the pods the CNI plugin has seen on this node, on disk;
-* ``plugin``: ``ztunnel-cni``, the CNI plugin chained after ``bridge``;
+* ``plugin``: ``ztunnel-cni``'s calls, checked (the binary is ``cni_shim.c``, C,
+  static: it runs on the node and forwards to the agent);
+* ``install``: putting the plugin into the node's CNI, and keeping it there;
 * ``view``: what the agent follows of the cluster (namespace and pod labels);
 * ``reconcile``: the pure decision, which pods to enroll and un-enroll;
 * ``service``: the agent itself (plugin socket, ZDS server, reconcile loop);
 * ``cli``: ``ztunnel-node-agent``.
 
-May import: ``mesh``, ``ztunnel.capture``, ``ztunnel.zds``. The plugin
-module imports only the standard library and ``records`` (it runs once per
-pod and must start fast).
+May import: ``mesh``, ``ztunnel.capture``, ``ztunnel.zds``. ``plugin``,
+``records`` and ``install`` import only the standard library.
 """

@@ -23,6 +23,7 @@ from pathlib import Path
 import uvloop
 
 from ztunnel.nodeagent.health import DEFAULT_ADDRESS, HealthServer
+from ztunnel.nodeagent.install import CniInstaller
 from ztunnel.nodeagent.service import NodeAgent, ViewSource
 from ztunnel.nodeagent.view import MeshlabView
 
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--node", help="this node's name (kubernetes; default $NODE_NAME)")
     p.add_argument("--kubeconfig", help="with --source kubernetes, instead of in-cluster")
+    p.add_argument(
+        "--pod-namespace",
+        default=os.environ.get("POD_NAMESPACE") or "istio-system",
+        help="the agent's own namespace (default $POD_NAMESPACE, else istio-system)",
+    )
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument(
         "--dns-capture",
@@ -53,6 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_listen,
         default="{}:{}".format(*DEFAULT_ADDRESS),
         help="HOST:PORT of /readyz and /healthz, or 'off' (default %(default)s, istio-cni's)",
+    )
+    cni = p.add_argument_group(
+        "CNI installation",
+        "With --cni-conf-dir the agent installs ztunnel-cni on the node, as istio-cni does: "
+        "the binary into --cni-bin-dir, its entry appended to the primary network "
+        "configuration, put back whenever the primary CNI rewrites it.",
+    )
+    cni.add_argument("--cni-conf-dir", type=Path, help="the node's CNI conf dir, as mounted")
+    cni.add_argument("--cni-bin-dir", type=Path, help="the node's CNI bin dir, as mounted")
+    cni.add_argument(
+        "--cni-plugin",
+        type=Path,
+        default=Path(sys.executable).parent / "ztunnel-cni",
+        help="the plugin binary to install (default: ztunnel-cni beside this program)",
+    )
+    cni.add_argument(
+        "--cni-exclude-namespaces",
+        default="",
+        help="comma-separated namespaces whose pods start while the agent is away "
+        "(default: this agent's own, --pod-namespace, and kube-system)",
+    )
+    cni.add_argument(
+        "--cni-uninstall-on-exit",
+        action="store_true",
+        help="remove the entry and the binary on SIGTERM (otherwise they stay, so pods "
+        "started while the agent restarts fail closed)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -85,12 +117,30 @@ def make_source(args: argparse.Namespace) -> ViewSource:
     )
 
 
+def make_installer(args: argparse.Namespace) -> CniInstaller | None:
+    if args.cni_conf_dir is None:
+        return None
+    if args.cni_bin_dir is None:
+        raise SystemExit("ztunnel-node-agent: --cni-conf-dir needs --cni-bin-dir")
+    exclude = [n for n in args.cni_exclude_namespaces.split(",") if n] or [
+        args.pod_namespace,
+        "kube-system",
+    ]
+    # The run dir is mounted at the same path on the host, where the plugin runs.
+    entry = {"runDir": str(args.run_dir), "excludeNamespaces": exclude}
+    return CniInstaller(
+        bin_dir=args.cni_bin_dir, conf_dir=args.cni_conf_dir, plugin=args.cni_plugin, entry=entry
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
+    installer = make_installer(args)
     agent = NodeAgent(
         run_dir=args.run_dir,
         source=make_source(args),
         dns_capture=args.dns_capture,
         poll_s=args.poll_seconds,
+        installer=installer,
     )
     health = HealthServer(agent.ready)
     if args.readiness_address is not None:
@@ -121,6 +171,8 @@ async def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(BaseException):
             await task
         await health.close()
+        if installer is not None and args.cni_uninstall_on_exit:
+            installer.uninstall()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from mesh.ambient import in_ambient
 from ztunnel.capture import inpod
 from ztunnel.nodeagent import plugin, reconcile
+from ztunnel.nodeagent.install import CniInstaller, InstallError
 from ztunnel.nodeagent.records import PodRecord, RecordError, RecordStore
 from ztunnel.nodeagent.view import ClusterView
 from ztunnel.zds.agent import ZdsAgent
@@ -41,6 +42,7 @@ from ztunnel.zds.protocol import PodInfo, ZdsError
 
 log = logging.getLogger("ztunnel.nodeagent")
 ZDS_SOCKET = "zds.sock"
+PENDING_DIR = "pending"  # ztunnel-cni's calls made while the agent was away
 RETRY_S = 2.0
 
 
@@ -68,7 +70,10 @@ class NodeAgent:
         proxy_wait_s: float = 10.0,
         poll_s: float = 0.5,
         netns_exists: Callable[[str], bool] = lambda p: Path(p).exists(),
+        installer: CniInstaller | None = None,
     ) -> None:
+        self.installer = installer
+        self._install_problem: str | None = None
         self.run_dir = run_dir
         self.source = source
         self.dns_capture = dns_capture
@@ -123,6 +128,8 @@ class NodeAgent:
             return False, f"waiting for {self.source.describe()}" + (f": {why}" if why else "")
         if not self._reconciled:
             return False, "the pods recorded on this node are not reconciled yet"
+        if self._install_problem is not None:
+            return False, f"ztunnel-cni is not installed: {self._install_problem}"
         return True, "ready"
 
     async def close(self) -> None:
@@ -139,10 +146,24 @@ class NodeAgent:
 
     # -- reconcile ------------------------------------------------------------------------
 
+    async def install_cni(self) -> None:
+        """Put ztunnel-cni (back) into the node's CNI chain, if this agent installs it."""
+        if self.installer is None:
+            return
+        try:
+            await asyncio.to_thread(self.installer.ensure)
+            self._install_problem = await asyncio.to_thread(self.installer.check)
+        except (InstallError, OSError) as e:
+            self._install_problem = str(e)
+        if self._install_problem is not None:
+            log.warning("node agent: ztunnel-cni: %s", self._install_problem)
+
     async def reconcile(self) -> reconcile.Plan:
+        await self.install_cni()
         view = self.source.read()
         if view.known:
             self._write_hint(view)
+        self._adopt_pending()
         records, bad = self.records.all()
         for name, why in bad.items():
             log.warning("node agent: ignoring pod record %s: %s", name, why)
@@ -315,13 +336,63 @@ class NodeAgent:
     ) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10.0)
-            answer = await self._answer(line)
+            if line.startswith(b'{"cmd":"cni"'):
+                # The ztunnel-cni binary: the exit code on a line, then what it prints.
+                rc, out = await self.handle_cni(line)
+                reply = f"{rc}\n{out}".encode()
+            else:
+                reply = json.dumps(await self._answer(line)).encode() + b"\n"
         except (TimeoutError, ValueError, OSError) as e:
-            answer = {"ok": False, "error": f"bad request: {e}"}
+            reply = json.dumps({"ok": False, "error": f"bad request: {e}"}).encode() + b"\n"
         with contextlib.suppress(OSError):
-            writer.write(json.dumps(answer).encode() + b"\n")
+            writer.write(reply)
             await writer.drain()
         writer.close()
+
+    async def handle_cni(self, line: bytes) -> tuple[int, str]:
+        """A CNI call forwarded by the ztunnel-cni binary: (exit code, what it prints)."""
+        version = "1.0.0"
+        try:
+            call = _forwarded(line)
+            version = call.version
+            if call.command == "VERSION":
+                out = {"cniVersion": version, "supportedVersions": plugin.SUPPORTED_VERSIONS}
+                return 0, json.dumps(out) + "\n"
+            if call.command == "DEL":
+                with contextlib.suppress(RecordError, OSError):
+                    self.records.remove(call.uid)
+                await self.handle_del(call.uid)
+                return 0, ""
+            if call.command != "ADD":
+                return 0, ""  # CHECK, GC, STATUS: nothing to check or collect here
+            assert call.record is not None and call.prev is not None
+            try:
+                self.records.put(call.record)
+            except (OSError, RecordError) as e:
+                pod = f"{call.record.namespace}/{call.record.name}"
+                why = f"cannot record pod {pod}"
+                raise plugin.PluginError(plugin.ERR_ENROLL, why, str(e)) from e
+            answer = await self.handle_add(call.record)
+            if not answer.get("ok"):
+                raise plugin.enroll_error(call.record, answer)
+            return 0, json.dumps(call.prev) + "\n"
+        except plugin.PluginError as e:
+            return 1, plugin.error_json(version, e)
+
+    def _adopt_pending(self) -> None:
+        """Record the pods ztunnel-cni let start while the agent was away (pending/)."""
+        pending = self.run_dir / PENDING_DIR
+        if not pending.is_dir():
+            return
+        for path in sorted(pending.glob("*.json")):
+            try:
+                call = _forwarded(path.read_bytes())
+                if call.record is not None:
+                    self.records.put(call.record)
+            except (OSError, plugin.PluginError, RecordError) as e:
+                log.warning("node agent: ignoring %s: %s", path, e)
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:
@@ -331,18 +402,30 @@ class NodeAgent:
         if not isinstance(request, dict):
             return {"ok": False, "error": "not a JSON object"}
         cmd = request.get("cmd")
-        try:
-            if cmd == "add":
-                record = PodRecord.from_json(json.dumps(request.get("record")))
-                return await self.handle_add(record)
-            if cmd == "del":
-                return await self.handle_del(str(request.get("uid", "")))
-            if cmd == "status":
-                return self.status()
-        except RecordError as e:
-            return {"ok": False, "error": f"bad pod record: {e}"}
+        if cmd == "status":
+            return self.status()
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
 def _key(record: PodRecord) -> tuple[str, str]:
     return record.namespace, record.name
+
+
+def _forwarded(line: bytes) -> plugin.Call:
+    """The call in a ztunnel-cni request line, checked as the plugin would."""
+    try:
+        request = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise plugin.PluginError(plugin.ERR_DECODING, "the request is not JSON", str(e)) from e
+    env, text = request.get("env"), request.get("config")
+    if not isinstance(env, dict) or not isinstance(text, str):
+        raise plugin.PluginError(plugin.ERR_DECODING, "the request lacks 'env' or 'config'")
+    try:
+        config = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise plugin.PluginError(
+            plugin.ERR_DECODING, "the plugin config on stdin is not JSON", str(e)
+        ) from e
+    if not isinstance(config, dict):
+        raise plugin.PluginError(plugin.ERR_DECODING, "the plugin config is not a JSON object")
+    return plugin.prepare({str(k): str(v) for k, v in env.items()}, config)

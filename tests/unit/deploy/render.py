@@ -108,7 +108,11 @@ def containers(objects: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
 # Kubernetes' $(VAR) references in command and args (a `$$` escapes a `$`).
 _REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 # What the downward API gives, for the references made to it.
-FIELD_VALUES = {"spec.nodeName": "node-1", "metadata.name": "pod-1"}
+FIELD_VALUES = {
+    "spec.nodeName": "node-1",
+    "metadata.name": "pod-1",
+    "metadata.namespace": "istio-system",
+}
 
 
 def env_values(c: Obj) -> dict[str, str]:

@@ -231,16 +231,28 @@ def test_ztunnel_finds_the_root_cert_the_token_and_the_zds_socket() -> None:
     assert zt_where == agent_where  # and at the same path, the one the CNI plugin's runDir names
 
 
-def test_node_agent_mounts_are_read_by_it_or_reserved_for_the_cni_installer() -> None:
+def test_node_agent_mounts_are_read_by_it_or_reserved_for_the_cni_installer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ds, c, agent = _parsed("default", "ztunnel-node-agent")
     volumes = mounts(ds, c)
-    # Read today: the run dir (sockets, the plugin's pod records) and the pods' netns
-    # paths (CNI_NETNS as the runtime gives it, e.g. /var/run/netns/cni-1234).
-    read = {str(agent.run_dir), "/var/run/netns"}
-    # istio-cni's mounts for what issue 11 adds next: installing the plugin and its
-    # conflist entry, and entering pods that started before the agent.
-    reserved = {"/host/opt/cni/bin", "/host/etc/cni/net.d", "/host/proc"}
+    # Read: the run dir (sockets, the plugin's pod records), the pods' netns paths
+    # (CNI_NETNS as the runtime gives it, e.g. /var/run/netns/cni-1234), and the
+    # node's CNI dirs the installer writes.
+    read = {str(agent.run_dir), "/var/run/netns", str(agent.cni_bin_dir), str(agent.cni_conf_dir)}
+    assert volumes[str(agent.cni_bin_dir)]["hostPath"]["path"] == "/opt/cni/bin"
+    assert volumes[str(agent.cni_conf_dir)]["hostPath"]["path"] == "/etc/cni/net.d"
+    # istio-cni's mount for what issue 11 adds next: entering pods that started
+    # before the agent.
+    reserved = {"/host/proc"}
     assert set(volumes) == read | reserved
+    # The plugin's run dir on the host is the agent's: mounted at the same path.
+    assert volumes[str(agent.run_dir)]["hostPath"]["path"] == str(agent.run_dir)
+    for name, value in env_values(c).items():  # POD_NAMESPACE among them
+        monkeypatch.setenv(name, value)
+    installer = node_agent_program.make_installer(agent)
+    assert installer is not None
+    assert installer.entry["excludeNamespaces"] == ["istio-system", "kube-system"]
     netns = volumes["/var/run/netns"]["hostPath"]["path"]
     assert netns == "/var/run/netns"  # mounted where the host's paths point
 

@@ -1,15 +1,18 @@
 """The node agent's pure parts and the CNI plugin, without namespaces.
 
-The plugin is run as the runtime runs it (environment, config on stdin,
-result or error on stdout) against a real agent on a unix socket; capture
+The plugin binary (ztunnel-cni, built by make) is run as the runtime runs it
+(environment, config on stdin, result or error on stdout), alone and against
+a real agent on a unix socket; capture
 itself needs root and is covered by tests/integration/test_mesh_meshlab.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -121,22 +124,36 @@ def test_records_round_trip_and_bad_ones_are_named(tmp_path: Path) -> None:
 
 # -- the plugin, alone --------------------------------------------------------------------
 
+PLUGIN_BINARY = Path(sys.executable).parent / "ztunnel-cni"
+needs_plugin = pytest.mark.skipif(
+    not PLUGIN_BINARY.is_file(), reason=f"{PLUGIN_BINARY} is not built (make cni-plugin)"
+)
+
 
 def invoke(
     command: str, config: dict[str, Any], env: dict[str, str] | None = None
 ) -> tuple[int, Any]:
-    out = io.StringIO()
+    """Run the ztunnel-cni binary as a runtime does: environment, config on stdin."""
     full = {
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": "c0ffee",
         "CNI_NETNS": "/run/netns/x",
         "CNI_IFNAME": "eth0",
         "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=x",
+        "CNI_PATH": "/opt/cni/bin",
         **(env or {}),
     }
-    code = plugin.main(io.StringIO(json.dumps(config)), out, full)
-    text = out.getvalue()
-    return code, json.loads(text) if text else None
+    done = subprocess.run(
+        [str(PLUGIN_BINARY)],
+        input=json.dumps(config),
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    text = done.stdout
+    return done.returncode, json.loads(text) if text.strip() else None
 
 
 def conf(run_dir: Path, **extra: Any) -> dict[str, Any]:
@@ -150,36 +167,48 @@ def conf(run_dir: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
-def test_plugin_refuses_to_run_unchained_or_misconfigured(tmp_path: Path) -> None:
-    code, err = invoke("ADD", conf(tmp_path))
-    assert code == 1 and err["code"] == plugin.ERR_UNSUPPORTED_FIELD and "chained" in err["msg"]
+@needs_plugin
+def test_plugin_refuses_bad_configs_and_answers_version_alone(tmp_path: Path) -> None:
     code, err = invoke("ADD", {"cniVersion": "1.0.0", "prevResult": PREV})
-    assert code == 1 and "runDir" in err["msg"]
-    code, err = invoke("ADD", conf(tmp_path, prevResult=PREV), {"CNI_ARGS": "K8S_POD_NAME=x"})
-    assert code == 1 and "K8S_POD_NAMESPACE" in err["msg"]
-    code, err = invoke("ADD", conf(tmp_path, cniVersion="9.9.9", prevResult=PREV))
-    assert code == 1 and err["code"] == plugin.ERR_INCOMPATIBLE_VERSION
-    code, out = invoke("VERSION", {})
-    assert code == 0 and "1.0.0" in out["supportedVersions"]
+    assert code == 1 and err["code"] == plugin.ERR_DECODING and "runDir" in err["msg"]
+    code, err = invoke("ADD", conf(tmp_path, timeoutSeconds="soon", prevResult=PREV))
+    assert code == 1 and "timeoutSeconds" in err["msg"]
+    code, out = invoke("VERSION", {"cniVersion": "0.4.0"})
+    assert code == 0 and out["supportedVersions"] == plugin.SUPPORTED_VERSIONS
+    assert out["cniVersion"] == "0.4.0"
+    done = subprocess.run(
+        [str(PLUGIN_BINARY)],
+        input="{not json",
+        env={"CNI_COMMAND": "ADD"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1 and "not a JSON object" in json.loads(done.stdout)["msg"]
 
 
+@needs_plugin
 def test_plugin_without_agent_starts_pods_outside_the_mesh_and_holds_back_mesh_ones(
     tmp_path: Path,
 ) -> None:
     # No hint yet: the agent never ran, the plugin cannot know: it fails, to be retried.
     code, err = invoke("ADD", conf(tmp_path, prevResult=PREV))
     assert code == 1 and err["code"] == plugin.ERR_TRY_AGAIN and "cannot be reached" in err["msg"]
+    assert "a/x" in err["msg"] and "No such file" in err["details"]
+    # ...except pods of the excluded namespaces (the agent's own): it must always start.
+    code, out = invoke("ADD", conf(tmp_path, prevResult=PREV, excludeNamespaces=["kube", "a"]))
+    assert code == 0 and out == PREV
     # The agent said namespace "a" is ambient: pods there fail; others start untouched.
     (tmp_path / plugin.AMBIENT_HINT).write_text(json.dumps(["a"]))
     assert invoke("ADD", conf(tmp_path, prevResult=PREV))[0] == 1
-    code, out = invoke(
-        "ADD", conf(tmp_path, prevResult=PREV), {"CNI_ARGS": "K8S_POD_NAMESPACE=b;K8S_POD_NAME=y"}
-    )
+    other = {"CNI_ARGS": "K8S_POD_NAMESPACE=b;K8S_POD_NAME=y", "CNI_CONTAINERID": "b0b"}
+    code, out = invoke("ADD", conf(tmp_path, prevResult=PREV), other)
     assert code == 0 and out == PREV
-    # Every pod is recorded for the agent; DEL forgets it and succeeds without an agent.
-    assert set(RecordStore(tmp_path / plugin.PODS_DIR).all()[0]) == {"c0ffee"}
-    assert invoke("DEL", conf(tmp_path)) == (0, None)
-    assert RecordStore(tmp_path / plugin.PODS_DIR).all()[0] == {}
+    # The pods that started are kept for the agent; the held-back one is not.
+    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == ["b0b.json", "c0ffee.json"]
+    # DEL, CHECK, STATUS succeed without an agent (a failing STATUS would stop the node).
+    for command in ("DEL", "CHECK", "STATUS", "GC"):
+        assert invoke(command, conf(tmp_path)) == (0, None)
 
 
 # -- the plugin against a running agent ----------------------------------------------------
@@ -196,6 +225,16 @@ class FixedView:
         return self.v
 
 
+def ask(sock: Path, request: dict[str, Any]) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        answer: dict[str, Any] = json.loads(s.makefile().readline())
+        return answer
+
+
+@needs_plugin
 def test_plugin_asks_the_agent_which_answers_for_pods_outside_the_mesh(tmp_path: Path) -> None:
     """Outside the mesh: passed through at once; unknown pod in an unknown namespace:
     refused with the agent's reason (the mesh pods' path needs root: integration)."""
@@ -215,17 +254,48 @@ def test_plugin_asks_the_agent_which_answers_for_pods_outside_the_mesh(tmp_path:
             )
             assert code == 1 and err["code"] == plugin.ERR_ENROLL
             assert "not known to the node agent" in err["details"]
-            status = await asyncio.to_thread(
-                plugin.ask_agent, tmp_path / plugin.SOCKET_NAME, {"cmd": "status"}, 2.0
+            # The agent checks the call as the binary forwarded it.
+            code, err = await asyncio.to_thread(
+                invoke, "ADD", conf(tmp_path, cniVersion="9.9.9", prevResult=PREV)
             )
+            assert code == 1 and err["code"] == plugin.ERR_INCOMPATIBLE_VERSION
+            code, err = await asyncio.to_thread(invoke, "ADD", conf(tmp_path))
+            assert code == 1 and err["code"] == plugin.ERR_UNSUPPORTED_FIELD
+            assert "chained" in err["msg"]
+            code, err = await asyncio.to_thread(
+                invoke, "ADD", conf(tmp_path, prevResult=PREV), {"CNI_ARGS": "K8S_POD_NAME=x"}
+            )
+            assert code == 1 and "K8S_POD_NAMESPACE" in err["msg"]
+            assert await asyncio.to_thread(invoke, "DEL", conf(tmp_path)) == (0, None)
+            sock = tmp_path / plugin.SOCKET_NAME
+            status = await asyncio.to_thread(ask, sock, {"cmd": "status"})
             assert status["ok"] and status["enrolled"] == [] and status["ztunnel"] is False
-            bad = await asyncio.to_thread(
-                plugin.ask_agent, tmp_path / plugin.SOCKET_NAME, {"cmd": "rm -rf"}, 2.0
-            )
+            bad = await asyncio.to_thread(ask, sock, {"cmd": "rm -rf"})
             assert not bad["ok"] and "unknown command" in bad["error"]
-            # The reconcile pass writes the hint the plugin falls back on.
+            # The reconcile pass writes the hint the plugin falls back on, and records
+            # the pods the plugin let start while the agent was away.
+            pending = tmp_path / "pending"
+            pending.mkdir()
+            (pending / "0ld.json").write_text(
+                json.dumps(
+                    {
+                        "cmd": "cni",
+                        "env": {
+                            "CNI_COMMAND": "ADD",
+                            "CNI_CONTAINERID": "0ld",
+                            "CNI_NETNS": str(tmp_path),  # a path that exists
+                            "CNI_ARGS": "K8S_POD_NAMESPACE=a;K8S_POD_NAME=old",
+                        },
+                        "config": json.dumps(conf(tmp_path, prevResult=PREV)),
+                    }
+                )
+            )
+            (pending / "junk.json").write_text("{")
             await agent.reconcile()
             assert json.loads((tmp_path / plugin.AMBIENT_HINT).read_text()) == ["b"]
+            assert list(pending.iterdir()) == []
+            old = agent.records.all()[0]["0ld"]
+            assert (old.namespace, old.name, old.ips) == ("a", "old", ("10.244.0.7",))
         finally:
             await agent.close()
 
