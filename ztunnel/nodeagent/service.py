@@ -42,6 +42,7 @@ from ztunnel.zds.protocol import PodInfo, ZdsError
 
 log = logging.getLogger("ztunnel.nodeagent")
 ZDS_SOCKET = "zds.sock"
+MAX_REQUEST = 128 * 1024 * 1024  # ztunnel-cni reads 16 MiB at most; escaping may grow it 6x
 PENDING_DIR = "pending"  # ztunnel-cni's calls made while the agent was away
 RETRY_S = 2.0
 
@@ -101,7 +102,10 @@ class NodeAgent:
         path = self.run_dir / plugin.SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        self._server = await asyncio.start_unix_server(self._serve_plugin, path=str(path))
+        # A CNI call carries the previous result: allow lines far longer than 64 KiB.
+        self._server = await asyncio.start_unix_server(
+            self._serve_plugin, path=str(path), limit=MAX_REQUEST
+        )
         path.chmod(0o600)
         self._listening = True
         log.info("node agent: following %s; plugin socket %s", self.source.describe(), path)
