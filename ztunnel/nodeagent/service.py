@@ -154,13 +154,17 @@ class NodeAgent:
         """Put ztunnel-cni (back) into the node's CNI chain, if this agent installs it."""
         if self.installer is None:
             return
+        before = self._install_problem
         try:
             await asyncio.to_thread(self.installer.ensure)
             self._install_problem = await asyncio.to_thread(self.installer.check)
         except (InstallError, OSError) as e:
             self._install_problem = str(e)
-        if self._install_problem is not None:
-            log.warning("node agent: ztunnel-cni: %s", self._install_problem)
+        if self._install_problem != before:  # said once, not on every pass
+            if self._install_problem is not None:
+                log.warning("node agent: ztunnel-cni: %s", self._install_problem)
+            else:
+                log.info("node agent: ztunnel-cni is in the node's CNI chain")
 
     async def reconcile(self) -> reconcile.Plan:
         await self.install_cni()
