@@ -108,6 +108,11 @@ class CniInstaller:
             return False
         return (have.st_size, int(have.st_mtime)) == (want.st_size, int(want.st_mtime))
 
+    def _chained(self, path: Path, conf: dict[str, Any]) -> bool:
+        """Whether the configuration at ``path`` ends with our entry, as it is now."""
+        plugins = conf.get("plugins") if path.suffix == ".conflist" else None
+        return isinstance(plugins, list) and bool(plugins) and plugins[-1] == self.entry
+
     def check(self) -> str | None:
         """None when the binary and the entry are in place; otherwise what is wrong."""
         if not self.target.is_file() or not os.access(self.target, os.X_OK):
@@ -119,8 +124,7 @@ class CniInstaller:
             return f"no CNI network configuration in {self.conf_dir} yet (the primary CNI's)"
         conf = _load(path)
         assert conf is not None
-        plugins = conf.get("plugins") if path.suffix == ".conflist" else None
-        if not plugins or plugins[-1] != self.entry:
+        if not self._chained(path, conf):
             return f"{path} lacks the {PLUGIN_TYPE} entry"
         return None
 
@@ -147,8 +151,7 @@ class CniInstaller:
         conf = _load(path)
         assert conf is not None
         conflist = path.suffix == ".conflist"
-        plugins = conf.get("plugins") if conflist else None
-        if not plugins or plugins[-1] != self.entry:
+        if not self._chained(path, conf):
             new = with_entry(conf, self.entry, conflist=conflist)
             dest = path if conflist else path.with_suffix(".conflist")
             try:

@@ -8,13 +8,12 @@ agent's socket, and this module checks the call there (:func:`prepare`) for
 :meth:`ztunnel.nodeagent.service.NodeAgent.handle_cni`. It never changes the
 pod's network:
 
-* ``ADD``: record the pod (uid, namespace, name, netns, IPs) for the node
-  agent, then ask the agent to enroll it. The agent answers once the pod is
-  captured and ztunnel has it, or says the pod is not in the mesh; only then
-  does the plugin return, so the pod's app starts already captured. The
-  previous result is passed on unchanged.
-* ``DEL``: forget the pod and tell the agent; always succeeds (DEL must
-  release what it can even when the agent is away).
+* ``ADD``: the agent records the pod (uid, namespace, name, netns, IPs) and
+  enrolls it, answering once the pod is captured and ztunnel has it, or that
+  the pod is not in the mesh; only then does the plugin return, so the pod's
+  app starts already captured. The previous result is passed on unchanged.
+* ``DEL``: the agent forgets the pod; always succeeds (DEL must release what
+  it can even when the agent is away).
 * ``CHECK``, ``VERSION``: as the spec says.
 
 When the agent cannot be reached (the binary decides alone), a pod of a
@@ -37,7 +36,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ztunnel.nodeagent.records import PodRecord, RecordError, check_uid
@@ -91,8 +89,6 @@ class Call:
 
     command: str  # ADD, DEL, CHECK, GC, STATUS or VERSION
     version: str
-    run_dir: Path | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
     uid: str = ""
     record: PodRecord | None = None
     prev: dict[str, Any] | None = None
@@ -110,19 +106,18 @@ def prepare(env: Mapping[str, str], config: Mapping[str, Any]) -> Call:
     if not isinstance(run_dir, str) or not run_dir:
         raise PluginError(ERR_DECODING, "the plugin config needs 'runDir' (the node agent's dir)")
     try:
-        timeout_s = float(config.get("timeoutSeconds", DEFAULT_TIMEOUT_S))
+        float(config.get("timeoutSeconds", DEFAULT_TIMEOUT_S))  # the binary's, checked here too
     except (TypeError, ValueError) as e:
         raise PluginError(ERR_DECODING, "'timeoutSeconds' must be a number") from e
-    root = Path(run_dir)
     if command in ("CHECK", "GC", "STATUS"):
-        return Call(command, version, root, timeout_s)
+        return Call(command, version)
     if command not in ("ADD", "DEL"):
         raise PluginError(ERR_INVALID_ENV, f"unknown CNI_COMMAND {command!r}")
     uid = env.get("CNI_CONTAINERID", "")
     if not uid:
         raise PluginError(ERR_INVALID_ENV, "CNI_CONTAINERID is not set")
     if command == "DEL":
-        return Call(command, version, root, timeout_s, uid)
+        return Call(command, version, uid)
     prev = config.get("prevResult")
     if not isinstance(prev, dict):
         raise PluginError(
@@ -141,7 +136,7 @@ def prepare(env: Mapping[str, str], config: Mapping[str, Any]) -> Call:
         check_uid(uid)
     except RecordError as e:
         raise PluginError(ERR_ENROLL, f"cannot record pod {namespace}/{name}", str(e)) from e
-    return Call(command, version, root, timeout_s, uid, record, prev)
+    return Call(command, version, uid, record, prev)
 
 
 def enroll_error(record: PodRecord, answer: Mapping[str, Any]) -> PluginError:

@@ -156,8 +156,12 @@ class NodeAgent:
             return
         before = self._install_problem
         try:
-            await asyncio.to_thread(self.installer.ensure)
-            self._install_problem = await asyncio.to_thread(self.installer.check)
+            # One check per pass when all is in place; a repair, and a check again, if not.
+            problem = await asyncio.to_thread(self.installer.check)
+            if problem is not None:
+                await asyncio.to_thread(self.installer.ensure)
+                problem = await asyncio.to_thread(self.installer.check)
+            self._install_problem = problem
         except (InstallError, OSError) as e:
             self._install_problem = str(e)
         if self._install_problem != before:  # said once, not on every pass
