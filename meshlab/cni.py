@@ -9,8 +9,13 @@ threading each plugin's result into the next as ``prevResult``. ``DEL`` runs
 the chain in reverse with the cached ``ADD`` result. The loopback interface
 is set up by its own one-plugin network, as containerd does.
 
-``meshlab up --mesh`` adds our own plugin to the chain by editing the
-node's conflist; nothing here needed to change for that.
+Each node's primary network is shaped as kind's (kindnet's
+``10-kindnet.conflist``: ``ptp`` with ``host-local`` IPAM over the node's pod
+CIDR, then ``portmap``, CNI 0.3.1), in the node's own conf and bin dirs
+(``nodes/NODE/cni/net.d`` and ``nodes/NODE/cni/bin``, Kubernetes'
+``/etc/cni/net.d`` and ``/opt/cni/bin``). With the mesh, the node agent
+installs ``ztunnel-cni`` there itself, as on Kubernetes; nothing here knows
+of it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 from meshlab.errors import CniError, HostToolMissingError, MeshlabError
 
 CNI_VERSION = "1.0.0"
-NETWORK_NAME = "meshlab"
+NETWORK_NAME = "kindnet"
+NETWORK_FILE = "10-kindnet.conflist"
+NETWORK_CNI_VERSION = "0.3.1"  # what kindnet writes
 CNI_BIN_DIRS = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
 PLUGIN_TIMEOUT_S = 30.0
 LOOPBACK_CONFLIST: dict[str, Any] = {
@@ -38,8 +45,8 @@ LOOPBACK_CONFLIST: dict[str, Any] = {
 
 
 def find_cni_path() -> str:
-    """The directories holding the plugin binaries (``CNI_PATH``)."""
-    found = [d for d in CNI_BIN_DIRS if (d / "bridge").is_file()]
+    """The directories holding the reference plugin binaries (``CNI_PATH``)."""
+    found = [d for d in CNI_BIN_DIRS if (d / "ptp").is_file()]
     if not found:
         raise HostToolMissingError(
             "the CNI plugins are not installed (looked in "
@@ -50,26 +57,26 @@ def find_cni_path() -> str:
 
 
 def node_conflist(pod_cidr: IPv4Network, ipam_dir: Path) -> dict[str, Any]:
-    """The node's pod network: a ``bridge`` with ``host-local`` IPAM over the node's CIDR."""
+    """The node's pod network as kindnet writes it: ``ptp`` with ``host-local`` IPAM over
+    the node's CIDR (each pod a veth pair routed by the node, no bridge), then ``portmap``."""
     return {
-        "cniVersion": CNI_VERSION,
+        "cniVersion": NETWORK_CNI_VERSION,
         "name": NETWORK_NAME,
         "plugins": [
             {
-                "type": "bridge",
-                "bridge": "cni0",
-                "isGateway": True,
+                "type": "ptp",
                 # No masquerade: pod addresses are routed between nodes as is,
                 # so the destination sees the real source pod IP (as kind does).
                 "ipMasq": False,
-                "hairpinMode": True,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": str(pod_cidr)}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": str(ipam_dir),
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": [[{"subnet": str(pod_cidr)}]],
                 },
-            }
+                "mtu": 1500,
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }
 

@@ -222,10 +222,11 @@ def _build_nodes(state: Cluster, log: Log) -> Cluster:
         ndir = node_dir(state.name, node.name)
         issue_node_token(ndir)
         cni.write_conflist(
-            ndir / "cni" / "net.d",
+            mesh.cni_conf_dir(state.name, node.name),
             cni.node_conflist(node.pod_cidr, ndir / "cni" / "ipam"),
-            "10-meshlab.conflist",
+            cni.NETWORK_FILE,
         )
+        mesh.cni_bin_dir(state.name, node.name).mkdir(parents=True, exist_ok=True)
     # As kindnet does: every node routes each other node's pod CIDR to that node.
     for node in state.nodes:
         for other in state.nodes:
@@ -236,13 +237,8 @@ def _build_nodes(state: Cluster, log: Log) -> Cluster:
 
 
 def _build_mesh(state: Cluster, log: Log, image: str | None = None) -> None:
-    """meshd and each node's agent and ztunnel, and ztunnel-cni in every CNI chain."""
-    assert state.name
-    mesh.install_plugin(state.name)
-    for node in state.nodes:
-        conf_dir = node_dir(state.name, node.name) / "cni" / "net.d"
-        chained = mesh.chain(cni.load_conflist(conf_dir), state.name, node.name)
-        cni.write_conflist(conf_dir, chained, "10-meshlab.conflist")
+    """meshd and each node's agent (which installs ztunnel-cni into the node's CNI) and
+    ztunnel."""
     mesh.start(state, log, image=image)
 
 
@@ -294,8 +290,9 @@ def _sandbox(pod: Pod) -> cni.PodSandbox:
 
 def _runtime(state: Cluster, node: Node, cni_path: str) -> cni.CniRuntime:
     assert state.name and node.netns
-    if state.mesh:  # ztunnel-cni is chained: the runtime must find it
-        cni_path = os.pathsep.join([cni_path, str(mesh.plugin_dir(state.name))])
+    # The node's own plugin dir first (where the node agent installs ztunnel-cni), as
+    # kind's /opt/cni/bin; then the reference plugins of the host.
+    cni_path = os.pathsep.join([str(mesh.cni_bin_dir(state.name, node.name)), cni_path])
     return cni.CniRuntime(
         host_netns=node.netns,
         cni_path=cni_path,
@@ -348,7 +345,7 @@ def start_pod(state: Cluster, planned: Pod, cni_path: str, log: Log = _quiet) ->
     netlink.create_netns(netns)
     runtime = _runtime(state, node, cni_path)
     runtime.add(cni.LOOPBACK_CONFLIST, replace(_sandbox(pod), ifname="lo"))
-    conflist = cni.load_conflist(node_dir(name, node.name) / "cni" / "net.d")
+    conflist = cni.load_conflist(mesh.cni_conf_dir(name, node.name))
     result = runtime.add(conflist, _sandbox(pod))
     pod = replace(pod, ip=cni.pod_address(result))
     write_resolv_conf(state, pod)
@@ -374,7 +371,7 @@ def stop_pod(state: Cluster, pod: Pod) -> None:
     if pod.container_id and pod.netns:
         node = state.node(pod.node)
         runtime = _runtime(state, node, cni.find_cni_path())
-        conflist = cni.load_conflist(node_dir(state.name, node.name) / "cni" / "net.d")
+        conflist = cni.load_conflist(mesh.cni_conf_dir(state.name, node.name))
         with contextlib.suppress(MeshlabError):
             runtime.delete(conflist, _sandbox(pod))
             runtime.delete(cni.LOOPBACK_CONFLIST, replace(_sandbox(pod), ifname="lo"))
@@ -472,7 +469,7 @@ def _cni_delete_all(state: Cluster, report: DownReport) -> None:
             continue  # the node and everything in it are gone already
         assert state.name
         try:
-            conflist = cni.load_conflist(node_dir(state.name, node.name) / "cni" / "net.d")
+            conflist = cni.load_conflist(mesh.cni_conf_dir(state.name, node.name))
             runtime = _runtime(state, node, cni_path)
             runtime.delete(conflist, _sandbox(pod))
             runtime.delete(cni.LOOPBACK_CONFLIST, replace(_sandbox(pod), ifname="lo"))

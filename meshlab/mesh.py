@@ -8,8 +8,12 @@ Kubernetes install of Istio ambient would:
   cluster's state file;
 * on each node, inside the node's namespace, ``ztunnel-node-agent`` and
   ``ztunnel`` (a DaemonSet's two pods), sharing the node's run directory;
-* ``ztunnel-cni`` appended to each node's CNI chain after ``bridge``, so pods
-  created afterwards pass through it.
+* the node agent installs ``ztunnel-cni`` into its node's CNI as on
+  Kubernetes (``--cni-conf-dir``/``--cni-bin-dir``: the node's ``cni/net.d``
+  and ``cni/bin``, kind's ``/etc/cni/net.d`` and ``/opt/cni/bin``): the binary
+  copied, its entry appended to the primary conflist and put back when that is
+  rewritten; a node is ready once it is, so pods created afterwards pass
+  through it.
 
 Every process carries the cluster's marker, so ``meshlab down`` stops them
 with the rest. Their pids are kept in ``mesh.json`` in the cluster's dir.
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +47,6 @@ from meshlab.errors import MeshlabError
 XDS_PORT = 15010
 XDS_TLS_PORT = 15012
 STATUS_PORT = 15014
-PLUGIN = "ztunnel-cni"
 AGENT_SOCKET = "plugin.sock"
 READY_TIMEOUT_S = 60.0
 
@@ -60,11 +62,6 @@ def bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def plugin_dir(name: str) -> Path:
-    """A directory holding only the ``ztunnel-cni`` plugin, added to ``CNI_PATH``."""
-    return cluster_dir(name) / "cni-bin"
-
-
 def run_dir(name: str, node: str) -> Path:
     return cluster_dir(name) / "nodes" / node / "ztunnel"
 
@@ -77,23 +74,14 @@ def _state_file(name: str) -> Path:
     return cluster_dir(name) / "mesh.json"
 
 
-def install_plugin(name: str) -> Path:
-    source = bin_dir() / PLUGIN
-    if not source.is_file():
-        raise MeshlabError(f"{source} is missing: install the project (`make deps`)")
-    directory = plugin_dir(name)
-    directory.mkdir(parents=True, exist_ok=True)
-    link = directory / PLUGIN
-    link.unlink(missing_ok=True)
-    link.symlink_to(source)
-    return directory
+def cni_conf_dir(name: str, node: str) -> Path:
+    """The node's CNI configuration dir (Kubernetes' ``/etc/cni/net.d``)."""
+    return cluster_dir(name) / "nodes" / node / "cni" / "net.d"
 
 
-def chain(conflist: dict[str, Any], name: str, node: str) -> dict[str, Any]:
-    """``conflist`` with ``ztunnel-cni`` appended (once), as istio-cni chains itself."""
-    plugins = [p for p in conflist["plugins"] if p.get("type") != PLUGIN]
-    plugins.append({"type": PLUGIN, "runDir": str(run_dir(name, node))})
-    return {**conflist, "plugins": plugins}
+def cni_bin_dir(name: str, node: str) -> Path:
+    """The node's CNI plugin dir (Kubernetes' ``/opt/cni/bin``), first on ``CNI_PATH``."""
+    return cluster_dir(name) / "nodes" / node / "cni" / "bin"
 
 
 def _env(state: Cluster) -> dict[str, str]:
@@ -288,8 +276,14 @@ def start_agent(state: Cluster, node: Node, log: Log = _quiet) -> int:
         str(bin_dir() / "ztunnel-node-agent"),
         "--source",
         f"meshlab:{state.name}",
+        "--node",
+        node.name,
         "--run-dir",
         str(rdir),
+        "--cni-conf-dir",
+        str(cni_conf_dir(state.name, node.name)),
+        "--cni-bin-dir",
+        str(cni_bin_dir(state.name, node.name)),
     ]
     log_path = _logs(state) / f"node-agent.{node.name}.log"
     where = ("node-agent", node.name)
@@ -351,7 +345,8 @@ def agent_status(name: str, node: str, timeout_s: float = 5.0) -> dict[str, Any]
 
 
 def wait_node(state: Cluster, node: Node, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Until the node's agent answers and its ztunnel is connected to it."""
+    """Until the node's agent is ready (ztunnel-cni installed among the rest) and its
+    ztunnel is connected to it."""
     assert state.name
     deadline = time.monotonic() + timeout_s
     last = "no answer"
@@ -361,9 +356,13 @@ def wait_node(state: Cluster, node: Node, timeout_s: float = READY_TIMEOUT_S) ->
         except (OSError, ValueError) as e:
             last = f"node agent: {e}"
         else:
-            if status.get("ztunnel"):
+            ready, why = status.get("ready") or (False, "the agent does not say it is ready")
+            if not ready:
+                last = f"node agent: {why}"
+            elif status.get("ztunnel"):
                 return
-            last = "ztunnel is not connected to the node agent"
+            else:
+                last = "ztunnel is not connected to the node agent"
         time.sleep(0.1)
     raise MeshlabError(f"node {node.name}: the mesh is not ready after {timeout_s:g} s: {last}")
 
@@ -396,5 +395,4 @@ def restart_ztunnel(state: Cluster, node: Node, *, kill: bool = True, log: Log =
 
 
 def remove_files(name: str) -> None:
-    shutil.rmtree(plugin_dir(name), ignore_errors=True)
     _state_file(name).unlink(missing_ok=True)

@@ -1,7 +1,9 @@
 """The whole node on a meshlab cluster: `meshlab up --mesh`, then pods talk.
 
 meshd in the root namespace; on each node the node agent and ztunnel as
-separate processes; ``ztunnel-cni`` chained after ``bridge``. Everything the
+separate processes; each node's primary CNI kindnet's (``ptp`` +
+``host-local`` + ``portmap``), and the node agent installs ``ztunnel-cni``
+into it as on Kubernetes. Everything the
 pods do goes through the real capture, ZDS, xDS, CA and HBONE paths, and the
 node underlay is sniffed to see what crosses it.
 
@@ -15,8 +17,10 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,9 @@ import yaml
 from scapy.layers.inet import TCP
 from scapy.sendrecv import AsyncSniffer
 
-from mesh.cluster.statefile import read_state
-from meshlab import mesh, names
+from mesh.cluster.model import Pod
+from mesh.cluster.statefile import cluster_dir, locked, read_state, write_state
+from meshlab import cni, lifecycle, mesh, names
 from tests.integration.conftest import (
     assert_nothing_left,
     http_get,
@@ -319,6 +324,102 @@ def test_a_restarted_ztunnel_readopts_its_pods_and_nothing_bypasses_it_meanwhile
     assert new != old
     assert http_get(cluster, "client/sleep", echo2)["pod"] == "echo-2"
     assert http_get(cluster, "outside/web", echo2)["pod"] == "echo-2"
+
+
+def chain_of(cluster: str, node: str) -> list[str]:
+    conf = json.loads((mesh.cni_conf_dir(cluster, node) / cni.NETWORK_FILE).read_text())
+    return [p["type"] for p in conf["plugins"]]
+
+
+def test_the_agent_installed_ztunnel_cni_and_puts_it_back_when_kindnet_rewrites_its_conflist(
+    cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = read_state(cluster)
+    node = state.node("node1")
+    assert node.pod_cidr is not None
+    installed = mesh.cni_bin_dir(cluster, "node1") / "ztunnel-cni"
+    assert installed.read_bytes() == (mesh.bin_dir() / "ztunnel-cni").read_bytes()
+    assert chain_of(cluster, "node1") == ["ptp", "portmap", "ztunnel-cni"]
+    # kindnet writes its own file again (as it does when it restarts), over and over,
+    # while pods start on the node: some ADDs run without our entry in the chain.
+    kindnet = cni.node_conflist(
+        node.pod_cidr, lifecycle.node_dir(cluster, "node1") / "cni" / "ipam"
+    )
+    stop = threading.Event()
+    rewrites = 0
+
+    def rewrite() -> None:
+        nonlocal rewrites
+        while not stop.is_set():
+            cni.write_conflist(mesh.cni_conf_dir(cluster, "node1"), kindnet, cni.NETWORK_FILE)
+            rewrites += 1
+            stop.wait(0.2)
+
+    new = [
+        Pod(
+            name=f"churn-{i}",
+            namespace=ns,
+            node="node1",
+            command=("meshlab", "app", "echo", "--port", "8080"),
+        )
+        for i, ns in enumerate(["client", "client", "client", "client", "outside"])
+    ]
+    writer = threading.Thread(target=rewrite, daemon=True)
+    try:
+        with locked(cluster):
+            current = read_state(cluster)
+            # The first pod's ADD surely runs on kindnet's own list (the runtime read
+            # the file just after a rewrite); the others race the rewrites.
+            with monkeypatch.context() as patch:
+                patch.setattr(cni, "load_conflist", lambda _: kindnet)
+                current = lifecycle.start_pod(current, new[0], cni.find_cni_path())
+            writer.start()
+            for pod in new[1:]:
+                current = lifecycle.start_pod(current, pod, cni.find_cni_path())
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+    try:
+        assert rewrites >= 3
+        # The entry is back, once and last, within two of the agent's passes.
+        wait_for(
+            "ztunnel-cni back in the chain",
+            lambda: chain_of(cluster, "node1")[-1:] == ["ztunnel-cni"],
+            5,
+        )
+        assert chain_of(cluster, "node1") == ["ptp", "portmap", "ztunnel-cni"]
+        # Every pod of the ambient namespace is in the mesh, whether its ADD went
+        # through ztunnel-cni or not (the agent enrolls what it sees on its node);
+        # the pod of the namespace outside the mesh is not.
+        for pod in new[:4]:
+            wait_for(f"{pod.key} to be captured", lambda p=pod: captured(cluster, p.key))
+        assert not captured(cluster, "outside/churn-4")
+        agent_log = (cluster_dir(cluster) / "logs" / "node-agent.node1.log").read_text()
+        assert "client/churn-0 runs without ztunnel-cni having seen it" in agent_log
+        # ... and recorded as ztunnel-cni would have, under its sandbox's id.
+        sandbox = next(
+            p.container_id for p in read_state(cluster).pods if p.key == "client/churn-0"
+        )
+        record = mesh.run_dir(cluster, "node1") / "pods" / f"{sandbox}.json"
+        assert json.loads(record.read_text())["name"] == "churn-0"
+        sniffer = sniff(cluster)
+        answer = http_get(
+            cluster, "server/echo-2", f"http://{pod_ip(cluster, 'client/churn-0')}:8080/"
+        )
+        wire = seen(sniffer)
+        assert answer["pod"] == "churn-0"
+        assert {min(p[TCP].sport, p[TCP].dport) for p in wire} == {15008}
+    finally:
+        with locked(cluster):
+            current = read_state(cluster)
+            for pod in new:
+                started = next((p for p in current.pods if p.key == pod.key), None)
+                if started is not None:
+                    lifecycle.stop_pod(current, started)
+            keys = {p.key for p in new}
+            write_state(replace(current, pods=tuple(p for p in current.pods if p.key not in keys)))
+    assert not record.exists(), "CNI DEL (through ztunnel-cni) removes the found record"
 
 
 def test_a_mesh_pod_resolves_service_names_through_its_ztunnel(cluster: str) -> None:

@@ -190,7 +190,9 @@ def test_exec_runs_in_the_pod_or_node_and_passes_the_exit_status(lab: str) -> No
     addr = meshlab("exec", "--name", lab, "b2", "--", "ip", "-4", "-o", "addr", "show", "eth0")
     assert pods["b2"]["ip"] in addr.stdout
     node = meshlab("exec", "--name", lab, "node/node2", "--", "ip", "-4", "-o", "addr")
-    assert nodes["node2"]["ip"] in node.stdout and "cni0" in node.stdout
+    assert nodes["node2"]["ip"] in node.stdout
+    # ptp, as kindnet: each pod's host-side veth holds the node's pod gateway address.
+    assert " veth" in node.stdout and nodes["node2"]["podCIDR"].rsplit(".", 1)[0] in node.stdout
     env = meshlab("exec", "--name", lab, "apps/a1", "--", "sh", "-c", "echo $POD_NAME $NODE_NAME")
     assert env.stdout.split() == ["a1", "node1"]
     failed = meshlab("exec", "--name", lab, "apps/a1", "--", "sh", "-c", "exit 7", check=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import uvloop
 
+from ztunnel.nodeagent.discover import ProcFinder
 from ztunnel.nodeagent.health import DEFAULT_ADDRESS, HealthServer
 from ztunnel.nodeagent.install import CniInstaller
 from ztunnel.nodeagent.service import NodeAgent, ViewSource
@@ -39,7 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="meshlab:NAME, or kubernetes (with --node; in-cluster unless --kubeconfig)",
     )
-    p.add_argument("--node", help="this node's name (kubernetes; default $NODE_NAME)")
+    p.add_argument(
+        "--node",
+        help="this node's name (default $NODE_NAME; needed with kubernetes): with it, the "
+        "node's mesh pods that ztunnel-cni never saw are found and enrolled too",
+    )
+    p.add_argument(
+        "--host-proc",
+        type=Path,
+        help="the node's /proc, as mounted: where pods' network namespaces are found by "
+        "their processes (kubernetes)",
+    )
     p.add_argument("--kubeconfig", help="with --source kubernetes, instead of in-cluster")
     p.add_argument(
         "--pod-namespace",
@@ -135,7 +146,10 @@ def make_installer(args: argparse.Namespace) -> CniInstaller | None:
 
 async def run(args: argparse.Namespace) -> int:
     installer = make_installer(args)
+    node = args.node or os.environ.get("NODE_NAME") or None
     agent = NodeAgent(
+        node=node,
+        finder=None if args.host_proc is None else ProcFinder(args.host_proc),
         run_dir=args.run_dir,
         source=make_source(args),
         dns_capture=args.dns_capture,

@@ -88,6 +88,10 @@ def _facts(pod: Obj, node: str) -> PodFacts | None:
     if spec.get("nodeName") != node or spec.get("hostNetwork"):
         return None  # another node's, or a host-network pod: never captured
     redirection = (meta.get("annotations") or {}).get(reconcile.REDIRECTION)
+    status = pod.get("status") or {}
+    ips = tuple(str(ip["ip"]) for ip in status.get("podIPs") or () if ip.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (str(status["podIP"]),)
     return PodFacts(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
@@ -95,6 +99,8 @@ def _facts(pod: Obj, node: str) -> PodFacts | None:
         service_account=str(spec.get("serviceAccountName") or "default"),
         labels=_labels(pod),
         redirection=None if redirection is None else str(redirection),
+        uid=str(meta.get("uid") or ""),
+        ips=ips,
     )
 
 

@@ -15,6 +15,10 @@
 * A source that can (Kubernetes) is told each enrolled pod's redirection
   state after every pass, ``enabled`` once ztunnel has taken the pod and
   ``pending`` before, and reports it on the pod; it never holds enrollment up.
+* A mesh pod of this node that ztunnel-cni never recorded (running before the
+  plugin was installed, or started while the primary CNI had dropped its
+  entry) is found and recorded by the agent itself
+  (:mod:`ztunnel.nodeagent.discover`), then enrolled like the rest.
 * :meth:`NodeAgent.ready` is the readiness probe's answer: ready once both
   sockets listen, the view is known (on Kubernetes: Namespaces and the node's
   Pods listed) and one pass has enrolled the pods recorded on the node.
@@ -33,7 +37,7 @@ from typing import Any, Protocol
 
 from mesh.ambient import in_ambient
 from ztunnel.capture import inpod
-from ztunnel.nodeagent import plugin, reconcile
+from ztunnel.nodeagent import discover, plugin, reconcile
 from ztunnel.nodeagent.install import CniInstaller, InstallError
 from ztunnel.nodeagent.records import PodRecord, RecordError, RecordStore
 from ztunnel.nodeagent.view import ClusterView
@@ -72,8 +76,13 @@ class NodeAgent:
         poll_s: float = 0.5,
         netns_exists: Callable[[str], bool] = lambda p: Path(p).exists(),
         installer: CniInstaller | None = None,
+        node: str | None = None,
+        finder: discover.ProcFinder | None = None,
     ) -> None:
         self.installer = installer
+        self.node = node  # with it, pods of this node ztunnel-cni did not record are found
+        self.finder = finder
+        self._discover_retry: dict[tuple[str, str], float] = {}
         self._install_problem: str | None = None
         self.run_dir = run_dir
         self.source = source
@@ -179,6 +188,9 @@ class NodeAgent:
         records, bad = self.records.all()
         for name, why in bad.items():
             log.warning("node agent: ignoring pod record %s: %s", name, why)
+        if view.known and self.node is not None:
+            for record in await asyncio.to_thread(self._discover, view, records):
+                records[record.uid] = record
         async with self._lock:
             now = time.monotonic()
             step = reconcile.plan(view, records, self.enrolled, self.netns_exists)
@@ -219,6 +231,43 @@ class NodeAgent:
             self._report()
             self._reconciled = True
         return step
+
+    def _discover(self, view: ClusterView, records: dict[str, PodRecord]) -> list[PodRecord]:
+        """Record the mesh pods of this node that have an address but no record."""
+        now = time.monotonic()
+        want = [
+            key
+            for key, facts in view.pods.items()
+            if facts.node == self.node
+            and self._discover_retry.get(key, 0.0) <= now
+            and in_ambient(facts.labels, view.namespaces.get(key[0], {}))
+        ]
+        missing = discover.unrecorded(view, records, want)
+        if not missing:
+            return []
+        look_up = [f.uid for f in missing if f.uid and not (f.netns and f.sandbox)]
+        found = self.finder.find(look_up) if self.finder is not None and look_up else {}
+        made = []
+        for facts in missing:
+            key = (facts.namespace, facts.name)
+            record = discover.record_for(facts, found.get(facts.uid))
+            if record is None or not self.netns_exists(record.netns):
+                self._discover_retry[key] = now + RETRY_S  # not every pass
+                log.debug("node agent: %s/%s: no network namespace found yet", *key)
+                continue
+            try:
+                self.records.put(record)
+            except (RecordError, OSError) as e:
+                log.warning("node agent: %s/%s: cannot record it: %s", *key, e)
+                continue
+            self._discover_retry.pop(key, None)
+            log.info(
+                "node agent: %s/%s runs without ztunnel-cni having seen it; found at %s",
+                *key,
+                record.netns,
+            )
+            made.append(record)
+        return made
 
     def redirections(self) -> dict[tuple[str, str], str]:
         """Each enrolled pod's redirection state (a pod whose sandbox is being replaced
@@ -337,6 +386,7 @@ class NodeAgent:
     def status(self) -> dict[str, Any]:
         return {
             "ok": True,
+            "ready": list(self.ready()),
             "ztunnel": self.zds.proxy_ready.is_set(),
             "view": self.source.read().version,
             "enrolled": sorted(self.enrolled),

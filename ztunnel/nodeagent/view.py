@@ -2,10 +2,12 @@
 
 Only what decides enrollment: each namespace's labels, and for each pod its
 labels, service account and node (and, on Kubernetes, the redirection state
-the agent reported on it). :class:`MeshlabView` reads a running
-meshlab cluster's state file, as meshd's source does; on Kubernetes,
-:class:`ztunnel.nodeagent.kube.KubernetesView` watches Namespaces and the
-node's Pods, as Istio's agent does.
+the agent reported on it), and what finds a pod that ztunnel-cni never saw
+(:mod:`ztunnel.nodeagent.discover`): its UID and addresses, and where the
+source knows them (meshlab), its sandbox id and network namespace.
+:class:`MeshlabView` reads a running meshlab cluster's state file, as
+meshd's source does; on Kubernetes, :class:`ztunnel.nodeagent.kube.KubernetesView`
+watches Namespaces and the node's Pods, as Istio's agent does.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ class PodFacts:
     # The pod's ambient.istio.io/redirection annotation, as the agent reports it
     # (Kubernetes only; None when the pod has none).
     redirection: str | None = None
+    uid: str = ""  # metadata.uid
+    ips: tuple[str, ...] = ()  # status.podIPs: set once the runtime's CNI ADD is done
+    sandbox: str | None = None  # the sandbox id CNI was given, where the source knows it
+    netns: str | None = None  # the sandbox's network namespace, where the source knows it
+
+
+# Where iproute2 (and so meshlab) pins named network namespaces.
+NETNS_DIR = "/run/netns"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +66,14 @@ class ClusterView:
             pods=MappingProxyType(
                 {
                     (p.namespace, p.name): PodFacts(
-                        p.namespace, p.name, p.node, p.service_account, dict(p.labels)
+                        p.namespace,
+                        p.name,
+                        p.node,
+                        p.service_account,
+                        dict(p.labels),
+                        ips=(str(p.ip),) if p.ip is not None else (),
+                        sandbox=p.container_id,
+                        netns=f"{NETNS_DIR}/{p.netns}" if p.netns else None,
                     )
                     for p in cluster.pods
                 }

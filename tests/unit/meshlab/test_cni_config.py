@@ -12,15 +12,17 @@ from meshlab import cni
 from meshlab.errors import MeshlabError
 
 
-def test_node_conflist_is_a_bridge_with_host_local_over_the_node_cidr(tmp_path: Path) -> None:
+def test_node_conflist_is_kindnets_ptp_with_host_local_then_portmap(tmp_path: Path) -> None:
     conf = cni.node_conflist(IPv4Network("10.244.3.0/24"), tmp_path / "ipam")
-    assert conf["cniVersion"] == "1.0.0"
-    (bridge,) = conf["plugins"]
-    assert bridge["type"] == "bridge" and bridge["isGateway"] is True
-    assert bridge["ipMasq"] is False, "pod IPs must cross nodes unchanged"
-    assert bridge["ipam"]["type"] == "host-local"
-    assert bridge["ipam"]["ranges"] == [[{"subnet": "10.244.3.0/24"}]]
-    assert bridge["ipam"]["dataDir"] == str(tmp_path / "ipam")
+    assert (conf["name"], conf["cniVersion"]) == ("kindnet", "0.3.1")
+    ptp, portmap = conf["plugins"]
+    assert ptp["type"] == "ptp"
+    assert ptp["ipMasq"] is False, "pod IPs must cross nodes unchanged"
+    assert ptp["ipam"]["type"] == "host-local"
+    assert ptp["ipam"]["ranges"] == [[{"subnet": "10.244.3.0/24"}]]
+    assert ptp["ipam"]["dataDir"] == str(tmp_path / "ipam")
+    assert portmap == {"type": "portmap", "capabilities": {"portMappings": True}}
+    assert cni.NETWORK_FILE == "10-kindnet.conflist"
 
 
 def test_the_first_conflist_in_lexical_order_wins(tmp_path: Path) -> None:
