@@ -28,6 +28,10 @@ from ztunnel.nodeagent.install import CniInstaller
 from ztunnel.nodeagent.service import NodeAgent, ViewSource
 from ztunnel.nodeagent.view import MeshlabView
 
+log = logging.getLogger("ztunnel.nodeagent")
+UNINSTALL = ("never", "on-exit", "when-removed")
+DAEMONSET = "ztunnel-node-agent"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -92,10 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: this agent's own, --pod-namespace, and kube-system)",
     )
     cni.add_argument(
-        "--cni-uninstall-on-exit",
-        action="store_true",
-        help="remove the entry and the binary on SIGTERM (otherwise they stay, so pods "
-        "started while the agent restarts fail closed)",
+        "--cni-uninstall",
+        choices=UNINSTALL,
+        default="never",
+        help="when to remove the entry and the binary on SIGTERM: never (they stay, so pods "
+        "started while the agent is away fail closed), on-exit, or when-removed: only when "
+        "--daemonset is gone or being deleted, as istio-cni (kubernetes; default %(default)s)",
+    )
+    cni.add_argument(
+        "--daemonset",
+        default=DAEMONSET,
+        help="the agent's own DaemonSet, in --pod-namespace (default %(default)s)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -131,6 +142,11 @@ def make_source(args: argparse.Namespace) -> ViewSource:
 def make_installer(args: argparse.Namespace) -> CniInstaller | None:
     if args.cni_conf_dir is None:
         return None
+    if args.cni_uninstall == "when-removed" and args.source != "kubernetes":
+        raise SystemExit(
+            "ztunnel-node-agent: --cni-uninstall when-removed needs --source kubernetes "
+            "(it asks the API server for --daemonset)"
+        )
     if args.cni_bin_dir is None:
         raise SystemExit("ztunnel-node-agent: --cni-conf-dir needs --cni-bin-dir")
     exclude = [n for n in args.cni_exclude_namespaces.split(",") if n] or [
@@ -142,6 +158,20 @@ def make_installer(args: argparse.Namespace) -> CniInstaller | None:
     return CniInstaller(
         bin_dir=args.cni_bin_dir, conf_dir=args.cni_conf_dir, plugin=args.cni_plugin, entry=entry
     )
+
+
+def should_uninstall(args: argparse.Namespace, source: ViewSource) -> bool:
+    """Whether this exit removes ztunnel-cni from the node (``--cni-uninstall``)."""
+    if args.cni_uninstall == "on-exit":
+        return True
+    if args.cni_uninstall == "never":
+        return False
+    removed = getattr(source, "daemonset_removed", None)
+    if removed is None:  # refused at start; kept here for any other source
+        return False
+    gone, why = removed(args.pod_namespace, args.daemonset)
+    log.info("node agent: %s: %s ztunnel-cni", why, "removing" if gone else "keeping")
+    return bool(gone)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -185,7 +215,7 @@ async def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(BaseException):
             await task
         await health.close()
-        if installer is not None and args.cni_uninstall_on_exit:
+        if installer is not None and await asyncio.to_thread(should_uninstall, args, agent.source):
             installer.uninstall()
 
 

@@ -16,6 +16,12 @@ with a JSON merge patch on ``pods/status``, as istio-cni does: the API server
 takes a pod's metadata there too, and it is a lower privilege than patching
 the pod. A failed patch is said once per pod and retried with a backoff; it
 never holds up enrollment.
+
+:meth:`KubernetesView.daemonset_removed` tells, when the agent is stopped,
+whether its DaemonSet is gone or being deleted (the mesh is being removed
+from the node: take ztunnel-cni out of the chain) or still there (a restart,
+an upgrade, a drain: leave it, so pods started meanwhile fail closed), as
+istio-cni decides.
 """
 
 from __future__ import annotations
@@ -255,6 +261,31 @@ class KubernetesView:
                 ),
             )
 
+    def daemonset_removed(self, namespace: str, name: str) -> tuple[bool, str]:
+        """Whether the DaemonSet ``namespace/name`` is gone or being deleted, and what was
+        seen. When that cannot be told (the API server unreachable, forbidden), False:
+        the plugin stays and pods fail closed, never start uncaptured."""
+        where = f"DaemonSet {namespace}/{name}"
+        apps = kubernetes.client.AppsV1Api(self.core.api_client)
+        try:
+            ds = _json(
+                apps.read_namespaced_daemon_set(
+                    name,
+                    namespace,
+                    _preload_content=False,
+                    _request_timeout=(CONNECT_TIMEOUT_S, 10),
+                )
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return True, f"{where} is gone"
+            return False, f"cannot tell whether {where} is being removed: {_reason(e, 'get')}"
+        except Exception as e:
+            return False, f"cannot tell whether {where} is being removed: {e}"
+        if (ds.get("metadata") or {}).get("deletionTimestamp"):
+            return True, f"{where} is being deleted"
+        return False, f"{where} remains (a restart or an upgrade)"
+
     # -- the redirection annotation -----------------------------------------------------------
 
     def report(self, desired: Mapping[reconcile.Key, str]) -> None:
@@ -338,11 +369,15 @@ class KubernetesView:
         self._patch_errors[key] = reason
 
 
-def _reason(e: ApiException) -> str:
+def _reason(e: ApiException, call: str = "patch") -> str:
     message = ""
     with contextlib.suppress(ValueError, AttributeError):
         message = str(json.loads(e.body or "{}").get("message", ""))
     text = f"HTTP {e.status} {e.reason}" + (f": {message}" if message else "")
     if e.status in (401, 403):
-        text += " (does the node agent's ClusterRole allow patch of pods/status?)"
+        text += (
+            " (does the node agent's ClusterRole allow patch of pods/status?)"
+            if call == "patch"
+            else " (does the node agent's Role allow get of its DaemonSet?)"
+        )
     return text

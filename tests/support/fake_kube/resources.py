@@ -43,6 +43,7 @@ RESOURCES = {
         Resource("configmaps", "", "v1", "ConfigMap", status=False),
         Resource("endpointslices", "discovery.k8s.io", "v1", "EndpointSlice", status=False),
         Resource("deployments", "apps", "v1", "Deployment"),
+        Resource("daemonsets", "apps", "v1", "DaemonSet"),
         Resource("authorizationpolicies", "security.istio.io", "v1", "AuthorizationPolicy"),
         Resource("gateways", "gateway.networking.k8s.io", "v1", "Gateway"),
         Resource("httproutes", "gateway.networking.k8s.io", "v1", "HTTPRoute"),

@@ -23,6 +23,7 @@ from types import ModuleType
 from controlplane import ca_secret, deployer, kube_status, kube_waypoints, leader
 from controlplane.sources import kube_client, kube_convert, kube_informer, kubernetes
 from tests.unit.deploy.render import Obj, find, render
+from ztunnel.nodeagent import cli as node_agent_cli
 from ztunnel.nodeagent import informer as node_agent_informer
 from ztunnel.nodeagent import kube as node_agent_kube
 
@@ -38,6 +39,7 @@ CLIENT_CALLS = {
     "list_pod_for_all_namespaces": ("", "pods", "list"),
     "read_namespaced_pod": ("", "pods", "get"),
     "patch_namespaced_pod_status": ("", "pods/status", "patch"),
+    "read_namespaced_daemon_set": ("apps", "daemonsets", "get"),
 }
 _CALL = re.compile(
     r"\.((?:list|read|create|patch|replace|delete)_"
@@ -106,8 +108,13 @@ def meshd_needs() -> tuple[Rules, Rules]:
     return dict(rules), namespaced
 
 
-def node_agent_needs() -> Rules:
-    """What the node agent's code calls for: its informers list and watch each kind."""
+# The node agent's one namespaced call: its own DaemonSet, when it is stopped.
+NODE_AGENT_NAMESPACED = {("apps", "daemonsets")}
+
+
+def node_agent_needs() -> tuple[Rules, Rules]:
+    """(cluster-wide rules, rules in istio-system) the node agent's code calls for: its
+    informers list and watch each kind; it reads its DaemonSet in its namespace."""
     rules: Rules = defaultdict(set)
     for kind in node_agent_kube.KINDS:
         group, resource, verb = CLIENT_CALLS[kind.method]
@@ -116,7 +123,8 @@ def node_agent_needs() -> Rules:
     for module in (node_agent_kube, node_agent_informer):
         for key, verbs in _client_calls(module).items():
             rules[key] |= verbs
-    return dict(rules)
+    namespaced = {k: v for k, v in rules.items() if k in NODE_AGENT_NAMESPACED}
+    return {k: v for k, v in rules.items() if k not in namespaced}, namespaced
 
 
 def granted(role: Obj) -> tuple[Rules, set[str]]:
@@ -168,10 +176,28 @@ def test_meshds_role_is_the_ca_secret_and_the_leader_lease_in_istio_system_only(
 def test_node_agents_cluster_role_is_exactly_what_its_code_calls() -> None:
     objects = render("default")
     rules, names = granted(find(objects, "ClusterRole", "ztunnel-node-agent"))
-    assert rules == node_agent_needs()
+    assert rules == node_agent_needs()[0]
     assert not names
     assert _binds(objects, "ClusterRoleBinding", "ztunnel-node-agent") == [
         ("istio-system", "ztunnel-node-agent")
+    ]
+
+
+def test_node_agents_role_is_get_of_its_own_daemonset_only() -> None:
+    objects = render("default")
+    role = find(objects, "Role", "ztunnel-node-agent")
+    rules, names = granted(role)
+    assert rules == node_agent_needs()[1] == {("apps", "daemonsets"): {"get"}}
+    # The name it asks for (--daemonset, as the manifest gives it) is the DaemonSet's.
+    daemonset = find(objects, "DaemonSet", "ztunnel-node-agent")
+    (agent,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert "--cni-uninstall=when-removed" in agent["args"]
+    assert f"--daemonset={node_agent_cli.DAEMONSET}" in agent["args"]
+    assert names == {node_agent_cli.DAEMONSET} == {daemonset["metadata"]["name"]}
+    namespace = daemonset["metadata"]["namespace"]
+    assert role["metadata"]["namespace"] == namespace
+    assert _binds(objects, "RoleBinding", "ztunnel-node-agent") == [
+        (namespace, "ztunnel-node-agent")
     ]
 
 

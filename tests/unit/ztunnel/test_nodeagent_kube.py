@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
 import logging
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -265,3 +269,80 @@ def test_readyz_is_503_with_the_reason_until_the_agent_has_listed_and_reconciled
 
     with following(kube, tmp_path, start=False) as view:
         run(lambda: body(view), timeout_s=20)
+
+
+def daemonset(**meta: object) -> dict[str, object]:
+    return {
+        "metadata": {"name": "ztunnel-node-agent", "namespace": "istio-system", **meta},
+        "spec": {"selector": {"matchLabels": {"app": "ztunnel-node-agent"}}},
+    }
+
+
+def test_the_daemonset_says_whether_the_agent_is_removed_or_only_restarted(
+    kube: FakeKube, view: KubernetesView
+) -> None:
+    ask = view.daemonset_removed
+    assert ask("istio-system", "ztunnel-node-agent") == (
+        True,
+        "DaemonSet istio-system/ztunnel-node-agent is gone",
+    )
+    kube.add("daemonsets", daemonset())
+    assert ask("istio-system", "ztunnel-node-agent")[0] is False
+    kube.fail_next(1)  # cannot tell: keep the plugin, pods fail closed
+    removed, why = ask("istio-system", "ztunnel-node-agent")
+    assert not removed and "cannot tell" in why and "HTTP 500" in why
+    kube.delete("daemonsets", daemonset())
+    kube.add("daemonsets", daemonset(deletionTimestamp="2026-12-03T10:00:00Z"))
+    assert ask("istio-system", "ztunnel-node-agent") == (
+        True,
+        "DaemonSet istio-system/ztunnel-node-agent is being deleted",
+    )
+
+
+def _conflist(conf_dir: Path) -> list[str]:
+    conf = json.loads((conf_dir / "10-kindnet.conflist").read_text())
+    return [p["type"] for p in conf["plugins"]]
+
+
+@pytest.mark.parametrize("removed", [False, True])
+def test_on_sigterm_the_agent_takes_ztunnel_cni_out_only_when_its_daemonset_is_gone(
+    kube: FakeKube, tmp_path: Path, removed: bool
+) -> None:
+    """The program as the DaemonSet runs it (--cni-uninstall=when-removed): an upgrade
+    leaves the plugin in the chain, deleting the DaemonSet takes it out."""
+    plugin = Path(sys.executable).parent / "ztunnel-cni"
+    if not plugin.is_file():
+        pytest.skip(f"{plugin} is missing: build it with `make cni-plugin`")
+    kube.add("daemonsets", daemonset())
+    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    conf_dir.mkdir()
+    bin_dir.mkdir()
+    kindnet = {"cniVersion": "0.3.1", "name": "kindnet", "plugins": [{"type": "ptp"}]}
+    (conf_dir / "10-kindnet.conflist").write_text(json.dumps(kindnet))
+    argv = [
+        *(sys.executable, "-m", "ztunnel.nodeagent.cli"),
+        *("--source", "kubernetes", "--node", "kind-worker"),
+        *("--kubeconfig", str(kube.write_kubeconfig(tmp_path / "kubeconfig"))),
+        *("--run-dir", str(tmp_path / "run"), "--readiness-address", "off"),
+        *("--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)),
+        *("--cni-uninstall", "when-removed", "--pod-namespace", "istio-system"),
+    ]
+    agent = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: _conflist(conf_dir) == ["ptp", "ztunnel-cni"], timeout_s=15)
+        assert (bin_dir / "ztunnel-cni").is_file()
+        if removed:
+            kube.delete("daemonsets", daemonset())
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=15)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, err
+    if removed:
+        assert _conflist(conf_dir) == ["ptp"] and not (bin_dir / "ztunnel-cni").exists()
+        assert "DaemonSet istio-system/ztunnel-node-agent is gone: removing" in err
+    else:
+        assert _conflist(conf_dir) == ["ptp", "ztunnel-cni"] and (bin_dir / "ztunnel-cni").exists()
+        assert "remains (a restart or an upgrade): keeping ztunnel-cni" in err
