@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 MESHLAB = str(Path(sys.executable).parent / "meshlab")
-CNI_BRIDGE = Path("/usr/lib/cni/bridge")
+CNI_PLUGIN = Path("/usr/lib/cni/ptp")
 # The image the mesh's tests run the mesh from (`meshlab up --mesh --image`); unset,
 # the mesh runs as host processes.
 IMAGE_ENV = "MESHLAB_IMAGE"
@@ -41,8 +41,8 @@ def _missing() -> str | None:
     for tool, package in (("ip", "iproute2"), ("curl", "curl"), ("sysctl", "procps")):
         if shutil.which(tool) is None:
             return f"needs {tool!r} (Debian package {package})"
-    if not CNI_BRIDGE.is_file():
-        return f"needs the CNI plugins ({CNI_BRIDGE}; Debian package containernetworking-plugins)"
+    if not CNI_PLUGIN.is_file():
+        return f"needs the CNI plugins ({CNI_PLUGIN}; Debian package containernetworking-plugins)"
     return None
 
 
