@@ -98,6 +98,8 @@ def _facts(pod: Obj, node: str) -> PodFacts | None:
     ips = tuple(str(ip["ip"]) for ip in status.get("podIPs") or () if ip.get("ip"))
     if not ips and status.get("podIP"):
         ips = (str(status["podIP"]),)
+    if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+        ips = ()  # on its way out: never looked for among the node's processes
     return PodFacts(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),

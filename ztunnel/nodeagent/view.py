@@ -35,7 +35,9 @@ class PodFacts:
     # (Kubernetes only; None when the pod has none).
     redirection: str | None = None
     uid: str = ""  # metadata.uid
-    ips: tuple[str, ...] = ()  # status.podIPs: set once the runtime's CNI ADD is done
+    # status.podIPs: set once the runtime's CNI ADD is done (left empty for a pod being
+    # deleted or finished: the agent never looks for such a pod's namespace)
+    ips: tuple[str, ...] = ()
     sandbox: str | None = None  # the sandbox id CNI was given, where the source knows it
     netns: str | None = None  # the sandbox's network namespace, where the source knows it
 

@@ -167,3 +167,9 @@ def test_the_kubernetes_view_takes_the_pods_uid_and_addresses() -> None:
     pod["status"] = {}
     got = kube._facts(pod, "node1")
     assert got is not None and got.ips == ()
+    # A pod on its way out is never looked for, though the API still shows its address.
+    for meta, phase in (({"deletionTimestamp": "2026-12-03T10:00:00Z"}, "Running"), ({}, "Failed")):
+        pod["metadata"] = {"namespace": "shop", "name": "a", "uid": UID_A, **meta}
+        pod["status"] = {"podIP": "10.244.1.5", "phase": phase}
+        got = kube._facts(pod, "node1")
+        assert got is not None and got.ips == ()
