@@ -10,11 +10,13 @@ agent's snapshot.
 * ``plugin``: ``ztunnel-cni``'s calls, checked (the binary is ``cni_shim.c``, C,
   static: it runs on the node and forwards to the agent);
 * ``install``: putting the plugin into the node's CNI, and keeping it there;
+* ``watch``: inotify on the node's CNI dirs, so a rewrite is repaired at once;
+* ``discover``: the node's mesh pods the plugin never saw, and their namespaces;
 * ``view``: what the agent follows of the cluster (namespace and pod labels);
 * ``reconcile``: the pure decision, which pods to enroll and un-enroll;
 * ``service``: the agent itself (plugin socket, ZDS server, reconcile loop);
 * ``cli``: ``ztunnel-node-agent``.
 
 May import: ``mesh``, ``ztunnel.capture``, ``ztunnel.zds``. ``plugin``,
-``records`` and ``install`` import only the standard library.
+``records``, ``install`` and ``watch`` import only the standard library.
 """

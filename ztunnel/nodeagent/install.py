@@ -10,7 +10,8 @@
 * :meth:`CniInstaller.check` says whether that still holds, and
   :meth:`CniInstaller.ensure` puts it back when the primary CNI rewrote its
   file (kindnet does after a restart) or a new primary appeared; the agent
-  calls it on every pass and is not ready while it fails.
+  calls it as soon as its watch on the dirs fires, and on every pass, and is
+  not ready while it fails.
 * :meth:`CniInstaller.uninstall` removes our entry and the binary. The agent
   does so only when it is being removed for good (on Kubernetes, its
   DaemonSet is gone); when it is only restarting, the entry stays, so pods

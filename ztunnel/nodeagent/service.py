@@ -19,6 +19,9 @@
   plugin was installed, or started while the primary CNI had dropped its
   entry) is found and recorded by the agent itself
   (:mod:`ztunnel.nodeagent.discover`), then enrolled like the rest.
+* When the agent installs ztunnel-cni, the node's CNI dirs are watched
+  (inotify, :mod:`ztunnel.nodeagent.watch`) and a rewrite of the conflist is
+  repaired at once, not a pass later; each pass checks too.
 * :meth:`NodeAgent.ready` is the readiness probe's answer: ready once both
   sockets listen, the view is known (on Kubernetes: Namespaces and the node's
   Pods listed) and one pass has enrolled the pods recorded on the node.
@@ -41,6 +44,7 @@ from ztunnel.nodeagent import discover, plugin, reconcile
 from ztunnel.nodeagent.install import CniInstaller, InstallError
 from ztunnel.nodeagent.records import PodRecord, RecordError, RecordStore
 from ztunnel.nodeagent.view import ClusterView
+from ztunnel.nodeagent.watch import DirWatch
 from ztunnel.zds.agent import ZdsAgent
 from ztunnel.zds.protocol import PodInfo, ZdsError
 
@@ -97,6 +101,10 @@ class NodeAgent:
         self.handed: set[str] = set()  # enrolled pods some ztunnel has acked
         self._capture_retry: dict[str, float] = {}  # uid -> when to try capturing again
         self._lock = asyncio.Lock()
+        self._install_lock = asyncio.Lock()
+        self._watch: DirWatch | None = None  # the CNI dirs, when the agent installs
+        self._install_dirty = False
+        self._install_task: asyncio.Future[None] | None = None
         self._server: asyncio.Server | None = None
         self._hint: list[str] | None = None
         self._view_version = -2
@@ -116,6 +124,8 @@ class NodeAgent:
             self._serve_plugin, path=str(path), limit=MAX_REQUEST
         )
         path.chmod(0o600)
+        if self.installer is not None:
+            self._start_watch()
         self._listening = True
         log.info("node agent: following %s; plugin socket %s", self.source.describe(), path)
 
@@ -145,8 +155,46 @@ class NodeAgent:
             return False, f"ztunnel-cni is not installed: {self._install_problem}"
         return True, "ready"
 
+    def _start_watch(self) -> None:
+        try:
+            self._watch = DirWatch()
+        except OSError as e:
+            log.warning("node agent: %s; the CNI dirs are checked on each pass only", e)
+            return
+        asyncio.get_running_loop().add_reader(self._watch.fd, self._cni_changed)
+        self._watch_dirs()
+
+    def _watch_dirs(self) -> None:
+        if self._watch is None or self.installer is None:
+            return
+        for directory in (self.installer.conf_dir, self.installer.bin_dir):
+            why = self._watch.add(directory)
+            if why is not None:
+                log.debug("node agent: %s (checked on each pass)", why)
+
+    def _cni_changed(self) -> None:
+        """Something changed in the CNI dirs: check (and repair) now, not on the next pass."""
+        if self._watch is None or not self._watch.drain():
+            return
+        self._install_dirty = True
+        if self._install_task is None or self._install_task.done():
+            self._install_task = asyncio.ensure_future(self._install_while_dirty())
+
+    async def _install_while_dirty(self) -> None:
+        while self._install_dirty:
+            self._install_dirty = False
+            await self.install_cni()
+
     async def close(self) -> None:
         self._listening = False
+        if self._watch is not None:
+            asyncio.get_running_loop().remove_reader(self._watch.fd)
+            self._watch.close()
+            self._watch = None
+        if self._install_task is not None:
+            self._install_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._install_task
         stop = getattr(self.source, "close", None)
         if stop is not None:
             await asyncio.to_thread(stop)
@@ -163,13 +211,18 @@ class NodeAgent:
         """Put ztunnel-cni (back) into the node's CNI chain, if this agent installs it."""
         if self.installer is None:
             return
+        async with self._install_lock:
+            await self._install_cni(self.installer)
+        self._watch_dirs()  # a dir that appeared since (the primary CNI's first file)
+
+    async def _install_cni(self, installer: CniInstaller) -> None:
         before = self._install_problem
         try:
             # One check per pass when all is in place; a repair, and a check again, if not.
-            problem = await asyncio.to_thread(self.installer.check)
+            problem = await asyncio.to_thread(installer.check)
             if problem is not None:
-                await asyncio.to_thread(self.installer.ensure)
-                problem = await asyncio.to_thread(self.installer.check)
+                await asyncio.to_thread(installer.ensure)
+                problem = await asyncio.to_thread(installer.check)
             self._install_problem = problem
         except (InstallError, OSError) as e:
             self._install_problem = str(e)

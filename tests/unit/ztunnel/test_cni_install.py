@@ -9,6 +9,7 @@ uninstall. The agent is not ready while the entry is missing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -165,6 +166,44 @@ def test_the_agent_is_ready_only_with_the_plugin_in_the_chain(
             kindnet_writes(conf_dir)  # rewritten: the next pass puts the entry back
             await agent.reconcile()
             assert agent.ready() == (True, "ready") and installer.installs == 2
+        finally:
+            await agent.close()
+
+    run(body, timeout_s=20)
+
+
+def test_the_agent_puts_its_entry_back_at_once_without_waiting_for_a_pass(
+    node: tuple[CniInstaller, Path, Path], tmp_path: Path
+) -> None:
+    """The conf and bin dirs are watched: a rewrite, or the binary removed, is repaired
+    by the watch alone (no reconcile pass runs here after the first)."""
+    installer, conf_dir, bin_dir = node
+    kindnet_writes(conf_dir)
+
+    async def until_chained(deadline_s: float) -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not (
+            plugins(conf_dir / "10-kindnet.conflist")[-1] == PLUGIN_TYPE
+            and (bin_dir / PLUGIN_TYPE).is_file()
+        ):
+            assert loop.time() - start < deadline_s, "not repaired by the watch"
+            await asyncio.sleep(0.005)
+        return loop.time() - start
+
+    async def body() -> None:
+        agent = NodeAgent(run_dir=tmp_path / "run", source=Known(), installer=installer)
+        await agent.start()
+        try:
+            await agent.reconcile()
+            assert agent.ready() == (True, "ready") and installer.installs == 1
+            for _ in range(3):
+                kindnet_writes(conf_dir)
+                await until_chained(2.0)
+            (bin_dir / PLUGIN_TYPE).unlink()
+            await until_chained(2.0)
+            assert installer.installs == 4
+            assert agent.ready() == (True, "ready")
         finally:
             await agent.close()
 
