@@ -1,10 +1,23 @@
 """Istio ``AuthorizationPolicy`` objects (security.istio.io/v1) -> our L4 policy values.
 
-What ztunnel can enforce is L4: ``from.source`` principals, namespaces and
-IP blocks (and their ``not`` forms), ``to.operation`` ports. A policy that
-asks for more (HTTP methods, paths, hosts, ``when`` conditions) needs a
-waypoint; here it is refused with a message naming the field, so the
-operator knows, rather than being enforced half-way.
+What ztunnel can enforce is L4: ``from.source`` principals, namespaces,
+service accounts and IP blocks (and their ``not`` forms), ``to.operation``
+ports, and the ``when`` conditions on ``source.ip``, ``source.namespace``,
+``source.principal``, ``destination.ip`` and ``destination.port``. For the
+HTTP attributes (hosts, methods, paths, request principals, remote IP
+blocks, every other ``when`` key) this follows Istio's ambient semantics,
+which fail closed:
+
+* in an ALLOW policy, a rule naming any of them is omitted (it matches
+  nothing; a policy left without rules allows nothing);
+* in a DENY policy, a rule naming any of them is enforced without them (it
+  denies all that its L4 parts match);
+
+and the policy carries Istio's warning (``ZtunnelAccepted``, reason
+``UnsupportedValue``: "ztunnel does not support HTTP attributes (found:
+...)"), shown in meshd's status, so nobody believes an HTTP rule is in force
+where only ztunnel stands. Policies bound by ``targetRefs`` are the
+waypoint's, not ztunnel's.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from controlplane.l7.status import Condition, ObjectStatus
 from controlplane.state import AuthorizationPolicyInfo, frozen_labels
 from mesh.model import Clause, Match, Rule, StringMatch
 
@@ -30,7 +44,8 @@ _SOURCE_FIELDS = {
     "serviceAccounts",
     "notServiceAccounts",
 }
-_L7_SOURCE = {"requestPrincipals", "notRequestPrincipals"}
+# Istio's HTTP attributes of a source (remote IP blocks come from X-Forwarded-For).
+_L7_SOURCE = ("remoteIpBlocks", "notRemoteIpBlocks", "requestPrincipals", "notRequestPrincipals")
 _OPERATION_FIELDS = {
     "ports",
     "notPorts",
@@ -41,7 +56,47 @@ _OPERATION_FIELDS = {
     "paths",
     "notPaths",
 }
-_L7_OPERATION = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
+_L7_OPERATION = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+# The condition keys ztunnel evaluates; every other known key is HTTP (Istio's list).
+_L4_WHEN = (
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+)
+_L7_WHEN = ("remote.ip", "request.auth.principal", "request.auth.audiences",
+            "request.auth.presenter", "connection.sni")  # fmt: skip
+_L7_WHEN_PREFIXES = ("request.headers[", "request.auth.claims[", "experimental.envoy.filters.")
+WARNING = (
+    "ztunnel does not support HTTP attributes (found: {found}). "
+    "In ambient mode you must use a waypoint proxy to enforce HTTP rules. {consequence}"
+)
+ALLOW_CONSEQUENCE = (
+    "Within an ALLOW policy, rules matching HTTP attributes are omitted. "
+    "This will be more restrictive than requested."
+)
+DENY_CONSEQUENCE = (
+    "DENY policy with HTTP attributes is enforced without the HTTP rules. "
+    "This will be more restrictive than requested."
+)
+
+
+def ztunnel_status(policy: AuthorizationPolicyInfo) -> ObjectStatus:
+    """Istio's ``ZtunnelAccepted`` condition for a policy ztunnel enforces."""
+    condition = Condition(
+        type="ZtunnelAccepted",
+        status=True,
+        reason="UnsupportedValue" if policy.warning else "Accepted",
+        message=policy.warning or "attached to ztunnel",
+    )
+    return ObjectStatus(
+        kind="AuthorizationPolicy",
+        namespace=policy.namespace,
+        name=policy.name,
+        generation=policy.generation,
+        conditions=(condition,),
+    )
 
 
 class InvalidPolicy(ValueError):
@@ -79,14 +134,32 @@ def parse_authorization_policy(obj: Mapping[str, Any]) -> AuthorizationPolicyInf
     selector = _selector(full, spec.get("selector"))
     raw_rules = spec.get("rules")
     rules: tuple[Rule, ...] | None
+    found: set[str] = set()
     if raw_rules is None:
         rules = None
     elif not isinstance(raw_rules, list):
         raise InvalidPolicy(full, "spec.rules", "must be a list")
     else:
-        rules = tuple(_rule(full, f"spec.rules[{i}]", r) for i, r in enumerate(raw_rules))
+        kept = []
+        for i, raw in enumerate(raw_rules):
+            rule, l7 = _rule(full, f"spec.rules[{i}]", raw, namespace)
+            found |= l7
+            if not (l7 and action == "ALLOW"):  # an ALLOW rule with HTTP parts matches nothing
+                kept.append(rule)
+        rules = tuple(kept)
+    warning = ""
+    if found:
+        consequence = ALLOW_CONSEQUENCE if action == "ALLOW" else DENY_CONSEQUENCE
+        warning = WARNING.format(found=", ".join(sorted(found)), consequence=consequence)
+    generation = meta.get("generation")
     return AuthorizationPolicyInfo(
-        name=name, namespace=namespace, action=action, selector=selector, rules=rules
+        name=name,
+        namespace=namespace,
+        action=action,
+        selector=selector,
+        rules=rules,
+        warning=warning,
+        generation=generation if isinstance(generation, int) else 0,
     )
 
 
@@ -103,26 +176,85 @@ def _selector(full: str, raw: Any) -> Mapping[str, str] | None:
     return frozen_labels(labels)
 
 
-def _rule(full: str, path: str, raw: Any) -> Rule:
+def _rule(full: str, path: str, raw: Any, namespace: str) -> tuple[Rule, set[str]]:
+    """The rule's L4 parts, and the names of the HTTP attributes it also asks for."""
     if not isinstance(raw, Mapping):
         raise InvalidPolicy(full, path, "a rule must be a mapping")
     unknown = set(raw) - {"from", "to", "when"}
     if unknown:
         raise InvalidPolicy(full, f"{path}.{sorted(unknown)[0]}", "unknown field")
-    if raw.get("when"):
-        raise InvalidPolicy(full, f"{path}.when", "conditions need a waypoint (L7)")
+    found: set[str] = set()
     clauses: list[Clause] = []
     sources = _list(full, f"{path}.from", raw.get("from"))
     if sources:
-        clauses.append(
-            Clause(tuple(_source(full, f"{path}.from[{i}]", s) for i, s in enumerate(sources)))
-        )
+        matches = []
+        for i, s in enumerate(sources):
+            match, l7 = _source(full, f"{path}.from[{i}]", s, namespace)
+            matches.append(match)
+            found |= l7
+        clauses.append(Clause(tuple(matches)))
     operations = _list(full, f"{path}.to", raw.get("to"))
     if operations:
-        clauses.append(
-            Clause(tuple(_operation(full, f"{path}.to[{i}]", o) for i, o in enumerate(operations)))
+        matches = []
+        for i, o in enumerate(operations):
+            match, l7 = _operation(full, f"{path}.to[{i}]", o)
+            matches.append(match)
+            found |= l7
+        clauses.append(Clause(tuple(matches)))
+    for i, condition in enumerate(_list(full, f"{path}.when", raw.get("when"))):
+        clause, key = _condition(full, f"{path}.when[{i}]", condition)
+        clauses.append(clause)
+        if key is not None:
+            found.add(key)
+    return Rule(tuple(clauses)), found
+
+
+def _condition(full: str, path: str, raw: Any) -> tuple[Clause, str | None]:
+    """One ``when`` entry as a clause, and its key when ztunnel cannot see it (then the
+    clause holds for every connection: what is left of a DENY rule is enforced)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidPolicy(full, path, "a condition must be a mapping")
+    unknown = set(raw) - {"key", "values", "notValues"}
+    if unknown:
+        raise InvalidPolicy(full, f"{path}.{sorted(unknown)[0]}", "unknown field")
+    key = raw.get("key")
+    if not isinstance(key, str) or not key:
+        raise InvalidPolicy(full, f"{path}.key", "is required")
+    values = _strings(full, f"{path}.values", raw.get("values"))
+    not_values = _strings(full, f"{path}.notValues", raw.get("notValues"))
+    if not values and not not_values:
+        raise InvalidPolicy(full, path, "needs values or notValues")
+    if key in _L7_WHEN or key.startswith(_L7_WHEN_PREFIXES):
+        return Clause((Match(),)), key
+    if key not in _L4_WHEN:
+        raise InvalidPolicy(full, f"{path}.key", f"{key!r} is not a condition Istio knows")
+    match: Match
+    if key == "source.ip":
+        match = Match(
+            source_ips=_blocks(full, path, "values", values),
+            not_source_ips=_blocks(full, path, "notValues", not_values),
         )
-    return Rule(tuple(clauses))
+    elif key == "destination.ip":
+        match = Match(
+            destination_ips=_blocks(full, path, "values", values),
+            not_destination_ips=_blocks(full, path, "notValues", not_values),
+        )
+    elif key == "destination.port":
+        match = Match(
+            destination_ports=_ports(full, f"{path}.values", values),
+            not_destination_ports=_ports(full, f"{path}.notValues", not_values),
+        )
+    elif key == "source.namespace":
+        match = Match(
+            namespaces=tuple(StringMatch.parse(v) for v in values),
+            not_namespaces=tuple(StringMatch.parse(v) for v in not_values),
+        )
+    else:  # source.principal
+        match = Match(
+            principals=tuple(_principal(v) for v in values),
+            not_principals=tuple(_principal(v) for v in not_values),
+        )
+    return Clause((match,)), None
 
 
 def _list(full: str, path: str, raw: Any) -> Sequence[Any]:
@@ -141,7 +273,7 @@ def _strings(full: str, path: str, raw: Any) -> list[str]:
     return raw
 
 
-def _source(full: str, path: str, raw: Any) -> Match:
+def _source(full: str, path: str, raw: Any, namespace: str) -> tuple[Match, set[str]]:
     if not isinstance(raw, Mapping) or set(raw) != {"source"}:
         raise InvalidPolicy(full, path, "each entry of from must be {source: ...}")
     source = raw["source"] or {}
@@ -151,14 +283,28 @@ def _source(full: str, path: str, raw: Any) -> Match:
     unknown = set(source) - _SOURCE_FIELDS
     if unknown:
         raise InvalidPolicy(full, f"{path}.{sorted(unknown)[0]}", "unknown field")
-    l7 = set(source) & _L7_SOURCE
-    if l7:
-        raise InvalidPolicy(full, f"{path}.{sorted(l7)[0]}", "JWT principals need a waypoint")
-    principals = _strings(full, f"{path}.principals", source.get("principals"))
-    not_principals = _strings(full, f"{path}.notPrincipals", source.get("notPrincipals"))
-    return Match(
-        principals=tuple(_principal(p) for p in principals),
-        not_principals=tuple(_principal(p) for p in not_principals),
+    found = set()
+    for name in _L7_SOURCE:
+        if _strings(full, f"{path}.{name}", source.get(name)):
+            found.add(name)
+    principals = [
+        _principal(p) for p in _strings(full, f"{path}.principals", source.get("principals"))
+    ]
+    accounts = _accounts(full, f"{path}.serviceAccounts", source.get("serviceAccounts"), namespace)
+    if principals and accounts:
+        # Both must hold, and a match has one principal field: say so rather than OR them.
+        raise InvalidPolicy(
+            full, f"{path}.serviceAccounts", "cannot be combined with principals in one source"
+        )
+    not_principals = [
+        _principal(p) for p in _strings(full, f"{path}.notPrincipals", source.get("notPrincipals"))
+    ]
+    not_accounts = _accounts(
+        full, f"{path}.notServiceAccounts", source.get("notServiceAccounts"), namespace
+    )
+    match = Match(
+        principals=tuple(principals or accounts),
+        not_principals=(*not_principals, *not_accounts),
         namespaces=tuple(
             StringMatch.parse(n)
             for n in _strings(full, f"{path}.namespaces", source.get("namespaces"))
@@ -167,19 +313,24 @@ def _source(full: str, path: str, raw: Any) -> Match:
             StringMatch.parse(n)
             for n in _strings(full, f"{path}.notNamespaces", source.get("notNamespaces"))
         ),
-        source_ips=_blocks(
-            full,
-            path,
-            "ipBlocks",
-            [*(source.get("ipBlocks") or []), *(source.get("remoteIpBlocks") or [])],
-        ),
-        not_source_ips=_blocks(
-            full,
-            path,
-            "notIpBlocks",
-            [*(source.get("notIpBlocks") or []), *(source.get("notRemoteIpBlocks") or [])],
-        ),
+        source_ips=_blocks(full, path, "ipBlocks", source.get("ipBlocks") or []),
+        not_source_ips=_blocks(full, path, "notIpBlocks", source.get("notIpBlocks") or []),
     )
+    return match, found
+
+
+def _accounts(full: str, path: str, raw: Any, namespace: str) -> list[StringMatch]:
+    """``serviceAccounts`` (``name`` in the policy's namespace, or ``ns/name``) as
+    principals of any trust domain: ``*/ns/<ns>/sa/<name>``, as Istio matches them."""
+    out = []
+    for i, value in enumerate(_strings(full, path, raw)):
+        ns, sep, sa = value.partition("/")
+        if not sep:
+            ns, sa = namespace, value
+        if not ns or not sa or "/" in sa or "*" in value:
+            raise InvalidPolicy(full, f"{path}[{i}]", f"{value!r} is not NAME or NAMESPACE/NAME")
+        out.append(StringMatch.parse(f"*/ns/{ns}/sa/{sa}"))
+    return out
 
 
 def _principal(text: str) -> StringMatch:
@@ -200,7 +351,7 @@ def _blocks(full: str, path: str, name: str, raw: Iterable[Any]) -> tuple[Any, .
     return tuple(networks)
 
 
-def _operation(full: str, path: str, raw: Any) -> Match:
+def _operation(full: str, path: str, raw: Any) -> tuple[Match, set[str]]:
     if not isinstance(raw, Mapping) or set(raw) != {"operation"}:
         raise InvalidPolicy(full, path, "each entry of to must be {operation: ...}")
     operation = raw["operation"] or {}
@@ -210,13 +361,12 @@ def _operation(full: str, path: str, raw: Any) -> Match:
     unknown = set(operation) - _OPERATION_FIELDS
     if unknown:
         raise InvalidPolicy(full, f"{path}.{sorted(unknown)[0]}", "unknown field")
-    l7 = set(operation) & _L7_OPERATION
-    if l7:
-        raise InvalidPolicy(full, f"{path}.{sorted(l7)[0]}", "HTTP attributes need a waypoint")
-    return Match(
+    found = {n for n in _L7_OPERATION if _strings(full, f"{path}.{n}", operation.get(n))}
+    match = Match(
         destination_ports=_ports(full, f"{path}.ports", operation.get("ports")),
         not_destination_ports=_ports(full, f"{path}.notPorts", operation.get("notPorts")),
     )
+    return match, found
 
 
 def _ports(full: str, path: str, raw: Any) -> tuple[int, ...]:

@@ -46,6 +46,7 @@ from controlplane import ca_service
 from controlplane.ads.cache import GLOBAL, SnapshotCache
 from controlplane.ads.feed import TYPE_URLS, Feed, ScopedFeed
 from controlplane.ads.server import AdsServer
+from controlplane.authz_yaml import ztunnel_status
 from controlplane.gcpause import QuietCollector
 from controlplane.incremental import IncrementalTranslator
 from controlplane.kube_waypoints import DEFAULT_IMAGE, DEFAULT_XDS_ADDRESS, DeployerSettings
@@ -113,6 +114,7 @@ class Meshd:
         self.state: SourceState | None = None
         self.resources = Resources()
         self.rejected: tuple[str, ...] = ()
+        self.warnings: tuple[str, ...] = ()  # accepted, but not all of it is enforced
         self.updates = 0
         self.last_update_ms = 0.0
         self.ready = asyncio.Event()
@@ -137,6 +139,16 @@ class Meshd:
         for line in sorted(set(rejected) - set(self.rejected)):
             self.log.warning("meshd: refused %s", line)
         self.rejected = rejected
+        warnings = tuple(
+            sorted(
+                f"AuthorizationPolicy {p.namespace}/{p.name}: {p.warning}"
+                for p in state.policies
+                if p.warning
+            )
+        )
+        for line in sorted(set(warnings) - set(self.warnings)):
+            self.log.warning("meshd: %s", line)
+        self.warnings = warnings
         self.updates += 1
         self.last_update_ms = (time.perf_counter() - started) * 1000
         self.ready.set()
@@ -171,8 +183,10 @@ class Meshd:
             "services": len(self.resources.services),
             "policies": len(self.resources.policies),
             "rejected": list(self.rejected),
+            "warnings": list(self.warnings),
             "waypoints": sorted(self.l7.shares),
-            "objects": [o.to_dict() for o in self.l7.statuses],
+            "objects": [o.to_dict() for o in self.l7.statuses]
+            + [ztunnel_status(p).to_dict() for p in (self.state.policies if self.state else ())],
             "updates": self.updates,
             "lastUpdateMs": round(self.last_update_ms, 2),
             "subscribers": self.ads.status(),

@@ -98,6 +98,10 @@ class AuthorizationPolicyInfo:
     action: str  # "ALLOW" or "DENY"
     selector: Labels | None  # None: the whole namespace (or mesh, in the root namespace)
     rules: tuple[Rule, ...] | None  # None: no rules at all (ALLOW: nothing; DENY: nothing)
+    # Istio's ZtunnelAccepted warning when the policy names HTTP attributes ztunnel
+    # cannot see (those rules are omitted from an ALLOW, their HTTP parts from a DENY).
+    warning: str = ""
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

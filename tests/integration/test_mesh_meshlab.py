@@ -295,6 +295,47 @@ def test_policy_applied_through_meshlab_is_enforced_at_the_destination(
         meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "from-client")
     wait_for("the ALLOW to go", lambda: curl(cluster, "outside/web", echo2)[0] == 0)
 
+    # An ALLOW whose rule names an HTTP method: ztunnel cannot see methods, so the rule
+    # matches nothing (Istio's semantics, fail closed): the GET it names is denied too,
+    # and the policy's status says why.
+    get_only = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "get-only", "namespace": "server"},
+        "spec": {
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "from": [{"source": {"namespaces": ["client"]}}],
+                    "to": [{"operation": {"methods": ["GET"]}}],
+                }
+            ],
+        },
+    }
+    path.write_text(yaml.safe_dump(get_only))
+    meshlab("apply", "--name", cluster, "-f", str(path))
+    try:
+        wait_for("the ALLOW to apply", lambda: curl(cluster, "client/sleep", echo2)[0] != 0)
+        shown = meshlab(
+            "get",
+            "--name",
+            cluster,
+            "authorizationpolicy",
+            "get-only",
+            "-n",
+            "server",
+            "-o",
+            "json",
+        )
+        (condition,) = json.loads(shown.stdout)["status"]["conditions"]
+        assert (condition["type"], condition["reason"]) == ("ZtunnelAccepted", "UnsupportedValue")
+        assert condition["message"].startswith(
+            "ztunnel does not support HTTP attributes (found: methods)."
+        )
+    finally:
+        meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "get-only")
+    wait_for("the ALLOW to go", lambda: curl(cluster, "client/sleep", echo2)[0] == 0)
+
 
 def test_a_restarted_ztunnel_readopts_its_pods_and_nothing_bypasses_it_meanwhile(
     cluster: str,

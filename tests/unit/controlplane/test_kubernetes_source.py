@@ -65,7 +65,7 @@ ALLOW_REVIEWS = {
     ],
 }
 # Methods are HTTP: ztunnel cannot enforce them, so the policy is refused.
-L7_POLICY = {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}
+BAD_POLICY = {"rules": [{"to": [{"operation": {"ports": ["http"]}}]}]}  # a name, not a number
 
 
 @pytest.fixture
@@ -459,7 +459,7 @@ def test_an_invalid_policy_is_rejected_and_the_valid_ones_kept(
     kube: FakeKube, client: ApiClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     bookinfo(kube)
-    kube.add("authorizationpolicies", k.authorization_policy("get-only", "default", L7_POLICY))
+    kube.add("authorizationpolicies", k.authorization_policy("by-name", "default", BAD_POLICY))
 
     async def scenario() -> SourceState:
         async with running(client) as recorder:
@@ -477,10 +477,10 @@ def test_an_invalid_policy_is_rejected_and_the_valid_ones_kept(
         state = asyncio.run(scenario())
     assert [p.name for p in state.policies] == ["reviews"]
     assert state.rejected == (
-        "AuthorizationPolicy default/get-only: spec.rules[0].to[0].operation.methods: "
-        "HTTP attributes need a waypoint",
+        "AuthorizationPolicy default/by-name: spec.rules[0].to[0].operation.ports[0]: "
+        "'http' is not a port number",
     )
-    assert sum("get-only" in line for line in warning_lines(caplog)) == 1
+    assert sum("by-name" in line for line in warning_lines(caplog)) == 1
 
 
 def test_pods_the_mesh_does_not_carry_are_left_out(kube: FakeKube, client: ApiClient) -> None:

@@ -470,14 +470,6 @@ def test_authorization_policy_yaml_to_l4_rules() -> None:
     [
         ({"action": "AUDIT"}, "spec.action"),
         (
-            {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]},
-            "spec.rules[0].to[0].operation.methods",
-        ),
-        (
-            {"rules": [{"when": [{"key": "request.headers[x]", "values": ["1"]}]}]},
-            "spec.rules[0].when",
-        ),
-        (
             {"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]},
             "spec.rules[0].from[0].source.ipBlocks[0]",
         ),
@@ -488,12 +480,29 @@ def test_authorization_policy_yaml_to_l4_rules() -> None:
         ({"selector": {"matchExpressions": []}}, "spec.selector"),
         ({"rulez": []}, "spec.rulez"),
         (
-            {"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]},
-            "spec.rules[0].from[0].source.requestPrincipals",
+            {"rules": [{"when": [{"key": "request.colour", "values": ["1"]}]}]},
+            "spec.rules[0].when[0].key",
+        ),
+        ({"rules": [{"when": [{"key": "source.ip"}]}]}, "spec.rules[0].when[0]"),
+        (
+            {"rules": [{"when": [{"key": "destination.port", "values": ["x"]}]}]},
+            "spec.rules[0].when[0].values[0]",
+        ),
+        (
+            {"rules": [{"from": [{"source": {"principals": ["a"], "serviceAccounts": ["b"]}}]}]},
+            "spec.rules[0].from[0].source.serviceAccounts",
+        ),
+        (
+            {"rules": [{"from": [{"source": {"serviceAccounts": ["a/b/c"]}}]}]},
+            "spec.rules[0].from[0].source.serviceAccounts[0]",
+        ),
+        (
+            {"rules": [{"to": [{"operation": {"methods": "GET"}}]}]},
+            "spec.rules[0].to[0].operation.methods",
         ),
     ],
 )
-def test_policies_ztunnel_cannot_enforce_are_refused_naming_the_field(
+def test_malformed_policies_are_refused_naming_the_field(
     spec: dict[str, object], path: str
 ) -> None:
     with pytest.raises(InvalidPolicy) as info:
