@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
     iproute2                    # ip, ip netns: nodes and pods are network namespaces
     iptables                    # in-pod capture rules, the underlay FORWARD rule
-    containernetworking-plugins # the real CNI plugins: bridge, host-local, loopback
+    containernetworking-plugins # the real CNI plugins: ptp, host-local, portmap, loopback
     iperf3                      # pod apps and benchmarks
     procps                      # ps, pkill, sysctl
     psmisc                      # fuser, killall for diagnostics
