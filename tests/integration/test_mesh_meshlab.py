@@ -13,6 +13,7 @@ leaves it as it found it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import subprocess
@@ -245,76 +246,68 @@ def test_labels_enroll_and_unenroll_running_pods_without_restarting_them(cluster
     assert {p.key: p.pid for p in read_state(cluster).pods} == before  # nobody restarted
 
 
+@contextlib.contextmanager
+def policy_in_server(cluster: str, tmp_path: Path, name: str, spec: Any) -> Iterator[None]:
+    """An AuthorizationPolicy in namespace server, applied as a user would, deleted after."""
+    path = tmp_path / f"{name}.yaml"
+    policy = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "server"},
+        "spec": spec,
+    }
+    path.write_text(yaml.safe_dump(policy))
+    meshlab("apply", "--name", cluster, "-f", str(path))
+    try:
+        yield
+    finally:
+        meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", name)
+
+
 def test_policy_applied_through_meshlab_is_enforced_at_the_destination(
     cluster: str, tmp_path: Path
 ) -> None:
     echo2 = f"http://{pod_ip(cluster, 'server/echo-2')}:8080/"
-    policy = {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": "no-sleep", "namespace": "server"},
-        "spec": {
-            "action": "DENY",
-            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/client/sa/sleep"]}}]}],
-        },
+    deny = {
+        "action": "DENY",
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/client/sa/sleep"]}}]}],
     }
-    path = tmp_path / "deny.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    meshlab("apply", "--name", cluster, "-f", str(path))
-    try:
+    with policy_in_server(cluster, tmp_path, "no-sleep", deny):
         wait_for("the DENY to apply", lambda: curl(cluster, "client/sleep", echo2)[0] != 0)
         # Not from outside the mesh: a plaintext client has no principal, so it is
         # not matched by a principal DENY (Istio's semantics).
         assert curl(cluster, "outside/web", echo2)[0] == 0
-    finally:
-        meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "no-sleep")
     wait_for("the DENY to go", lambda: curl(cluster, "client/sleep", echo2)[0] == 0)
 
     # An ALLOW by namespace and port: the client namespace on 8080 only. Anyone else,
     # the plaintext pod outside the mesh included, is now denied.
     allow = {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": "from-client", "namespace": "server"},
-        "spec": {
-            "action": "ALLOW",
-            "rules": [
-                {
-                    "from": [{"source": {"namespaces": ["client"]}}],
-                    "to": [{"operation": {"ports": ["8080"]}}],
-                }
-            ],
-        },
+        "action": "ALLOW",
+        "rules": [
+            {
+                "from": [{"source": {"namespaces": ["client"]}}],
+                "to": [{"operation": {"ports": ["8080"]}}],
+            }
+        ],
     }
-    path.write_text(yaml.safe_dump(allow))
-    meshlab("apply", "--name", cluster, "-f", str(path))
-    try:
+    with policy_in_server(cluster, tmp_path, "from-client", allow):
         wait_for("the ALLOW to apply", lambda: curl(cluster, "outside/web", echo2)[0] != 0)
         assert curl(cluster, "client/sleep", echo2)[0] == 0
-    finally:
-        meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "from-client")
     wait_for("the ALLOW to go", lambda: curl(cluster, "outside/web", echo2)[0] == 0)
 
     # An ALLOW whose rule names an HTTP method: ztunnel cannot see methods, so the rule
     # matches nothing (Istio's semantics, fail closed): the GET it names is denied too,
     # and the policy's status says why.
     get_only = {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": "get-only", "namespace": "server"},
-        "spec": {
-            "action": "ALLOW",
-            "rules": [
-                {
-                    "from": [{"source": {"namespaces": ["client"]}}],
-                    "to": [{"operation": {"methods": ["GET"]}}],
-                }
-            ],
-        },
+        "action": "ALLOW",
+        "rules": [
+            {
+                "from": [{"source": {"namespaces": ["client"]}}],
+                "to": [{"operation": {"methods": ["GET"]}}],
+            }
+        ],
     }
-    path.write_text(yaml.safe_dump(get_only))
-    meshlab("apply", "--name", cluster, "-f", str(path))
-    try:
+    with policy_in_server(cluster, tmp_path, "get-only", get_only):
         wait_for("the ALLOW to apply", lambda: curl(cluster, "client/sleep", echo2)[0] != 0)
         shown = meshlab(
             "get",
@@ -332,8 +325,6 @@ def test_policy_applied_through_meshlab_is_enforced_at_the_destination(
         assert condition["message"].startswith(
             "ztunnel does not support HTTP attributes (found: methods)."
         )
-    finally:
-        meshlab("delete", "--name", cluster, "authorizationpolicy", "-n", "server", "get-only")
     wait_for("the ALLOW to go", lambda: curl(cluster, "client/sleep", echo2)[0] == 0)
 
 

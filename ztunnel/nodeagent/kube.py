@@ -54,6 +54,9 @@ MERGE_PATCH = "application/merge-patch+json"
 PATCH_TIMEOUT_S = 30.0
 PATCH_RETRY_INITIAL_S = 0.5
 PATCH_RETRY_MAX_S = 30.0
+# What a 401/403 most likely means, per call.
+PATCH_HINT = "does the node agent's ClusterRole allow patch of pods/status?"
+DAEMONSET_HINT = "does the node agent's Role allow get of its DaemonSet?"
 
 # The config loaders are not annotated.
 _load_kube_config: Callable[..., None] = kubernetes.config.load_kube_config
@@ -281,7 +284,10 @@ class KubernetesView:
         except ApiException as e:
             if e.status == 404:
                 return True, f"{where} is gone"
-            return False, f"cannot tell whether {where} is being removed: {_reason(e, 'get')}"
+            return (
+                False,
+                f"cannot tell whether {where} is being removed: {_reason(e, DAEMONSET_HINT)}",
+            )
         except Exception as e:
             return False, f"cannot tell whether {where} is being removed: {e}"
         if (ds.get("metadata") or {}).get("deletionTimestamp"):
@@ -371,15 +377,11 @@ class KubernetesView:
         self._patch_errors[key] = reason
 
 
-def _reason(e: ApiException, call: str = "patch") -> str:
+def _reason(e: ApiException, hint: str = PATCH_HINT) -> str:
     message = ""
     with contextlib.suppress(ValueError, AttributeError):
         message = str(json.loads(e.body or "{}").get("message", ""))
     text = f"HTTP {e.status} {e.reason}" + (f": {message}" if message else "")
     if e.status in (401, 403):
-        text += (
-            " (does the node agent's ClusterRole allow patch of pods/status?)"
-            if call == "patch"
-            else " (does the node agent's Role allow get of its DaemonSet?)"
-        )
+        text += f" ({hint})"
     return text

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from types import MappingProxyType
 
+from tests.unit.ztunnel.test_nodeagent import FixedView
 from ztunnel.nodeagent import kube
 from ztunnel.nodeagent.discover import Found, ProcFinder, cgroup_ids, record_for, unrecorded
 from ztunnel.nodeagent.records import PodRecord
@@ -111,17 +112,6 @@ def test_a_record_is_what_ztunnel_cni_would_have_written() -> None:
     assert record_for(known, None) == PodRecord(
         "c0ffee", "shop", "k", "/run/netns/ml-k", ("10.244.1.7",)
     )
-
-
-class FixedView:
-    def __init__(self, view: ClusterView) -> None:
-        self.view = view
-
-    def describe(self) -> str:
-        return "a fixed view"
-
-    def read(self) -> ClusterView:
-        return self.view
 
 
 def test_the_agents_pass_records_this_nodes_unseen_mesh_pods_only(tmp_path: Path) -> None:
