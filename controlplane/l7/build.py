@@ -16,6 +16,10 @@
 * a waypoint for ``workload`` (or ``all``) traffic also serves the pods bound
   to it (:class:`~controlplane.l7.workloads.WorkloadSpec`): what a client sends
   to such a pod's own IP, on any port, reaches it through the waypoint;
+* the AuthorizationPolicies that target the waypoint (its Gateway, or the
+  GatewayClass ``istio-waypoint`` from the root namespace) apply to all its
+  chains, those that target a Service to that service's chains
+  (:mod:`controlplane.l7.authz`); each says where it is bound;
 * routes, Gateways and their references get Gateway API status conditions,
   and what cannot be used is said once in ``rejected``.
 
@@ -28,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from controlplane.l7 import istio_api
+from controlplane.l7 import authz, istio_api
 from controlplane.l7.binding import bind
 from controlplane.l7.clusters import Endpoints, clusters_for
 from controlplane.l7.port_routes import ports_of
@@ -54,6 +58,9 @@ def build(state: SourceState) -> L7Result:
 
     routes = parse_routes(state.l7, out)
     policies, virtual_services = istio_api.parse_all(state.l7, services, out.reject, out.status)
+    authorizations = authz.parse_all(state.l7, state.root_namespace)
+    out.status.extend(authz.unreadable(state.l7, state.root_namespace))
+    bound_to: dict[str, list[str]] = {p.key: [] for p in authorizations}
 
     bound: dict[str, list[ServiceInfo]] = {}
     for key, info in services.items():
@@ -83,8 +90,15 @@ def build(state: SourceState) -> L7Result:
             out.reject(f"Gateway {waypoint.key}: {waypoint.problem}")
             continue
         specs: list[ServiceSpec] = []
+        own = _targeting(authorizations, waypoint, None)
+        for p in own:
+            bound_to[p.key].append(f"waypoint {waypoint.key}")
         for info in sorted(bound.get(waypoint.key, ()), key=lambda s: (s.namespace, s.name)):
             key = service_key(info.namespace, info.name)
+            theirs = _targeting(authorizations, waypoint, info)
+            for p in theirs:
+                if p not in own:
+                    bound_to[p.key].append(f"service {info.namespace}/{info.name}")
             specs.append(
                 ServiceSpec(
                     key=key,
@@ -93,6 +107,7 @@ def build(state: SourceState) -> L7Result:
                     hostname=key.split("/", 1)[1],
                     vips=tuple(ip for ip in info.cluster_ips if ip and ip != "None"),
                     ports=tuple(ported[key]),
+                    policies=tuple(theirs),
                 )
             )
         clusters = clusters_for(
@@ -115,12 +130,37 @@ def build(state: SourceState) -> L7Result:
             services=tuple(specs),
             clusters=MappingProxyType(clusters),
             workloads=tuple(workloads),
+            workload_policies=tuple(own),
         )
+    for p in authorizations:
+        out.status.append(authz.status_of(p, bound_to[p.key]))
     return L7Result(
         shares=MappingProxyType(shares),
         statuses=tuple(sorted(out.status, key=lambda s: s.key)),
         rejected=tuple(sorted(set(out.rejected))),
     )
+
+
+def _targeting(
+    policies: list[authz.WaypointPolicy], waypoint: WaypointInfo, service: ServiceInfo | None
+) -> list[authz.WaypointPolicy]:
+    """The policies in force on the waypoint's chains (``service`` None) or on a service's."""
+    out = []
+    for p in policies:
+        for t in p.targets:
+            if t.kind == "GatewayClass" or (
+                t.kind == "Gateway" and (t.namespace, t.name) == (waypoint.namespace, waypoint.name)
+            ):
+                out.append(p)
+                break
+            if (
+                service is not None
+                and t.kind == "Service"
+                and (t.namespace, t.name) == (service.namespace, service.name)
+            ):
+                out.append(p)
+                break
+    return out
 
 
 def _gateway_status(waypoint: WaypointInfo, services: bool, workloads: bool) -> ObjectStatus:

@@ -8,7 +8,8 @@ listeners or filters), consumed by our waypoint and by a real Envoy alike:
   destination, as Envoy's ``original_dst`` listener filter would restore it),
   with one filter chain per service port, matched on the service's VIPs and
   port: an HTTP connection manager taking its routes by RDS, or a
-  ``tcp_proxy`` to the service;
+  ``tcp_proxy`` to the service; the AuthorizationPolicies in force on the
+  chain as Envoy RBAC filters ahead of them (:mod:`controlplane.l7.envoy_rbac`);
 * one ``RouteConfiguration`` per HTTP service port, named like its cluster
   (``inbound-vip|<port>|http|<host>``, as Istio's waypoint names them), one
   virtual host for every domain, the rules in order;
@@ -32,7 +33,7 @@ Resource names are unique within one waypoint only: the feed is scoped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -53,6 +54,8 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
+from controlplane.l7 import envoy_rbac
+from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.envoy_clusters import _cluster, _load_assignment, _workload_cluster
 from controlplane.l7.envoy_pb import (
     CLUSTER_TYPE,
@@ -72,6 +75,7 @@ from controlplane.l7.envoy_pb import (
     _any,
     _duration,
     _percent,
+    _quote_meta,
 )
 from controlplane.l7.ir import (
     BackendRef,
@@ -141,13 +145,13 @@ def translate(share: WaypointShare) -> EnvoyResources:
             # would take every destination on its port (and two would clash).
             continue
         for pr in service.ports:
-            chains.append(_filter_chain(service, pr))
+            chains.append(_filter_chain(service, pr, service.policies))
             ports.add(pr.port)
             if pr.protocol.is_http:
                 rc = _route_config(service, pr, share.clusters)
                 routes[rc.name] = rc
     for workload in share.workloads:
-        chains.extend(_workload_chains(workload, sorted(ports)))
+        chains.extend(_workload_chains(workload, sorted(ports), share.workload_policies))
     listener = listener_pb2.Listener(
         name=LISTENER_NAME,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
@@ -181,7 +185,9 @@ def _host_range(ip: str) -> address_pb2.CidrRange:
     )
 
 
-def _filter_chain(service: ServiceSpec, pr: PortRoutes) -> listener_components_pb2.FilterChain:
+def _filter_chain(
+    service: ServiceSpec, pr: PortRoutes, policies: Sequence[WaypointPolicy]
+) -> listener_components_pb2.FilterChain:
     name = cluster_name(service.hostname, pr.port, pr.protocol)
     match = listener_components_pb2.FilterChainMatch(
         destination_port=wrappers_pb2.UInt32Value(value=pr.port),
@@ -193,6 +199,7 @@ def _filter_chain(service: ServiceSpec, pr: PortRoutes) -> listener_components_p
             codec_type=hcm_pb2.HttpConnectionManager.AUTO,
             rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=name),
             http_filters=[
+                *envoy_rbac.http_filters(policies),
                 hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_any(fault_pb2.HTTPFault())),
                 hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_any(router_pb2.Router())),
             ],
@@ -205,25 +212,30 @@ def _filter_chain(service: ServiceSpec, pr: PortRoutes) -> listener_components_p
             # (Envoy's default would reset a stream idle for 5 minutes).
             stream_idle_timeout=_duration(0),
         )
-        network = listener_components_pb2.Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm)
-        )
+        filters = [
+            listener_components_pb2.Filter(
+                name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm)
+            )
+        ]
     else:
         (backend,) = pr.tcp_backends
         proxy = tcp_proxy_pb2.TcpProxy(
             stat_prefix=name,
             cluster=cluster_name(backend.service.split("/", 1)[1], backend.port, Protocol.TCP),
         )
-        network = listener_components_pb2.Filter(
-            name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
-        )
+        filters = [
+            *envoy_rbac.network_filters(policies),
+            listener_components_pb2.Filter(
+                name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
+            ),
+        ]
     return listener_components_pb2.FilterChain(
-        name=f"{service.hostname}:{pr.port}", filter_chain_match=match, filters=[network]
+        name=f"{service.hostname}:{pr.port}", filter_chain_match=match, filters=filters
     )
 
 
 def _workload_chains(
-    workload: WorkloadSpec, service_ports: Iterable[int]
+    workload: WorkloadSpec, service_ports: Iterable[int], policies: Sequence[WaypointPolicy]
 ) -> list[listener_components_pb2.FilterChain]:
     """The chains of traffic addressed to a pod: its IP on any port, relayed to its cluster.
 
@@ -236,16 +248,19 @@ def _workload_chains(
     """
     cluster = pod_cluster_name(workload.ip)
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)
-    network = listener_components_pb2.Filter(
-        name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
-    )
+    network = [
+        *envoy_rbac.network_filters(policies),
+        listener_components_pb2.Filter(
+            name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
+        ),
+    ]
     chains = [
         listener_components_pb2.FilterChain(
             name=f"direct-tcp|{workload.ip}",
             filter_chain_match=listener_components_pb2.FilterChainMatch(
                 prefix_ranges=[_host_range(workload.ip)]
             ),
-            filters=[network],
+            filters=network,
         )
     ]
     for port in service_ports:
@@ -256,7 +271,7 @@ def _workload_chains(
                     destination_port=wrappers_pb2.UInt32Value(value=port),
                     prefix_ranges=[_host_range(workload.ip)],
                 ),
-                filters=[network],
+                filters=network,
             )
         )
     return chains
@@ -571,11 +586,6 @@ def _prefix_swap(
         action.regex_rewrite.substitution = "/\\2"
     else:
         action.prefix_rewrite = value
-
-
-def _quote_meta(text: str) -> str:
-    """Go's regexp.QuoteMeta (what Istio uses): escape RE2's special characters."""
-    return "".join("\\" + c if c in r"\.+*?()|[]{}^$" else c for c in text)
 
 
 # ------------------------------------------------------------------ clusters

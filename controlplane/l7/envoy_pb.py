@@ -47,3 +47,8 @@ def _percent(value: float) -> percent_pb2.FractionalPercent:
     return percent_pb2.FractionalPercent(
         numerator=round(value * 10_000), denominator=percent_pb2.FractionalPercent.MILLION
     )
+
+
+def _quote_meta(text: str) -> str:
+    """Go's regexp.QuoteMeta (what Istio uses): escape RE2's special characters."""
+    return "".join("\\" + c if c in r"\.+*?()|[]{}^$" else c for c in text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.binding import CLUSTER_DOMAIN
 from controlplane.l7.ir import PortRoutes, Protocol, TrafficPolicy
 from controlplane.l7.workloads import WorkloadSpec
@@ -51,6 +52,7 @@ class ServiceSpec:
     hostname: str
     vips: tuple[str, ...]
     ports: tuple[PortRoutes, ...]
+    policies: tuple[WaypointPolicy, ...] = ()  # the AuthorizationPolicies of its chains
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +62,7 @@ class WaypointShare:
     services: tuple[ServiceSpec, ...]
     clusters: Mapping[str, ClusterSpec]
     workloads: tuple[WorkloadSpec, ...] = ()
+    workload_policies: tuple[WaypointPolicy, ...] = ()  # those of the workload chains
 
     @property
     def key(self) -> str:

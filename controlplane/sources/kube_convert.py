@@ -3,8 +3,9 @@
 Kinds: namespaces, pods, services, service accounts, endpoint slices; and the
 custom resources AuthorizationPolicy, Gateway (class ``istio-waypoint``),
 HTTPRoute, GRPCRoute, VirtualService and DestinationRule, each of which may
-not be installed (a 404 on list is said once and counts as none). Routes and
-traffic policies are kept as written (:class:`~controlplane.state.L7Object`,
+not be installed (a 404 on list is said once and counts as none). Routes,
+traffic policies and the AuthorizationPolicies bound to waypoints by
+``targetRefs`` are kept as written (:class:`~controlplane.state.L7Object`,
 less the fields that change without the object changing) for
 :mod:`controlplane.l7` to read.
 
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.authz_yaml import parse_authorization_policy
+from controlplane.l7.authz import has_target_refs
 from controlplane.l7.gateway_api import is_waypoint, parse_gateway
 from controlplane.sources.kube_informer import Kind, Obj
 from controlplane.state import (
     TRAFFIC_DISTRIBUTION_ANNOTATION,
     TRAFFIC_DISTRIBUTIONS,
+    AuthorizationPolicyInfo,
     EndpointSliceInfo,
     L7Object,
     NamespaceInfo,
@@ -215,6 +218,14 @@ def l7_converter(kind: str) -> Callable[[Obj], L7Object]:
     return convert
 
 
+def convert_authorization_policy(obj: Obj) -> AuthorizationPolicyInfo | L7Object:
+    """A policy with ``targetRefs`` is the waypoint's (kept as written for
+    :mod:`controlplane.l7.authz`); one with a selector (or neither) is ztunnel's."""
+    if has_target_refs(obj):
+        return l7_converter("AuthorizationPolicy")(obj)
+    return parse_authorization_policy(obj)
+
+
 def convert_service_account(obj: Obj) -> ServiceAccountInfo:
     namespace, name, labels = _meta(obj)
     return ServiceAccountInfo(name=name, namespace=namespace, labels=labels)
@@ -234,7 +245,8 @@ KINDS = (
     Kind("endpointslices", "endpointslice", "DiscoveryV1Api",
           f"list_endpoint_slice{_EVERYWHERE}", convert_endpoint_slice),
     Kind("authorizationpolicies", "AuthorizationPolicy", _CUSTOM, "list_cluster_custom_object",
-          parse_authorization_policy, ("security.istio.io", "v1", "authorizationpolicies"), True),
+          convert_authorization_policy, ("security.istio.io", "v1", "authorizationpolicies"),
+          True),
     Kind("gateways", "gateway", _CUSTOM, "list_cluster_custom_object", convert_gateway,
           ("gateway.networking.k8s.io", "v1", "gateways"), True),
     Kind("httproutes", "HTTPRoute", _CUSTOM, "list_cluster_custom_object",

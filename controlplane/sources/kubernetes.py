@@ -245,10 +245,19 @@ class KubernetesSource:
                 namespaces=_values(published, "namespaces", NamespaceInfo),
                 pods=_values(published, "pods", PodInfo),
                 services=_values(published, "services", ServiceInfo),
-                policies=_values(published, "authorizationpolicies", AuthorizationPolicyInfo),
+                policies=tuple(
+                    p
+                    for p in _values(published, "authorizationpolicies", object)
+                    if isinstance(p, AuthorizationPolicyInfo)
+                ),
                 waypoints=_values(published, "gateways", WaypointInfo),
                 endpoint_slices=_values(published, "endpointslices", EndpointSliceInfo),
-                l7=tuple(o for k in L7_KINDS for o in _values(published, k, L7Object)),
+                l7=tuple(
+                    o
+                    for k in (*L7_KINDS, "authorizationpolicies")
+                    for o in _values(published, k, object)
+                    if isinstance(o, L7Object)
+                ),
                 trust_domain=self._empty.trust_domain,
                 cluster_id=self._empty.cluster_id,
                 root_namespace=self._empty.root_namespace,

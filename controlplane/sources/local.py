@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
+from controlplane.l7.authz import has_target_refs
 from controlplane.l7.gateway_api import is_waypoint, parse_gateway
 from controlplane.l7.reader import InvalidObject
 from controlplane.state import (
@@ -67,6 +68,11 @@ def source_state(
         else:
             l7.append(L7Object(kind=kind, namespace=namespace, name=name, raw=plain))
     for raw in cluster.policies:
+        plain = _plain(raw)
+        if has_target_refs(plain):  # the waypoint's: read with the L7 objects
+            kind, namespace, name = resource_key(plain)
+            l7.append(L7Object(kind=kind, namespace=namespace, name=name, raw=plain))
+            continue
         try:
             policies.append(parse_authorization_policy(_plain(raw)))
         except InvalidPolicy as e:
