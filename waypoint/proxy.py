@@ -8,7 +8,10 @@ request) or bytes (``tcp_proxy``: relayed to an endpoint of the cluster, or,
 for an ORIGINAL_DST cluster, to the authority itself, which must be the one
 pod the chain names). A destination without a chain is refused with 503
 before any byte flows, and before the waypoint has its configuration every
-stream is refused (fail closed: no config, no forwarding).
+stream is refused (fail closed: no config, no forwarding). The chain's network
+RBAC filters decide first, on the connection alone (:mod:`waypoint.authz`): a
+denied stream is accepted and reset at once, nothing dialled, nothing relayed
+(Envoy closes such a connection; it decides on the first byte, we need none).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from mesh.hbone import ConnectRequest, LocalSocket, PlainProtocol, Refused
+from waypoint import authz
 from waypoint.config.model import Cluster, Endpoint, FilterChain, HttpManager, TcpProxy
 from waypoint.config.snapshot import WaypointConfig
 from waypoint.http.h2server import AutoServer
@@ -101,6 +105,13 @@ class Relay(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
 
+class _Reset(asyncio.Protocol):
+    """A stream RBAC denied: reset as soon as it is attached."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
 def original_destination(
     chain: FilterChain, cluster: Cluster, host: str, port: int
 ) -> Endpoint | str:
@@ -161,6 +172,17 @@ class WaypointProxy:
         if 'for="' in forwarded:
             info["source_ip"] = forwarded.split('for="', 1)[1].split('"', 1)[0].rsplit(":", 1)[0]
         self.streams += 1
+        if chain.rbac:
+            verdict = authz.check(chain.rbac, authz.Attributes(authz.connection(info)))
+            if not verdict.allowed:
+                self.log.debug(
+                    "waypoint: %s from %s (%s) closed: %s",
+                    request.authority,
+                    info["source_ip"],
+                    info["peer_identity"],
+                    authz.response_detail(verdict.policy or "none"),
+                )
+                return LocalSocket(_Reset(), {"peername": request.peer_address})
         handler = chain.handler
         if isinstance(handler, HttpManager):
             manager = handler
@@ -202,10 +224,17 @@ class WaypointProxy:
         return LocalSocket(downstream, {"peername": request.peer_address})
 
 
-async def serve_http(proxy: WaypointProxy, host: str, port: int, authority: str) -> asyncio.Server:
+async def serve_http(
+    proxy: WaypointProxy, host: str, port: int, authority: str, *, peer_identity: str = ""
+) -> asyncio.Server:
     """A plaintext HTTP listener in front of the chain for ``authority`` (tests, benchmarks,
-    the Envoy differential test): what an HBONE stream to that destination would get."""
+    the Envoy differential test): what an HBONE stream to that destination would get, from
+    a client whose HBONE identity is ``peer_identity`` ("" for none). The chain's network
+    RBAC filters are not applied here (meshd puts none ahead of an HTTP manager)."""
     dest_host, _, dest_port = authority.rpartition(":")
+    info = {"authority": authority}
+    if peer_identity:
+        info["peer_identity"] = peer_identity
     loop = asyncio.get_running_loop()
 
     def factory() -> asyncio.Protocol:
@@ -213,9 +242,7 @@ async def serve_http(proxy: WaypointProxy, host: str, port: int, authority: str)
         if chain is None or not isinstance(chain.handler, HttpManager):
             raise ConnectionRefusedError(f"no HTTP chain for {authority}")
         manager = chain.handler
-        return AutoServer(
-            lambda exchange: proxy.router.handle(exchange, manager), {"authority": authority}
-        )
+        return AutoServer(lambda exchange: proxy.router.handle(exchange, manager), info)
 
     server = await loop.create_server(factory, host, port)
     return server

@@ -25,11 +25,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_pb2
-from google.protobuf import json_format
+from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
+from envoy.extensions.filters.http.set_filter_state.v3 import set_filter_state_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import any_pb2, json_format
 
 from bench.envoy import Envoy, free_port, waypoint_config
 from controlplane.l7 import envoy as l7envoy
+from controlplane.l7 import envoy_rbac
 from controlplane.l7.build import build
 from controlplane.meshd import Meshd, grpc_server_options
 from controlplane.state import SourceState
@@ -82,9 +89,14 @@ def send(
 
 
 def _front_listener(
-    resources: l7envoy.EnvoyResources, destination: str, port: int
+    resources: l7envoy.EnvoyResources, destination: str, port: int, peer_identity: str = ""
 ) -> dict[str, Any]:
-    """Envoy's listener for one destination: the feed's filter chain on a loopback address."""
+    """Envoy's listener for one destination: the feed's filter chain on a loopback address.
+
+    With ``peer_identity``, the HTTP connection manager first sets the filter
+    state ``io.istio.peer_principal`` to it, as the HBONE connection of a
+    peer with that identity would (what Istio's authorization policies match).
+    """
     host, _, dport = destination.rpartition(":")
     (waypoint_listener,) = resources.listeners.values()
     for chain in waypoint_listener.filter_chains:
@@ -94,10 +106,38 @@ def _front_listener(
             front = listener_pb2.Listener(name="front")
             front.address.socket_address.address = "127.0.0.1"
             front.address.socket_address.port_value = port
-            front.filter_chains.add().filters.extend(chain.filters)
+            filters = front.filter_chains.add().filters
+            filters.extend(chain.filters)
+            if peer_identity:
+                _set_peer(filters, peer_identity)
             doc: dict[str, Any] = json_format.MessageToDict(front, preserving_proto_field_name=True)
             return doc
     raise KeyError(f"no filter chain for {destination}")
+
+
+def _set_peer(filters: Any, identity: str) -> None:
+    for f in filters:
+        if f.name != "envoy.filters.network.http_connection_manager":
+            continue
+        hcm = hcm_pb2.HttpConnectionManager()
+        f.typed_config.Unpack(hcm)
+        state = set_filter_state_pb2.Config(
+            on_request_headers=[
+                value_pb2.FilterStateValue(
+                    object_key=envoy_rbac.PEER_PRINCIPAL,
+                    factory_key="envoy.string",
+                    format_string=substitution_format_string_pb2.SubstitutionFormatString(
+                        text_format_source=base_pb2.DataSource(inline_string=identity)
+                    ),
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(state)
+        hcm.http_filters.insert(
+            0, hcm_pb2.HttpFilter(name="envoy.filters.http.set_filter_state", typed_config=packed)
+        )
+        f.typed_config.Pack(hcm)
 
 
 class Oracle:
@@ -163,6 +203,10 @@ class Oracle:
             ):
                 stats = self.envoy.stats()
                 if stats.get("listener_manager.total_listeners_active", 0) >= 1:
+                    # Envoy ACKs once its main thread took the resources; the workers
+                    # get them posted after that (a request at once can still see the
+                    # old route: a 503 the new retry policy would have retried).
+                    time.sleep(0.2)
                     return
             time.sleep(0.1)
         raise AssertionError("Envoy did not take the feed in time")
@@ -188,8 +232,10 @@ def oracle(
     backends: Callable[[], Any],
     authority: str,
     workdir: Path,
+    peer_identity: str = "",
 ) -> Iterator[Oracle]:
-    """Start backends, meshd, Envoy and ours; ``state_for(backends)`` is the world."""
+    """Start backends, meshd, Envoy and ours; ``state_for(backends)`` is the world; both
+    see every client as ``peer_identity`` (the HBONE peer's SPIFFE ID) when one is given."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -220,12 +266,12 @@ def oracle(
             admin_port=admin_port,
             namespace="shop",
             gateway="waypoint",
-            static_listeners=[_front_listener(resources, authority, envoy_port)],
+            static_listeners=[_front_listener(resources, authority, envoy_port, peer_identity)],
         )
         envoy = Envoy(config, workdir, "oracle")
         envoy.start()
         stack.callback(envoy.stop)
-        ours_cm = waypoint(config_for(state), authority)
+        ours_cm = waypoint(config_for(state), authority, peer_identity=peer_identity)
         ours = run(ours_cm.__aenter__())
         stack.callback(lambda: run(ours_cm.__aexit__(None, None, None)))
         o = Oracle(

@@ -161,9 +161,10 @@ class Waypoint:
 
 @contextlib.asynccontextmanager
 async def waypoint(
-    config: WaypointConfig, authority: str, *, seed: int = 1
+    config: WaypointConfig, authority: str, *, seed: int = 1, peer_identity: str = ""
 ) -> AsyncIterator[Waypoint]:
-    """Our waypoint serving ``authority``'s chain on a loopback port."""
+    """Our waypoint serving ``authority``'s chain on a loopback port, to a client whose
+    HBONE identity is ``peer_identity`` (none when "")."""
     rng = random.Random(seed)
     upstreams = Upstreams(TcpConnector(), rng)
     upstreams.update(config.clusters, config.endpoints)
@@ -171,7 +172,7 @@ async def waypoint(
     holder: list[WaypointConfig] = [config]
     router = Router(lambda: holder[0], upstreams, rng=rng, on_record=records.append)
     proxy = WaypointProxy(lambda: holder[0], upstreams, router)
-    server = await serve_http(proxy, "127.0.0.1", 0, authority)
+    server = await serve_http(proxy, "127.0.0.1", 0, authority, peer_identity=peer_identity)
     address = server.sockets[0].getsockname()[:2]
     wp = Waypoint(config, router, upstreams, proxy, address, records)
 

@@ -4,8 +4,17 @@ Each function takes one resource and returns its model value, or raises
 :class:`Unsupported` naming the field: a resource that sets a field whose
 behaviour the waypoint does not have is NACKed, never half-applied. Fields
 left at their defaults are not set on the wire (proto3), so only what the
-control plane really asked for is checked. This module (with ``routes``
-and ``checks``) is the only one that imports Envoy's protobuf types.
+control plane really asked for is checked. This module (with ``routes``,
+``rbac`` and ``checks``) is the only one that imports Envoy's protobuf types.
+
+What a listener may say: ``original_dst`` listener filters; filter chains
+matched by destination port and prefix ranges, each ending in ``tcp_proxy``
+or an HTTP connection manager, with ``envoy.filters.network.rbac`` filters
+before it (enforced once per connection); an HCM's HTTP filters are
+``envoy.filters.http.rbac`` filters, then the fault filter (optional), then
+the router, nothing else. RBAC rules are converted by :mod:`waypoint.config.rbac`
+(ALLOW and DENY; the permissions and principals it lists) and enforced by
+:mod:`waypoint.authz` with Envoy's semantics.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
@@ -32,7 +42,9 @@ from google.protobuf.message import Message
 
 from mesh.identity import IdentityError, SpiffeId
 from waypoint.config import model as m
+from waypoint.config import rbac
 from waypoint.config.checks import Unsupported, only, seconds, unpack
+from waypoint.config.rbac_model import Rbac
 from waypoint.config.routes import route_config
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -85,23 +97,37 @@ def _filter_chain(chain: Any, where: str) -> m.FilterChain:
             )
         except ValueError as e:
             raise Unsupported(f"{where}.filter_chain_match.prefix_ranges: {e}") from e
-    if len(chain.filters) != 1:
-        raise Unsupported(f"{where}.filters: exactly one network filter is supported")
-    f = chain.filters[0]
-    only(f, {"name", "typed_config"}, f"{where}.filters[0]")
+    if not chain.filters:
+        raise Unsupported(f"{where}.filters: a filter chain needs its network filters")
+    rbacs: list[Rbac] = []
+    last = len(chain.filters) - 1
+    for i, f in enumerate(chain.filters[:last]):
+        fw = f"{where}.filters[{i}]"
+        only(f, {"name", "typed_config"}, fw)
+        if not f.typed_config.Is(network_rbac_pb2.RBAC.DESCRIPTOR):
+            raise Unsupported(
+                f"{fw}: only {rbac.NETWORK_RBAC} filters may come before the last filter "
+                f"(tcp_proxy or the HTTP connection manager), not {f.typed_config.type_url}"
+            )
+        rules = rbac.network_filter(f.typed_config, fw)
+        if rules is not None:
+            rbacs.append(rules)
+    f = chain.filters[last]
+    fw = f"{where}.filters[{last}]"
+    only(f, {"name", "typed_config"}, fw)
     handler: m.HttpManager | m.TcpProxy
     if f.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
-        handler = _hcm(
-            unpack(f.typed_config, hcm_pb2.HttpConnectionManager, where), f"{where}.filters[0]"
-        )
+        handler = _hcm(unpack(f.typed_config, hcm_pb2.HttpConnectionManager, fw), fw)
     elif f.typed_config.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
-        proxy = unpack(f.typed_config, tcp_proxy_pb2.TcpProxy, where)
-        only(proxy, {"stat_prefix", "cluster"}, f"{where}.filters[0]")
+        proxy = unpack(f.typed_config, tcp_proxy_pb2.TcpProxy, fw)
+        only(proxy, {"stat_prefix", "cluster"}, fw)
         handler = m.TcpProxy(cluster=proxy.cluster, stat_prefix=proxy.stat_prefix)
     else:
-        raise Unsupported(f"{where}.filters[0]: filter {f.typed_config.type_url} is not supported")
+        raise Unsupported(f"{fw}: filter {f.typed_config.type_url} is not supported")
     port = fcm.destination_port.value if fcm.HasField("destination_port") else None
-    return m.FilterChain(name=chain.name, prefixes=tuple(prefixes), port=port, handler=handler)
+    return m.FilterChain(
+        name=chain.name, prefixes=tuple(prefixes), port=port, handler=handler, rbac=tuple(rbacs)
+    )
 
 
 def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
@@ -136,13 +162,21 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
     if not h.rds.route_config_name:
         raise Unsupported(f"{where}.rds.route_config_name: is required (routes come by RDS)")
     fault = False
+    rbacs: list[Rbac] = []
     names = [f.name for f in h.http_filters]
     if not names or names[-1] != ROUTER:
         raise Unsupported(f"{where}.http_filters: the last filter must be {ROUTER}")
     for i, f in enumerate(h.http_filters):
         fw = f"{where}.http_filters[{i}]"
         only(f, {"name", "typed_config"}, fw)
-        if f.name == FAULT:
+        if f.name == rbac.HTTP_RBAC:
+            if fault:
+                # We run the RBAC filters before the fault filter, always.
+                raise Unsupported(f"{fw}: an RBAC filter after {FAULT} is not supported")
+            rules = rbac.http_filter(f.typed_config, fw)
+            if rules is not None:
+                rbacs.append(rules)
+        elif f.name == FAULT:
             config = unpack(f.typed_config, fault_pb2.HTTPFault, fw)
             only(config, (), fw + " (fault settings belong in the routes' typed_per_filter_config)")
             fault = True
@@ -171,6 +205,7 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         normalize_path=h.normalize_path.value,
         fault_filter=fault,
         websocket=websocket,
+        rbac=tuple(rbacs),
     )
 
 

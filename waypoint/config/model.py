@@ -12,9 +12,12 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import re2
+
+if TYPE_CHECKING:  # rbac_model imports this module's matchers
+    from waypoint.config.rbac_model import Rbac
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MILLION = 1_000_000
@@ -300,6 +303,7 @@ class HttpManager:
     normalize_path: bool = False
     fault_filter: bool = False
     websocket: bool = False
+    rbac: tuple[Rbac, ...] = ()  # the HTTP RBAC filters, in filter order (before the router)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,6 +318,7 @@ class FilterChain:
     prefixes: tuple[IPNetwork, ...]
     port: int | None
     handler: HttpManager | TcpProxy
+    rbac: tuple[Rbac, ...] = ()  # the network RBAC filters ahead of the handler, in order
 
     def matches(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
         if self.port is not None and self.port != port:

@@ -35,7 +35,8 @@ def route_config(msg: route_pb2.RouteConfiguration) -> m.RouteConfig:
     return m.RouteConfig(name=msg.name, virtual_hosts=tuple(vhosts))
 
 
-def _string(s: string_pb2.StringMatcher, where: str) -> m.StringMatcher:
+def string_matcher(s: string_pb2.StringMatcher, where: str) -> m.StringMatcher:
+    """Envoy's StringMatcher (``ignore_case`` has no effect on ``safe_regex``, as in Envoy)."""
     only(s, {"exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"}, where)
     kind = s.WhichOneof("match_pattern")
     if kind is None:
@@ -49,6 +50,33 @@ def _string(s: string_pb2.StringMatcher, where: str) -> m.StringMatcher:
         )
     return m.StringMatcher(
         kind=m.StringKind(kind), value=getattr(s, kind), ignore_case=s.ignore_case
+    )
+
+
+def header_matcher(h: rc.HeaderMatcher, where: str) -> m.HeaderMatcher:
+    """Envoy's HeaderMatcher: a string match or a presence test (also when no specifier)."""
+    only(
+        h,
+        {
+            "name",
+            "string_match",
+            "present_match",
+            "invert_match",
+            "treat_missing_header_as_empty",
+        },
+        where,
+    )
+    which = h.WhichOneof("header_match_specifier")
+    matcher = (
+        string_matcher(h.string_match, f"{where}.string_match") if which == "string_match" else None
+    )
+    return m.HeaderMatcher(
+        name=h.name.lower(),
+        matcher=matcher,
+        # No specifier: a presence match (Envoy's rule).
+        present=h.present_match if which == "present_match" else True,
+        invert=h.invert_match,
+        missing_as_empty=h.treat_missing_header_as_empty,
     )
 
 
@@ -69,39 +97,14 @@ def _match(r: rc.RouteMatch, where: str) -> m.RouteMatch:
     kind = r.WhichOneof("path_specifier")
     if kind is None:
         raise Unsupported(f"{where}: a route match needs a path specifier")
-    headers = []
-    for i, h in enumerate(r.headers):
-        hw = f"{where}.headers[{i}]"
-        only(
-            h,
-            {
-                "name",
-                "string_match",
-                "present_match",
-                "invert_match",
-                "treat_missing_header_as_empty",
-            },
-            hw,
-        )
-        which = h.WhichOneof("header_match_specifier")
-        matcher = _string(h.string_match, f"{hw}.string_match") if which == "string_match" else None
-        headers.append(
-            m.HeaderMatcher(
-                name=h.name.lower(),
-                matcher=matcher,
-                # No specifier: a presence match (Envoy's rule).
-                present=h.present_match if which == "present_match" else True,
-                invert=h.invert_match,
-                missing_as_empty=h.treat_missing_header_as_empty,
-            )
-        )
+    headers = [header_matcher(h, f"{where}.headers[{i}]") for i, h in enumerate(r.headers)]
     query = []
     for i, q in enumerate(r.query_parameters):
         qw = f"{where}.query_parameters[{i}]"
         only(q, {"name", "string_match", "present_match"}, qw)
-        matcher = (
-            _string(q.string_match, f"{qw}.string_match") if q.HasField("string_match") else None
-        )
+        matcher = None
+        if q.HasField("string_match"):
+            matcher = string_matcher(q.string_match, f"{qw}.string_match")
         query.append(m.QueryMatcher(name=q.name, matcher=matcher))
     value = getattr(r, kind).regex if kind == "safe_regex" else getattr(r, kind)
     compiled = None

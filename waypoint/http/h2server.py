@@ -147,6 +147,10 @@ class H2Server(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if "peer" not in self.info:  # as the HTTP/1.1 server: for logs and RBAC
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.info["peer"] = f"{peer[0]}:{peer[1]}"
         self.conn.initiate_connection()
         self.conn.update_settings(
             {
