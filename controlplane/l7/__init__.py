@@ -15,11 +15,13 @@
   port's rules (its protocol from ``protocol``), ``clusters`` the clusters they
   send to and their endpoints; ``workloads`` which pods a waypoint serves as
   workloads (``istio.io/waypoint-for`` ``workload`` or ``all``), reached at
-  the address their clients dial;
+  the address their clients dial; ``authz`` reads the AuthorizationPolicies
+  that bind with ``targetRefs`` and says where each is in force;
 * ``envoy`` turns one waypoint's share into standard Envoy v3 resources
   (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment), a portable
   subset that a stock Envoy accepts unchanged (``envoy_clusters``: the
-  clusters and endpoints; ``envoy_pb``: shared names and helpers).
+  clusters and endpoints; ``envoy_rbac``: the policies as Envoy RBAC filters,
+  as Istio generates them; ``envoy_pb``: shared names and helpers).
 
 Pure functions over immutable values, tested without a server.
 

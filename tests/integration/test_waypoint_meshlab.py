@@ -241,3 +241,32 @@ def test_without_its_waypoint_the_service_is_refused_not_bypassed(books: str) ->
         meshlab("apply", "--name", books, "-f", str(EXAMPLES / "waypoint.yaml"))
         eventually(lambda: sum(count(books, 5).get(v, 0) for v in ("v1", "v2")) == 5, 60)
     assert collections.Counter(count(books, 20)).keys() <= {"v1", "v2"}
+
+
+def test_the_waypoint_enforces_authorization_policies(books: str, tmp_path: Path) -> None:
+    """examples/waypoint-policy.yaml: /admin denied on the whole waypoint, reviews only for
+    client/sleep; then the ALLOW names someone else and sleep is refused too."""
+    policy = EXAMPLES / "waypoint-policy.yaml"
+    someone_else = tmp_path / "someone-else.yaml"
+    someone_else.write_text(policy.read_text().replace("sa/sleep", "sa/nobody"))
+    meshlab("apply", "--name", books, "-f", str(policy))
+    try:
+        eventually(lambda: count(books, 5, url=REVIEWS + "admin/users") == {"403": 5})
+        for obj, bound in (
+            ("no-admin", "waypoint shop/waypoint"),
+            ("reviews-readers", "service shop/reviews"),
+        ):
+            (accepted,) = get(books, "authorizationpolicy", obj)["status"]["conditions"]
+            assert accepted["type"] == "WaypointAccepted" and accepted["status"] == "True"
+            assert bound in accepted["message"], accepted
+        answers = count(books, 20)
+        assert answers.keys() <= {"v1", "v2"} and sum(answers.values()) == 20, answers
+        # The DENY binds to the waypoint: reviews-v1 (no ALLOW of its own) is denied there too.
+        assert count(books, 5, url="http://10.96.0.21:9080/admin") == {"403": 5}
+        assert count(books, 5, url="http://10.96.0.21:9080/").get("v1") == 5
+        meshlab("apply", "--name", books, "-f", str(someone_else))
+        eventually(lambda: count(books, 5) == {"403": 5})
+        assert count(books, 5, url="http://10.96.0.21:9080/").get("v1") == 5
+    finally:
+        meshlab("delete", "--name", books, "-f", str(policy), check=False)
+    eventually(lambda: count(books, 5, url=REVIEWS + "admin/users").keys() <= {"v1", "v2"})
