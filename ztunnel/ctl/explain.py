@@ -104,6 +104,16 @@ def _not_in_mesh(what: str, address: str) -> Doc:
 # --- authz-check -------------------------------------------------------------
 
 
+# The feed holds no trace of the HTTP fields meshd left out (Istio's Authorization
+# resource has none), so the caveat is said whenever a policy is in play.
+L4_ONLY = (
+    "ztunnel decides on L4 alone: HTTP fields (methods, paths, headers, request "
+    "principals) of these policies are not in its config; an ALLOW rule naming them "
+    "matches nothing and a DENY rule is kept without them, as Istio does (the policy's "
+    "ZtunnelAccepted status names them); bind L7 rules to a waypoint with targetRefs"
+)
+
+
 def authz_check(dump: Dump, source: str, target: str) -> Doc:
     """Would ``source`` (a SPIFFE ID or an IP) be allowed to ``target`` (IP:PORT)?"""
     host, port = parse_hostport(target, "--to")
@@ -146,6 +156,8 @@ def authz_check(dump: Dump, source: str, target: str) -> Doc:
                     "arrives with the waypoint's identity, not the client's"
                 )
     result |= {k: decision[k] for k in ("allowed", "reason", "policy", "rule", "applicable")}
+    if result["applicable"]:
+        notes.append(L4_ONLY)
     result["notes"] = notes
     return result
 

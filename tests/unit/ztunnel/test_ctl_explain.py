@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.unit.ztunnel.test_ctl_fixture import CURL_ID, ECHO_ID, SLEEP_ID, saved
+from ztunnel.ctl import explain
 from ztunnel.ctl.cli import main
 
 WAYPOINT_ID = "spiffe://cluster.local/ns/shop/sa/waypoint"
@@ -86,11 +87,14 @@ def test_a_source_ip_takes_the_identity_of_its_mesh_workload_and_says_so(
         "server/allow-echo",
     ]
     assert result["notes"] == [
-        f"source 10.244.0.2 is client/sleep, in the mesh: identity {SLEEP_ID}"
+        f"source 10.244.0.2 is client/sleep, in the mesh: identity {SLEEP_ID}",
+        explain.L4_ONLY,  # policies apply: what ztunnel cannot see is said
     ]
     _, result = ask(capsys, dump, "authz-check", "--from", "10.244.1.9", "--to", "10.244.0.3:8080")
     assert result["sourceIdentity"] == ""
     assert "legacy/db, not in the mesh: no identity" in result["notes"][0]
+    _, result = ask(capsys, dump, "authz-check", "--from", SLEEP_ID, "--to", "10.244.1.9:5432")
+    assert result["applicable"] == [] and explain.L4_ONLY not in result["notes"]
 
 
 def test_a_spiffe_source_takes_the_ip_of_a_workload_with_that_identity(
@@ -121,6 +125,7 @@ def test_authz_check_for_people(capsys: pytest.CaptureFixture[str], dump: str) -
         "  destination: 10.244.0.3:9090 (server/echo-1)\n"
         "  applicable:  istio-system/deny-attic, server/deny-9090, server/allow-echo\n"
         "  note: source IP assumed: 10.244.0.2, client/sleep's\n"
+        f"  note: {explain.L4_ONLY}\n"
     )
 
 
