@@ -82,14 +82,25 @@ DENY_CONSEQUENCE = (
 )
 
 
+FAIL_CLOSED = (
+    "{error}. Until it is fixed, it is enforced as a DENY of every connection to the "
+    "workloads it {scope} (fail closed: a policy that cannot be read never allows)."
+)
+
+
 def ztunnel_status(policy: AuthorizationPolicyInfo) -> ObjectStatus:
     """Istio's ``ZtunnelAccepted`` condition for a policy ztunnel enforces."""
-    condition = Condition(
-        type="ZtunnelAccepted",
-        status=True,
-        reason="UnsupportedValue" if policy.warning else "Accepted",
-        message=policy.warning or "attached to ztunnel",
-    )
+    if policy.invalid:
+        condition = Condition(
+            type="ZtunnelAccepted", status=False, reason="Invalid", message=policy.invalid
+        )
+    else:
+        condition = Condition(
+            type="ZtunnelAccepted",
+            status=True,
+            reason="UnsupportedValue" if policy.warning else "Accepted",
+            message=policy.warning or "attached to ztunnel",
+        )
     return ObjectStatus(
         kind="AuthorizationPolicy",
         namespace=policy.namespace,
@@ -160,6 +171,44 @@ def parse_authorization_policy(obj: Mapping[str, Any]) -> AuthorizationPolicyInf
         rules=rules,
         warning=warning,
         generation=generation if isinstance(generation, int) else 0,
+    )
+
+
+def fail_closed(obj: Mapping[str, Any], error: InvalidPolicy) -> AuthorizationPolicyInfo | None:
+    """What an unreadable policy (bound by selector) stands for: a DENY of all traffic to
+    the workloads it selects, or, when its selector cannot be read either, to its whole
+    namespace (the mesh, in the root namespace). Dropping it would allow by accident what
+    a DENY was written to stop, or everything an only ALLOW was written to limit. None
+    when it has no name: then it is no object at all."""
+    meta: Mapping[str, Any] = obj.get("metadata") or {}
+    if not isinstance(meta, Mapping):
+        return None
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    namespace = str(meta.get("namespace") or "default")
+    spec = obj.get("spec")
+    selector: Mapping[str, str] | None = None
+    scope = "may select: all of namespace " + namespace + ", as its selector cannot be read"
+    try:
+        selector = _selector(
+            error.name, spec.get("selector") if isinstance(spec, Mapping) else None
+        )
+        if selector is not None:
+            scope = "selects"
+        elif isinstance(spec, Mapping) and spec.get("selector") is None:
+            scope = f"selects (all of namespace {namespace}: it has no selector)"
+    except InvalidPolicy:
+        pass
+    generation = meta.get("generation")
+    return AuthorizationPolicyInfo(
+        name=name,
+        namespace=namespace,
+        action="DENY",
+        selector=selector,
+        rules=(Rule(clauses=()),),  # no clause: matches every connection
+        generation=generation if isinstance(generation, int) else 0,
+        invalid=FAIL_CLOSED.format(error=str(error), scope=scope),
     )
 
 

@@ -102,6 +102,9 @@ class AuthorizationPolicyInfo:
     # cannot see (those rules are omitted from an ALLOW, their HTTP parts from a DENY).
     warning: str = ""
     generation: int = 0
+    # Set when the object could not be read: it then stands as a DENY of everything it
+    # may select (fail closed), and this says why in its status.
+    invalid: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from controlplane.authz_yaml import parse_authorization_policy
+from controlplane.authz_yaml import InvalidPolicy, fail_closed, parse_authorization_policy
 from controlplane.l7.authz import has_target_refs
 from controlplane.l7.gateway_api import is_waypoint, parse_gateway
 from controlplane.sources.kube_informer import Kind, Obj
@@ -218,12 +218,22 @@ def l7_converter(kind: str) -> Callable[[Obj], L7Object]:
     return convert
 
 
-def convert_authorization_policy(obj: Obj) -> AuthorizationPolicyInfo | L7Object:
+def convert_authorization_policy(
+    obj: Obj,
+) -> AuthorizationPolicyInfo | L7Object | tuple[AuthorizationPolicyInfo, tuple[str, ...]]:
     """A policy with ``targetRefs`` is the waypoint's (kept as written for
-    :mod:`controlplane.l7.authz`); one with a selector (or neither) is ztunnel's."""
+    :mod:`controlplane.l7.authz`); one with a selector (or neither) is ztunnel's, and
+    one of those that cannot be read stands as a DENY of what it may select (with a
+    note for the log; :func:`controlplane.authz_yaml.fail_closed`)."""
     if has_target_refs(obj):
         return l7_converter("AuthorizationPolicy")(obj)
-    return parse_authorization_policy(obj)
+    try:
+        return parse_authorization_policy(obj)
+    except InvalidPolicy as e:
+        denied = fail_closed(obj, e)
+        if denied is None:
+            raise
+        return denied, (denied.invalid,)
 
 
 def convert_service_account(obj: Obj) -> ServiceAccountInfo:

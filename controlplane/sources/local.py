@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.authz_yaml import InvalidPolicy, parse_authorization_policy
+from controlplane.authz_yaml import InvalidPolicy, fail_closed, parse_authorization_policy
 from controlplane.l7.authz import has_target_refs
 from controlplane.l7.gateway_api import is_waypoint, parse_gateway
 from controlplane.l7.reader import InvalidObject
@@ -74,9 +74,13 @@ def source_state(
             l7.append(L7Object(kind=kind, namespace=namespace, name=name, raw=plain))
             continue
         try:
-            policies.append(parse_authorization_policy(_plain(raw)))
+            policies.append(parse_authorization_policy(plain))
         except InvalidPolicy as e:
-            rejected.append(str(e))
+            denied = fail_closed(plain, e)  # never dropped: a DENY of what it may select
+            if denied is None:
+                rejected.append(str(e))
+            else:
+                policies.append(denied)
     return SourceState(
         namespaces=tuple(
             NamespaceInfo(name=ns.name, labels=frozen_labels(ns.labels))

@@ -43,6 +43,7 @@ from controlplane.state import (
     WaypointListener,
     frozen_labels,
 )
+from mesh.model import Rule
 from tests.support import fake_kube as k
 from tests.support.fake_kube import FakeKube
 
@@ -455,7 +456,7 @@ def test_server_errors_are_ridden_out_with_backoff(
         assert "retrying in" in line, line
 
 
-def test_an_invalid_policy_is_rejected_and_the_valid_ones_kept(
+def test_an_invalid_policy_stands_as_a_deny_and_the_valid_ones_are_kept(
     kube: FakeKube, client: ApiClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     bookinfo(kube)
@@ -473,14 +474,17 @@ def test_an_invalid_policy_is_rejected_and_the_valid_ones_kept(
             await recorder.until(lambda s: "another-2" in pods(s))
             return state
 
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
+    with caplog.at_level(logging.INFO, logger=LOGGER):
         state = asyncio.run(scenario())
-    assert [p.name for p in state.policies] == ["reviews"]
-    assert state.rejected == (
+    assert [p.name for p in state.policies] == ["by-name", "reviews"]
+    bad = state.policies[0]
+    assert (bad.action, bad.rules) == ("DENY", (Rule(clauses=()),))  # fail closed: deny all
+    assert bad.invalid.startswith(
         "AuthorizationPolicy default/by-name: spec.rules[0].to[0].operation.ports[0]: "
-        "'http' is not a port number",
+        "'http' is not a port number. Until it is fixed, it is enforced as a DENY"
     )
-    assert sum("by-name" in line for line in warning_lines(caplog)) == 1
+    assert state.rejected == ()
+    assert sum("by-name" in r.getMessage() for r in caplog.records) == 1  # once, not per relist
 
 
 def test_pods_the_mesh_does_not_carry_are_left_out(kube: FakeKube, client: ApiClient) -> None:
