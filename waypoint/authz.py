@@ -21,7 +21,9 @@ destination (the CONNECT authority, the chain's address); the source (for
 takes) is the last valid address of ``x-forwarded-for``, else the peer; the peer
 identity is the HBONE client's SPIFFE ID, for ``authenticated`` (as the URI SAN
 of a TLS peer) and the filter state ``io.istio.peer_principal``, the only filter
-state key there is; the SNI is always "" (the streams are plaintext here).
+state key there is; the SNI is always "" (the streams are plaintext here); the
+dynamic metadata of a request is what the JWT filter set before RBAC runs
+(``envoy.filters.http.jwt_authn``: the verified tokens' payloads).
 """
 
 from __future__ import annotations
@@ -241,9 +243,13 @@ def connection(info: dict[str, Any]) -> Connection:
 
 
 def http_denial(
-    filters: Sequence[r.Rbac], info: dict[str, Any], head: RequestHead
+    filters: Sequence[r.Rbac],
+    info: dict[str, Any],
+    head: RequestHead,
+    metadata: Mapping[str, Any] = _EMPTY,
 ) -> LocalReply | None:
-    """The connection manager's RBAC filters over one request: Envoy's 403, or None."""
+    """The connection manager's RBAC filters over one request: Envoy's 403, or None.
+    ``metadata`` is the request's dynamic metadata so far (the JWT filter's)."""
     forwarded = head.get_all("x-forwarded-for")
     view = RequestView(
         method=head.method,
@@ -253,7 +259,10 @@ def http_denial(
         headers=head.headers,
     )
     attrs = Attributes(
-        connection(info), view, forwarded_for=",".join(forwarded) if forwarded else None
+        connection(info),
+        view,
+        forwarded_for=",".join(forwarded) if forwarded else None,
+        metadata=metadata,
     )
     verdict = check(filters, attrs)
     return None if verdict.allowed else denied(verdict)

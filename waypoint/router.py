@@ -7,8 +7,10 @@ Modelled on Envoy's router: the decisions are pure and live elsewhere
 1. the connection manager's work: normalise the path, drop hop-by-hop and
    Envoy-internal headers, add ``x-forwarded-proto`` and ``x-request-id``
    when absent;
-2. the RBAC filters (:mod:`waypoint.authz`: 403 before any route is looked
-   up), the route (404 ``NR`` when none), the fault filter (delay, abort), then
+2. the JWT authentication filter (:mod:`waypoint.jwt_authn`: 401 or 403, and
+   the token's payload as dynamic metadata), the RBAC filters
+   (:mod:`waypoint.authz`, which see that metadata: 403), both before any route
+   is looked up, then the route (404 ``NR`` when none), the fault filter (delay, abort), then
    the route's action: a redirect or direct response answered here, or
    forwarding to a cluster (chosen by weight with the stream's random value;
    an unknown cluster answers the route's ``cluster_not_found`` status);
@@ -37,8 +39,9 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
-from waypoint import authz, mirror
+from waypoint import authz, jwt_authn, mirror
 from waypoint.config.model import DirectResponse, Forward, HttpManager, Redirect, Route
 from waypoint.config.snapshot import WaypointConfig
 from waypoint.headers import http_date, mutate, redirect_location, rewrite_path
@@ -274,7 +277,14 @@ class _Life:
             head.headers.append(("x-request-id", request_id))
         rec = self.record
         rec.saw_headers(head.headers, request_id)
-        if manager.rbac and (denial := authz.http_denial(manager.rbac, exchange.info, head)):
+        metadata: dict[str, Any] = {}
+        if manager.jwt is not None:
+            denial, metadata = jwt_authn.jwt_denial(manager.jwt, head)
+            if denial is not None:
+                return denial
+        if manager.rbac and (
+            denial := authz.http_denial(manager.rbac, exchange.info, head, metadata)
+        ):
             return denial
         config = self.router.config()
         routes = config.routes.get(manager.route_config)

@@ -5,16 +5,18 @@ Each function takes one resource and returns its model value, or raises
 behaviour the waypoint does not have is NACKed, never half-applied. Fields
 left at their defaults are not set on the wire (proto3), so only what the
 control plane really asked for is checked. This module (with ``routes``,
-``rbac`` and ``checks``) is the only one that imports Envoy's protobuf types.
+``rbac``, ``jwt`` and ``checks``) is the only one that imports Envoy's protobuf types.
 
 What a listener may say: ``original_dst`` listener filters; filter chains
 matched by destination port and prefix ranges, each ending in ``tcp_proxy``
 or an HTTP connection manager, with ``envoy.filters.network.rbac`` filters
-before it (enforced once per connection); an HCM's HTTP filters are
-``envoy.filters.http.rbac`` filters, then the fault filter (optional), then
-the router, nothing else. RBAC rules are converted by :mod:`waypoint.config.rbac`
-(ALLOW and DENY; the permissions and principals it lists) and enforced by
-:mod:`waypoint.authz` with Envoy's semantics.
+before it (enforced once per connection); an HCM's HTTP filters are one
+``envoy.filters.http.jwt_authn`` filter (optional), ``envoy.filters.http.rbac``
+filters, then the fault filter (optional), then the router, nothing else. JWT
+authentication is converted by :mod:`waypoint.config.jwt` (local JWKS only) and
+enforced by :mod:`waypoint.jwt_authn`; RBAC rules are converted by
+:mod:`waypoint.config.rbac` (ALLOW and DENY; the permissions and principals it
+lists) and enforced by :mod:`waypoint.authz`, both with Envoy's semantics.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mesh.identity import IdentityError, SpiffeId
+from waypoint.config import jwt, rbac
 from waypoint.config import model as m
-from waypoint.config import rbac
 from waypoint.config.checks import Unsupported, only, seconds, unpack
+from waypoint.config.jwt_model import JwtConfig
 from waypoint.config.rbac_model import Rbac
 from waypoint.config.routes import route_config
 
@@ -162,6 +165,8 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
     if not h.rds.route_config_name:
         raise Unsupported(f"{where}.rds.route_config_name: is required (routes come by RDS)")
     fault = False
+    seen_jwt = False
+    jwt_config: JwtConfig | None = None
     rbacs: list[Rbac] = []
     names = [f.name for f in h.http_filters]
     if not names or names[-1] != ROUTER:
@@ -169,7 +174,15 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
     for i, f in enumerate(h.http_filters):
         fw = f"{where}.http_filters[{i}]"
         only(f, {"name", "typed_config"}, fw)
-        if f.name == rbac.HTTP_RBAC:
+        if f.name == jwt.HTTP_JWT_AUTHN:
+            if seen_jwt:
+                raise Unsupported(f"{fw}: only one {jwt.HTTP_JWT_AUTHN} filter is supported")
+            if i != 0:
+                # We run the JWT filter before the RBAC filters and the fault filter, always.
+                raise Unsupported(f"{fw}: {jwt.HTTP_JWT_AUTHN} must be the first filter")
+            seen_jwt = True
+            jwt_config = jwt.http_filter(f.typed_config, fw)
+        elif f.name == rbac.HTTP_RBAC:
             if fault:
                 # We run the RBAC filters before the fault filter, always.
                 raise Unsupported(f"{fw}: an RBAC filter after {FAULT} is not supported")
@@ -205,6 +218,7 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         normalize_path=h.normalize_path.value,
         fault_filter=fault,
         websocket=websocket,
+        jwt=jwt_config,
         rbac=tuple(rbacs),
     )
 

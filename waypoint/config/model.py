@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import re2
 
 if TYPE_CHECKING:  # rbac_model imports this module's matchers
+    from waypoint.config.jwt_model import JwtConfig
     from waypoint.config.rbac_model import Rbac
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -303,6 +304,7 @@ class HttpManager:
     normalize_path: bool = False
     fault_filter: bool = False
     websocket: bool = False
+    jwt: JwtConfig | None = None  # the JWT authentication filter (before the RBAC filters)
     rbac: tuple[Rbac, ...] = ()  # the HTTP RBAC filters, in filter order (before the router)
 
 
