@@ -1,8 +1,9 @@
 """``meshlab apply -f`` and ``meshlab delete``: objects in, as ``kubectl`` takes them.
 
 Multi-document YAML; each document one object of a kind the mesh reads:
-``v1`` Service, Istio ``AuthorizationPolicy``, ``VirtualService`` and
-``DestinationRule``, Gateway API ``Gateway``, ``HTTPRoute`` and ``GRPCRoute``.
+``v1`` Service, Istio ``AuthorizationPolicy``, ``RequestAuthentication``,
+``VirtualService`` and ``DestinationRule``, Gateway API ``Gateway``,
+``HTTPRoute`` and ``GRPCRoute``.
 Every document is checked before anything changes (a bad one fails the
 whole apply, naming it); then the cluster's state is changed at once.
 A waypoint ``Gateway`` also gets its instance (:mod:`meshlab.waypoints`):
@@ -43,6 +44,10 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "GRPCRoute": ("grpcroute.gateway.networking.k8s.io", ("grpcroutes",)),
     "VirtualService": ("virtualservice.networking.istio.io", ("virtualservices", "vs")),
     "DestinationRule": ("destinationrule.networking.istio.io", ("destinationrules", "dr")),
+    "RequestAuthentication": (
+        "requestauthentication.security.istio.io",
+        ("requestauthentications", "ra"),
+    ),
 }
 
 

@@ -242,6 +242,12 @@ def _spec(r: Reader) -> Reader:
     return spec
 
 
+def read_targets(r: Reader, namespace: str, root_namespace: str) -> tuple[Target, ...]:
+    """A policy's ``targetRef``/``targetRefs`` (the waypoint's kinds), for any Istio
+    policy kind that binds the same way (RequestAuthentication too)."""
+    return _targets(r, namespace, root_namespace)
+
+
 def _targets(r: Reader, namespace: str, root_namespace: str) -> tuple[Target, ...]:
     spec = r.child("spec")
     refs = list(spec.children("targetRefs"))

@@ -20,6 +20,10 @@
   GatewayClass ``istio-waypoint`` from the root namespace) apply to all its
   chains, those that target a Service to that service's chains
   (:mod:`controlplane.l7.authz`); each says where it is bound;
+* the RequestAuthentications bound the same way become each HTTP chain's JWT
+  rules (:mod:`controlplane.l7.request_authn`), in the order istiod gathers
+  them: those of the waypoint's namespace, then the root namespace's, then the
+  service's namespace's, each oldest first; each says where it is bound;
 * routes, Gateways and their references get Gateway API status conditions,
   and what cannot be used is said once in ``rejected``.
 
@@ -28,11 +32,12 @@ The share's values are in :mod:`controlplane.l7.share`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol, TypeVar
 
-from controlplane.l7 import authz, istio_api
+from controlplane.l7 import authz, istio_api, request_authn
 from controlplane.l7.binding import bind
 from controlplane.l7.clusters import Endpoints, clusters_for
 from controlplane.l7.port_routes import ports_of
@@ -61,6 +66,9 @@ def build(state: SourceState) -> L7Result:
     authorizations = authz.parse_all(state.l7, state.root_namespace)
     out.status.extend(authz.unreadable(state.l7, state.root_namespace))
     bound_to: dict[str, list[str]] = {p.key: [] for p in authorizations}
+    authentications, refused = request_authn.parse_all(state.l7, state.root_namespace)
+    out.status.extend(refused)
+    authn_bound_to: dict[str, list[str]] = {a.key: [] for a in authentications}
 
     bound: dict[str, list[ServiceInfo]] = {}
     for key, info in services.items():
@@ -93,12 +101,19 @@ def build(state: SourceState) -> L7Result:
         own = _targeting(authorizations, waypoint, None)
         for p in own:
             bound_to[p.key].append(f"waypoint {waypoint.key}")
+        own_authn = _targeting(authentications, waypoint, None)
+        for a in own_authn:
+            authn_bound_to[a.key].append(f"waypoint {waypoint.key}")
         for info in sorted(bound.get(waypoint.key, ()), key=lambda s: (s.namespace, s.name)):
             key = service_key(info.namespace, info.name)
             theirs = _targeting(authorizations, waypoint, info)
             for p in theirs:
                 if p not in own:
                     bound_to[p.key].append(f"service {info.namespace}/{info.name}")
+            their_authn = _targeting(authentications, waypoint, info)
+            for a in their_authn:
+                if a not in own_authn:
+                    authn_bound_to[a.key].append(f"service {info.namespace}/{info.name}")
             specs.append(
                 ServiceSpec(
                     key=key,
@@ -108,6 +123,9 @@ def build(state: SourceState) -> L7Result:
                     vips=tuple(ip for ip in info.cluster_ips if ip and ip != "None"),
                     ports=tuple(ported[key]),
                     policies=tuple(theirs),
+                    authentications=_istio_order(
+                        their_authn, waypoint.namespace, state.root_namespace
+                    ),
                 )
             )
         clusters = clusters_for(
@@ -134,6 +152,8 @@ def build(state: SourceState) -> L7Result:
         )
     for p in authorizations:
         out.status.append(authz.status_of(p, bound_to[p.key]))
+    for a in authentications:
+        out.status.append(request_authn.status_of(a, authn_bound_to[a.key]))
     return L7Result(
         shares=MappingProxyType(shares),
         statuses=tuple(sorted(out.status, key=lambda s: s.key)),
@@ -141,9 +161,17 @@ def build(state: SourceState) -> L7Result:
     )
 
 
+class _Targeted(Protocol):
+    @property
+    def targets(self) -> tuple[authz.Target, ...]: ...
+
+
+_P = TypeVar("_P", bound=_Targeted)
+
+
 def _targeting(
-    policies: list[authz.WaypointPolicy], waypoint: WaypointInfo, service: ServiceInfo | None
-) -> list[authz.WaypointPolicy]:
+    policies: Sequence[_P], waypoint: WaypointInfo, service: ServiceInfo | None
+) -> list[_P]:
     """The policies in force on the waypoint's chains (``service`` None) or on a service's."""
     out = []
     for p in policies:
@@ -161,6 +189,22 @@ def _targeting(
                 out.append(p)
                 break
     return out
+
+
+def _istio_order(
+    authentications: Sequence[request_authn.WaypointAuthentication],
+    waypoint_namespace: str,
+    root_namespace: str,
+) -> tuple[request_authn.WaypointAuthentication, ...]:
+    """istiod's order (``getConfigsForWorkload``): the waypoint's namespace, the root
+    namespace, then the service's; within each, creation time then name (the input's)."""
+
+    def rank(a: request_authn.WaypointAuthentication) -> int:
+        if a.namespace == waypoint_namespace:
+            return 0
+        return 1 if a.namespace == root_namespace else 2
+
+    return tuple(sorted(authentications, key=rank))
 
 
 def _gateway_status(waypoint: WaypointInfo, services: bool, workloads: bool) -> ObjectStatus:

@@ -9,7 +9,9 @@ listeners or filters), consumed by our waypoint and by a real Envoy alike:
   with one filter chain per service port, matched on the service's VIPs and
   port: an HTTP connection manager taking its routes by RDS, or a
   ``tcp_proxy`` to the service; the AuthorizationPolicies in force on the
-  chain as Envoy RBAC filters ahead of them (:mod:`controlplane.l7.envoy_rbac`);
+  chain as Envoy RBAC filters ahead of them (:mod:`controlplane.l7.envoy_rbac`),
+  and on an HTTP chain the RequestAuthentications in force as Envoy's
+  ``jwt_authn`` filter ahead of those (:mod:`controlplane.l7.envoy_jwt`);
 * one ``RouteConfiguration`` per HTTP service port, named like its cluster
   (``inbound-vip|<port>|http|<host>``, as Istio's waypoint names them), one
   virtual host for every domain, the rules in order;
@@ -54,7 +56,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
-from controlplane.l7 import envoy_rbac
+from controlplane.l7 import envoy_jwt, envoy_rbac
 from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.envoy_clusters import _cluster, _load_assignment, _workload_cluster
 from controlplane.l7.envoy_pb import (
@@ -199,6 +201,7 @@ def _filter_chain(
             codec_type=hcm_pb2.HttpConnectionManager.AUTO,
             rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=name),
             http_filters=[
+                *envoy_jwt.http_filters(service.authentications),
                 *envoy_rbac.http_filters(policies),
                 hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_any(fault_pb2.HTTPFault())),
                 hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_any(router_pb2.Router())),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.binding import CLUSTER_DOMAIN
 from controlplane.l7.ir import PortRoutes, Protocol, TrafficPolicy
+from controlplane.l7.request_authn import WaypointAuthentication
 from controlplane.l7.workloads import WorkloadSpec
 from controlplane.state import WaypointInfo
 
@@ -53,6 +54,8 @@ class ServiceSpec:
     vips: tuple[str, ...]
     ports: tuple[PortRoutes, ...]
     policies: tuple[WaypointPolicy, ...] = ()  # the AuthorizationPolicies of its chains
+    # the RequestAuthentications of its chains, in Istio's order (see build)
+    authentications: tuple[WaypointAuthentication, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

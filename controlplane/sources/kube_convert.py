@@ -1,11 +1,12 @@
 """The kinds the Kubernetes source follows, and how each object becomes source state.
 
 Kinds: namespaces, pods, services, service accounts, endpoint slices; and the
-custom resources AuthorizationPolicy, Gateway (class ``istio-waypoint``),
-HTTPRoute, GRPCRoute, VirtualService and DestinationRule, each of which may
-not be installed (a 404 on list is said once and counts as none). Routes,
-traffic policies and the AuthorizationPolicies bound to waypoints by
-``targetRefs`` are kept as written (:class:`~controlplane.state.L7Object`,
+custom resources AuthorizationPolicy, RequestAuthentication, Gateway (class
+``istio-waypoint``), HTTPRoute, GRPCRoute, VirtualService and
+DestinationRule, each of which may not be installed (a 404 on list is said
+once and counts as none). Routes, traffic policies, RequestAuthentications
+and the AuthorizationPolicies bound to waypoints by ``targetRefs`` are kept
+as written (:class:`~controlplane.state.L7Object`,
 less the fields that change without the object changing) for
 :mod:`controlplane.l7` to read.
 
@@ -209,7 +210,9 @@ def as_written(obj: Obj) -> dict[str, Any]:
 
 
 def l7_converter(kind: str) -> Callable[[Obj], L7Object]:
-    """HTTPRoute, GRPCRoute, VirtualService, DestinationRule: kept as written, read later."""
+    """HTTPRoute, GRPCRoute, VirtualService, DestinationRule, RequestAuthentication: kept as
+    written, read later (a selector-bound RequestAuthentication too: the waypoint's reader
+    leaves it alone)."""
 
     def convert(obj: Obj) -> L7Object:
         namespace, name, _ = _meta(obj)
@@ -257,6 +260,9 @@ KINDS = (
     Kind("authorizationpolicies", "AuthorizationPolicy", _CUSTOM, "list_cluster_custom_object",
           convert_authorization_policy, ("security.istio.io", "v1", "authorizationpolicies"),
           True),
+    Kind("requestauthentications", "RequestAuthentication", _CUSTOM,
+          "list_cluster_custom_object", l7_converter("RequestAuthentication"),
+          ("security.istio.io", "v1", "requestauthentications"), True),
     Kind("gateways", "gateway", _CUSTOM, "list_cluster_custom_object", convert_gateway,
           ("gateway.networking.k8s.io", "v1", "gateways"), True),
     Kind("httproutes", "HTTPRoute", _CUSTOM, "list_cluster_custom_object",
@@ -269,4 +275,10 @@ KINDS = (
           l7_converter("DestinationRule"), ("networking.istio.io", "v1", "destinationrules"),
           True),
 )  # fmt: skip
-L7_KINDS = ("httproutes", "grpcroutes", "virtualservices", "destinationrules")
+L7_KINDS = (
+    "httproutes",
+    "grpcroutes",
+    "virtualservices",
+    "destinationrules",
+    "requestauthentications",
+)

@@ -60,6 +60,7 @@ RESOURCE_KINDS = {
     "GRPCRoute": ("gateway.networking.k8s.io",),
     "VirtualService": ("networking.istio.io",),
     "DestinationRule": ("networking.istio.io",),
+    "RequestAuthentication": ("security.istio.io",),
 }
 
 

@@ -1,0 +1,269 @@
+"""Istio ``RequestAuthentication`` objects bound to a waypoint by ``targetRefs``, read as Istio.
+
+A RequestAuthentication (``security.istio.io/v1``, or v1beta1) with
+``targetRef`` or ``targetRefs`` is the waypoint's, bound as an
+AuthorizationPolicy is (:mod:`controlplane.l7.authz`): a ``Gateway`` (the
+waypoint, all its chains), a ``Service`` (that service's chains) or, from the
+root namespace, the ``GatewayClass`` ``istio-waypoint`` (every waypoint).
+One with a ``selector`` (or neither) is for sidecars and workloads, which
+Istio never attaches to a waypoint (``ShouldAttachPolicy``: waypoints never
+use a selector); ztunnel does no JWT, so those are left alone here.
+
+Each ``jwtRules`` entry is read with Istio's field names and checks
+(``pkg/config/validation``: ``issuer`` or ``jwksUri`` set, audiences and
+token locations non-empty, ``jwks`` a key set, ``jwksUri`` an http(s) URL,
+claim headers valid header names); :mod:`controlplane.l7.envoy_jwt` turns the
+rules into Envoy's ``jwt_authn`` filter as istiod does.
+
+What is refused says so in the object's ``WaypointAccepted`` condition: an
+unknown field or a value Istio's validation refuses leaves the object bound
+nowhere (as the API server's webhook would have refused it), and says which
+field. A rule with ``jwksUri`` and no inline ``jwks`` (or neither: Istio
+finds the keys by OpenID discovery) is bound, but meshd does not fetch keys
+yet: it gets a key set nobody can sign for (Istio's own fallback while its
+fetch fails), so a token from that issuer is refused and never accepted; the
+condition says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from controlplane.l7.authz import Target, has_target_refs, read_targets
+from controlplane.l7.istio_object import created_of, generation_of
+from controlplane.l7.reader import InvalidObject, Reader, go_duration
+from controlplane.l7.status import Condition, ObjectStatus
+from controlplane.state import L7Object
+
+KIND = "RequestAuthentication"
+_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+_RULE_FIELDS = {
+    "issuer",
+    "audiences",
+    "jwks",
+    "jwksUri",
+    "jwks_uri",  # the proto name, which Istio accepts too
+    "fromHeaders",
+    "fromParams",
+    "fromCookies",
+    "outputPayloadToHeader",
+    "outputClaimToHeaders",
+    "forwardOriginalToken",
+    "timeout",
+    "spaceDelimitedClaims",
+}
+# Istio's ValidateStrictHTTPHeaderName.
+_HEADER_NAME = re.compile(r"^[a-zA-Z0-9-]+$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtRule:
+    """One ``jwtRules`` entry, with Istio's defaults."""
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks: str = ""  # the inline key set, as written
+    jwks_uri: str = ""  # without jwks and jwksUri, Istio finds the keys by OpenID discovery
+    from_headers: tuple[tuple[str, str], ...] = ()  # (name, prefix)
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str = ""
+    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
+    forward_original_token: bool = False
+    timeout_s: float | None = None  # for fetching jwksUri (not done here)
+    space_delimited_claims: tuple[str, ...] = ()
+
+    @property
+    def unfetched(self) -> bool:
+        """Keys meshd does not fetch (jwksUri, or OpenID discovery): the rule refuses every
+        token of its issuer."""
+        return not self.jwks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointAuthentication:
+    namespace: str
+    name: str
+    targets: tuple[Target, ...]
+    rules: tuple[JwtRule, ...]
+    problem: str = ""  # what is not done as written (the status message), "" when all is
+    generation: int = 0
+    created: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_all(
+    objects: Iterable[L7Object], root_namespace: str
+) -> tuple[list[WaypointAuthentication], list[ObjectStatus]]:
+    """The waypoints' RequestAuthentications in Istio's order (creation time, name,
+    namespace), and the statuses of those that cannot be used (bound nowhere).
+    Selector-bound ones (and those with neither) are not the waypoint's: left out."""
+    out, refused = [], []
+    for obj in sorted(objects, key=lambda o: (created_of(o.raw), o.name, o.namespace)):
+        if obj.kind != KIND or not has_target_refs(obj.raw):
+            continue
+        try:
+            out.append(parse(obj, root_namespace))
+        except InvalidObject as e:
+            refused.append(
+                _status(obj.namespace, obj.name, generation_of(obj.raw), False, "Invalid",
+                        f"{e.path}: {e.reason}; it is not in force anywhere until it is fixed")
+            )  # fmt: skip
+    return out, refused
+
+
+def parse(obj: L7Object, root_namespace: str) -> WaypointAuthentication:
+    """One RequestAuthentication with targetRefs; raises :class:`InvalidObject`."""
+    r = Reader(obj.raw, KIND, f"{obj.namespace}/{obj.name}")
+    if r.raw.get("kind") not in (None, KIND):
+        raise r.error(f"must be {KIND}", "kind")
+    api = r.raw.get("apiVersion", _API_VERSIONS[0])
+    if api not in _API_VERSIONS:
+        raise r.error(f"{api!r} is not one of {', '.join(_API_VERSIONS)}", "apiVersion")
+    spec = r.child("spec")
+    spec.only({"targetRef", "targetRefs", "selector", "jwtRules"})
+    if spec.has("selector"):
+        raise spec.error("cannot be combined with targetRefs (Istio refuses both)", "selector")
+    targets = read_targets(r, obj.namespace, root_namespace)
+    rules = tuple(_rule(c) for c in spec.children("jwtRules"))
+    unfetched = [
+        f"spec.jwtRules[{i}] (issuer {rule.issuer!r}, "
+        + (f"jwksUri {rule.jwks_uri}" if rule.jwks_uri else "keys by OpenID discovery")
+        + ")"
+        for i, rule in enumerate(rules)
+        if rule.unfetched
+    ]
+    problem = ""
+    if unfetched:
+        problem = (
+            f"{', '.join(unfetched)}: the keys are not fetched (meshd does not fetch JWKS "
+            "yet): a token from that issuer is refused, never accepted, until the keys are "
+            "given inline in jwks"
+        )
+    return WaypointAuthentication(
+        namespace=obj.namespace,
+        name=obj.name,
+        targets=targets,
+        rules=rules,
+        problem=problem,
+        generation=generation_of(obj.raw),
+        created=created_of(obj.raw),
+    )
+
+
+def status_of(authn: WaypointAuthentication, bound: Sequence[str]) -> ObjectStatus:
+    """The ``WaypointAccepted`` condition: where it is in force, or why not."""
+    if authn.problem:
+        where = f" (bound to {', '.join(bound)})" if bound else ""
+        return _status(authn.namespace, authn.name, authn.generation, False,
+                       "UnsupportedValue", authn.problem + where)  # fmt: skip
+    if not bound:
+        targets = ", ".join(str(t) for t in authn.targets)
+        return _status(authn.namespace, authn.name, authn.generation, False,
+                       "TargetNotFound", f"no waypoint serves {targets}")  # fmt: skip
+    return _status(authn.namespace, authn.name, authn.generation, True, "Accepted",
+                   f"bound to {', '.join(bound)}")  # fmt: skip
+
+
+def _status(
+    namespace: str, name: str, generation: int, ok: bool, reason: str, message: str
+) -> ObjectStatus:
+    return ObjectStatus(
+        kind=KIND,
+        namespace=namespace,
+        name=name,
+        generation=generation,
+        conditions=(Condition(type="WaypointAccepted", status=ok, reason=reason, message=message),),
+    )
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _rule(r: Reader) -> JwtRule:
+    r.only(_RULE_FIELDS)
+    issuer = r.text("issuer", "")
+    uri_field = "jwks_uri" if r.has("jwks_uri") and not r.has("jwksUri") else "jwksUri"
+    if r.has("jwks_uri") and r.has("jwksUri"):
+        raise r.error("set jwksUri or jwks_uri, not both", "jwks_uri")
+    jwks_uri = r.text(uri_field, "")
+    jwks = r.text("jwks", "")
+    if not issuer and not jwks_uri:
+        raise r.error("issuer or jwksUri must be set", "issuer")
+    audiences = _non_empty(r, "audiences")
+    if jwks_uri:
+        _check_uri(r, uri_field, jwks_uri)
+    if jwks:
+        _check_jwks(r, jwks)
+    headers = []
+    for h in r.children("fromHeaders"):
+        h.only({"name", "prefix"})
+        name = h.text("name", "")
+        if not name:
+            raise h.error("must be a non-empty header name", "name")
+        headers.append((name, h.text("prefix", "")))
+    claims = []
+    for c in r.children("outputClaimToHeaders"):
+        c.only({"header", "claim"})
+        header, claim = c.text("header", ""), c.text("claim", "")
+        if not header or not claim:
+            raise c.error("header and claim must both be non-empty")
+        if not _HEADER_NAME.match(header):
+            raise c.error(f"{header!r} is not a valid header name", "header")
+        claims.append((header, claim))
+    payload_header = r.text("outputPayloadToHeader", "")
+    if payload_header and not _HEADER_NAME.match(payload_header):
+        raise r.error(f"{payload_header!r} is not a valid header name", "outputPayloadToHeader")
+    return JwtRule(
+        issuer=issuer,
+        audiences=audiences,
+        jwks=jwks,
+        jwks_uri=jwks_uri,
+        from_headers=tuple(headers),
+        from_params=_non_empty(r, "fromParams"),
+        from_cookies=_non_empty(r, "fromCookies"),
+        output_payload_to_header=payload_header,
+        output_claim_to_headers=tuple(claims),
+        forward_original_token=r.boolean("forwardOriginalToken"),
+        timeout_s=go_duration(r, "timeout"),
+        space_delimited_claims=_non_empty(r, "spaceDelimitedClaims"),
+    )
+
+
+def _non_empty(r: Reader, key: str) -> tuple[str, ...]:
+    values = r.strings(key)
+    for i, v in enumerate(values):
+        if not v:
+            raise r.error("must be a non-empty string", f"{key}[{i}]")
+    return values
+
+
+def _check_uri(r: Reader, key: str, uri: str) -> None:
+    """Istio's ParseJwksURI: an http or https URL with a host."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError as e:
+        raise r.error(f"{uri!r} is not a URL: {e}", key) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.error(f"{uri!r} is not an http or https URL", key)
+
+
+def _check_jwks(r: Reader, jwks: str) -> None:
+    try:
+        doc = json.loads(jwks)
+    except ValueError as e:
+        raise r.error(f"is not valid JSON: {e}", "jwks") from None
+    keys = doc.get("keys") if isinstance(doc, Mapping) else None
+    if not isinstance(keys, list) or not all(isinstance(k, Mapping) for k in keys):
+        raise r.error('is not a JSON Web Key Set (an object with a "keys" list)', "jwks")
+    for i, key in enumerate(keys):
+        if not isinstance(key.get("kty"), str):
+            raise r.error(f'keys[{i}] has no "kty" (key type)', "jwks")
