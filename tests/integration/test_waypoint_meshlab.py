@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.integration.conftest import assert_nothing_left, mesh_args, meshlab, unique_name
 
@@ -270,3 +272,76 @@ def test_the_waypoint_enforces_authorization_policies(books: str, tmp_path: Path
     finally:
         meshlab("delete", "--name", books, "-f", str(policy), check=False)
     eventually(lambda: count(books, 5, url=REVIEWS + "admin/users").keys() <= {"v1", "v2"})
+
+
+def test_the_waypoint_authenticates_tokens(books: str, tmp_path: Path) -> None:
+    """A RequestAuthentication with the test's own key and a policy that wants a token on
+    /private: a good token passes, a forged or expired one is 401, none is 403; then the
+    key is rotated (a new kid) and the old key's tokens fail."""
+    old, new = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in "ab")
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwks(*keys: tuple[Any, str]) -> str:
+        algorithm = jwt.get_algorithm_by_name("RS256")
+        return json.dumps(
+            {
+                "keys": [
+                    {**json.loads(algorithm.to_jwk(k.public_key())), "kid": kid, "alg": "RS256"}
+                    for k, kid in keys
+                ]
+            }
+        )
+
+    def token(key: Any, kid: str, exp_in: int = 600) -> str:
+        now = int(time.time())
+        claims = {"iss": "https://idp.test", "sub": "alice", "iat": now, "exp": now + exp_in}
+        return str(jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid}))
+
+    def policy(keys: str) -> Path:
+        path = tmp_path / "jwt.yaml"
+        path.write_text(
+            f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: idp, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: reviews}}]
+  jwtRules:
+  - issuer: https://idp.test
+    jwks: '{keys}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: need-token, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: reviews}}]
+  action: DENY
+  rules:
+  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
+    to: [{{operation: {{paths: [/private*]}}}}]
+"""
+        )
+        return path
+
+    def private(t: str | None) -> dict[str, int]:
+        query = f"?access_token={t}" if t else ""
+        return count(books, 3, url=f"{REVIEWS}private{query}")
+
+    def served(answers: dict[str, int]) -> bool:
+        return answers.keys() <= {"v1", "v2"} and sum(answers.values()) == 3
+
+    path = policy(jwks((old, "old")))
+    meshlab("apply", "--name", books, "-f", str(path))
+    try:
+        eventually(lambda: private(None) == {"403": 3})
+        assert served(private(token(old, "old")))
+        assert private(token(stranger, "old")) == {"401": 3}  # forged: not our key
+        assert private(token(old, "old", exp_in=-600)) == {"401": 3}  # expired
+        (accepted,) = get(books, "requestauthentication", "idp")["status"]["conditions"]
+        assert accepted["status"] == "True" and "service shop/reviews" in accepted["message"]
+        meshlab("apply", "--name", books, "-f", str(policy(jwks((new, "new")))))
+        eventually(lambda: private(token(old, "old")) == {"401": 3})
+        assert served(private(token(new, "new")))
+    finally:
+        meshlab("delete", "--name", books, "-f", str(path), check=False)
+    eventually(lambda: served(private(None)))
