@@ -4,7 +4,7 @@
           [--listen 127.0.0.1:15010] [--tls-listen 127.0.0.1:15012 | off]
           [--status-listen 127.0.0.1:15014] [--ca-dir DIR] [--trust-domain cluster.local]
           [--pod-name NAME] [--leader-elect-lease-duration 15s] [--leader-elect-renew-deadline 10s]
-          [--leader-elect-retry-period 2s]
+          [--leader-elect-retry-period 2s] [--jwks-refresh-interval 20m]
 
 Ports as istiod's: 15010 plaintext xDS (and, for the local cluster only, the
 CA); 15012 xDS and the CA over TLS, with a certificate signed by the mesh root.
@@ -16,6 +16,11 @@ the source or the translation refused are logged once and listed in the
 status document (``GET /debug/status`` on the status port), beside every
 subscriber's state; ``GET /ready`` answers 200 once the first state is
 served.
+
+The ``jwksUri`` of RequestAuthentications are fetched by meshd, as istiod
+does (:mod:`controlplane.jwks`), every ``--jwks-refresh-interval`` (env
+``PILOT_JWT_PUB_KEY_REFRESH_INTERVAL``, default 20m); keys that change are
+rebuilt into the waypoints' configuration and pushed.
 
 On Kubernetes every replica serves xDS and the CA; the one that holds the
 Lease ``istio-system/meshd-leader`` (:mod:`controlplane.leader`) also runs
@@ -36,6 +41,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,8 +55,9 @@ from controlplane.ads.server import AdsServer
 from controlplane.authz_yaml import ztunnel_status
 from controlplane.gcpause import QuietCollector
 from controlplane.incremental import IncrementalTranslator
+from controlplane.jwks import REFRESH_S, RETRY_S, JwksFetcher
 from controlplane.kube_waypoints import DEFAULT_IMAGE, DEFAULT_XDS_ADDRESS, DeployerSettings
-from controlplane.l7 import envoy
+from controlplane.l7 import envoy, request_authn
 from controlplane.l7.build import L7Result, build
 from controlplane.serving import ServingCertificate, serving_ips
 from controlplane.state import SourceState
@@ -102,7 +109,13 @@ class Source(Protocol):
 class Meshd:
     """The control plane's core wiring, independent of how it is started."""
 
-    def __init__(self, *, logger: logging.Logger = log) -> None:
+    def __init__(
+        self,
+        *,
+        logger: logging.Logger = log,
+        jwks_refresh_s: float = REFRESH_S,
+        jwks_retry_s: float = RETRY_S,
+    ) -> None:
         self.log = logger
         self.cache = SnapshotCache(TYPE_URLS, envoy.TYPE_URLS)
         self.ads = AdsServer(self.cache, scope_of=self.scope_of)
@@ -111,7 +124,14 @@ class Meshd:
         self.scoped_feed = ScopedFeed()
         self.l7 = L7Result()
         self.translator = IncrementalTranslator()
-        self.state: SourceState | None = None
+        self.state: SourceState | None = None  # as built: the source's, with the keys fetched
+        self.source_state: SourceState | None = None  # as the source gave it
+        # The RequestAuthentications' jwksUri; runs in run() (or a test's loop).
+        self.jwks = JwksFetcher(
+            self._on_jwks, refresh_s=jwks_refresh_s, retry_s=jwks_retry_s, logger=logger
+        )
+        # Called after a rebuild for changed keys (the source's callback is not).
+        self.on_rebuilt: Callable[[SourceState, L7Result], None] | None = None
         self.resources = Resources()
         self.rejected: tuple[str, ...] = ()
         self.warnings: tuple[str, ...] = ()  # accepted, but not all of it is enforced
@@ -125,6 +145,9 @@ class Meshd:
     def on_source(self, state: SourceState) -> None:
         """A new state at the source: translate it and publish the result."""
         started = time.perf_counter()
+        self.source_state = state
+        self.jwks.want(request_authn.jwks_uris(state.l7, state.root_namespace))
+        state = replace(state, jwks=self.jwks.keys())
         resources = self.translator.translate(state)
         entries = self.feed.entries(resources)
         l7 = build(state)
@@ -169,6 +192,14 @@ class Meshd:
                 self.last_update_ms,
             )
 
+    def _on_jwks(self) -> None:
+        """Fetched keys changed: build again with them (only what changed is sent)."""
+        if self.source_state is None:
+            return
+        self.on_source(self.source_state)
+        if self.on_rebuilt is not None and self.state is not None:
+            self.on_rebuilt(self.state, self.l7)
+
     def scope_of(self, node: Node) -> str:
         """The waypoint a subscriber is, from its node: Istio's waypoints say so in their
         metadata (the pod's ``gateway.networking.k8s.io/gateway-name`` label and
@@ -196,6 +227,7 @@ class Meshd:
             },
             "gc": self.collector.status() if self.collector is not None else None,
             "leader": self.leader.status() if self.leader is not None else None,
+            "jwks": self.jwks.status(),
         }
 
 
@@ -330,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--leader-elect-renew-deadline", type=_duration, default=10.0)
     parser.add_argument("--leader-elect-retry-period", type=_duration, default=2.0)
     parser.add_argument(
+        "--jwks-refresh-interval",
+        type=_duration,
+        default=os.environ.get("PILOT_JWT_PUB_KEY_REFRESH_INTERVAL", "20m"),
+        help="how often the jwksUri of RequestAuthentications are fetched again "
+        "(env PILOT_JWT_PUB_KEY_REFRESH_INTERVAL; default 20m, as istiod)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
@@ -373,7 +412,7 @@ async def run(
     *,
     started: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    meshd = Meshd()
+    meshd = Meshd(jwks_refresh_s=args.jwks_refresh_interval)
     meshd.collector = QuietCollector()
     factory, default_ca_dir = make_source(args)
     kind = args.source.partition(":")[0]
@@ -387,6 +426,8 @@ async def run(
         def on_change(state: SourceState) -> None:
             meshd.on_source(state)
             waypoints.offer(state, meshd.l7)
+
+        meshd.on_rebuilt = waypoints.offer
 
     source = factory(on_change)
     options = grpc_server_options()
@@ -435,6 +476,7 @@ async def run(
     source_task = asyncio.ensure_future(source.run())
     deployer_task = asyncio.ensure_future(deployer.run()) if deployer is not None else None
     elector_task = asyncio.ensure_future(elector.run()) if elector is not None else None
+    jwks_task = asyncio.ensure_future(meshd.jwks.run())
     if started is not None:
         await started()
     try:
@@ -445,7 +487,7 @@ async def run(
     finally:
         # The deployer first, then the election: it releases the lease once the deployer's
         # writes in flight are done, and the other replica takes over at its next try.
-        for task in (source_task, deployer_task, elector_task):
+        for task in (source_task, deployer_task, elector_task, jwks_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):

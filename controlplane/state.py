@@ -181,6 +181,14 @@ class EndpointSliceInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FetchedJwks:
+    """A RequestAuthentication's ``jwksUri`` as meshd fetched it (:mod:`controlplane.jwks`)."""
+
+    keys: str  # the JWKS (JSON) as served
+    fetched: str  # when these keys were first received (RFC 3339, UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SourceState:
     namespaces: tuple[NamespaceInfo, ...] = ()
     pods: tuple[PodInfo, ...] = ()
@@ -195,3 +203,6 @@ class SourceState:
     root_namespace: str = ROOT_NAMESPACE
     # Objects the source refused, one line each, for meshd's status.
     rejected: tuple[str, ...] = ()
+    # The key sets meshd fetched for RequestAuthentications' jwksUri (uri -> keys): not
+    # from the source, meshd adds them before building (a jwksUri absent: not fetched yet).
+    jwks: Mapping[str, FetchedJwks] = field(default_factory=lambda: MappingProxyType({}))

@@ -2,7 +2,7 @@
 
 Multi-document YAML; each document one object of a kind the mesh reads:
 ``v1`` Service, Istio ``AuthorizationPolicy``, ``RequestAuthentication``,
-``VirtualService`` and ``DestinationRule``, Gateway API ``Gateway``,
+``VirtualService``, ``DestinationRule`` and ``EnvoyFilter``, Gateway API ``Gateway``,
 ``HTTPRoute`` and ``GRPCRoute``.
 Every document is checked before anything changes (a bad one fails the
 whole apply, naming it); then the cluster's state is changed at once.
@@ -48,6 +48,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "requestauthentication.security.istio.io",
         ("requestauthentications", "ra"),
     ),
+    "EnvoyFilter": ("envoyfilter.networking.istio.io", ("envoyfilters",)),
 }
 
 

@@ -7,10 +7,13 @@ Modelled on Envoy's router: the decisions are pure and live elsewhere
 1. the connection manager's work: normalise the path, drop hop-by-hop and
    Envoy-internal headers, add ``x-forwarded-proto`` and ``x-request-id``
    when absent;
-2. the JWT authentication filter (:mod:`waypoint.jwt_authn`: 401 or 403, and
+2. the local rate limit filter when it is first (:mod:`waypoint.ratelimit`: 429
+   ``RL``, with the route's per-route config when it has one), the JWT
+   authentication filter (:mod:`waypoint.jwt_authn`: 401 or 403, and
    the token's payload as dynamic metadata), the RBAC filters
    (:mod:`waypoint.authz`, which see that metadata: 403), both before any route
-   is looked up, then the route (404 ``NR`` when none), the fault filter (delay, abort), then
+   is looked up, then the route (404 ``NR`` when none), the fault filter (delay, abort), the
+   local rate limit filter when it is just before the router, then
    the route's action: a redirect or direct response answered here, or
    forwarding to a cluster (chosen by weight with the stream's random value;
    an unknown cluster answers the route's ``cluster_not_found`` status);
@@ -51,6 +54,7 @@ from waypoint.http.exchange import Exchange, Upstream
 from waypoint.http.h1server import DownstreamGone
 from waypoint.http.messages import Headers, LocalReply, RequestHead, ResponseHead
 from waypoint.match import RequestView, normalize_path, pick_cluster, select_route
+from waypoint.ratelimit import RateLimiter
 from waypoint.records import RequestRecord
 from waypoint.retry import RetryState
 from waypoint.upstream.lb import Host, stable_hash
@@ -149,6 +153,8 @@ class Router:
         self.log = logger
         self.tasks: set[asyncio.Task[None]] = set()
         self.active = 0
+        # The local rate limit buckets: this instance's, kept across config updates.
+        self.limiter = RateLimiter()
 
     def handle(self, exchange: Exchange, manager: HttpManager) -> None:
         """The codec's handler: one task per request."""
@@ -278,6 +284,15 @@ class _Life:
         rec = self.record
         rec.saw_headers(head.headers, request_id)
         metadata: dict[str, Any] = {}
+        config = self.router.config()
+        routes = config.routes.get(manager.route_config)
+        if manager.ratelimit is not None and manager.ratelimit_first:
+            # Envoy's filter asks for the route (to read its typed_per_filter_config)
+            # before the JWT and RBAC filters run (jwt_authn may change the headers and
+            # clear the route cache: the route is picked again after them, below).
+            early = select_route(routes, self._view()) if routes is not None else None
+            if (reply := self._limit(manager, early)) is not None:
+                return reply
         if manager.jwt is not None:
             denial, metadata = jwt_authn.jwt_denial(manager.jwt, head)
             if denial is not None:
@@ -286,18 +301,9 @@ class _Life:
             denial := authz.http_denial(manager.rbac, exchange.info, head, metadata)
         ):
             return denial
-        config = self.router.config()
-        routes = config.routes.get(manager.route_config)
         if routes is None:
             return messages.no_route()
-        view = RequestView(
-            method=head.method,
-            path=head.target,
-            authority=head.authority,
-            scheme=head.scheme,
-            headers=head.headers,
-        )
-        route = select_route(routes, view)
+        route = select_route(routes, self._view())
         if route is None:
             return messages.no_route()
         self.route = route
@@ -306,6 +312,12 @@ class _Life:
             reply = await self._fault(route)
             if reply is not None:
                 return reply
+        if (
+            manager.ratelimit is not None
+            and not manager.ratelimit_first
+            and (reply := self._limit(manager, route)) is not None
+        ):
+            return reply
         action = route.action
         if isinstance(action, Redirect):
             location = redirect_location(
@@ -316,6 +328,27 @@ class _Life:
         if isinstance(action, DirectResponse):
             return messages.direct(action.status, action.body)
         return await self._forward(route, action, config)
+
+    def _view(self) -> RequestView:
+        head = self.exchange.head
+        return RequestView(
+            method=head.method,
+            path=head.target,
+            authority=head.authority,
+            scheme=head.scheme,
+            headers=head.headers,
+        )
+
+    def _limit(self, manager: HttpManager, route: Route | None) -> LocalReply | None:
+        """The local rate limit filter: the route's config if it has one, else the filter's."""
+        assert manager.ratelimit is not None
+        if route is not None and route.ratelimit is not None:
+            where: tuple[str, ...] = ("route", manager.route_config, route.name)
+            if not route.name:
+                where += (repr(route.match),)
+            return self.router.limiter.check(route.ratelimit, where, self.router.rng)
+        where = ("filter", manager.stat_prefix, manager.route_config)
+        return self.router.limiter.check(manager.ratelimit, where, self.router.rng)
 
     async def _fault(self, route: Route) -> LocalReply | None:
         fault = route.fault

@@ -24,6 +24,10 @@
   rules (:mod:`controlplane.l7.request_authn`), in the order istiod gathers
   them: those of the waypoint's namespace, then the root namespace's, then the
   service's namespace's, each oldest first; each says where it is bound;
+* the EnvoyFilters bound the same way (Istio's local rate limit recipe only,
+  :mod:`controlplane.l7.envoy_filter`) become each HTTP chain's
+  ``local_ratelimit`` filter and its routes' per-route limits (the oldest
+  inserting the filter wins a chain; the others say so);
 * routes, Gateways and their references get Gateway API status conditions,
   and what cannot be used is said once in ``rejected``.
 
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, TypeVar
 
-from controlplane.l7 import authz, istio_api, request_authn
+from controlplane.l7 import authz, envoy_filter, istio_api, request_authn
 from controlplane.l7.binding import bind
 from controlplane.l7.clusters import Endpoints, clusters_for
 from controlplane.l7.port_routes import ports_of
@@ -66,9 +70,13 @@ def build(state: SourceState) -> L7Result:
     authorizations = authz.parse_all(state.l7, state.root_namespace)
     out.status.extend(authz.unreadable(state.l7, state.root_namespace))
     bound_to: dict[str, list[str]] = {p.key: [] for p in authorizations}
-    authentications, refused = request_authn.parse_all(state.l7, state.root_namespace)
+    authentications, refused = request_authn.parse_all(state.l7, state.root_namespace, state.jwks)
     out.status.extend(refused)
     authn_bound_to: dict[str, list[str]] = {a.key: [] for a in authentications}
+    limits, refused_limits = envoy_filter.parse_all(state.l7, state.root_namespace)
+    out.status.extend(refused_limits)
+    limit_bound: dict[str, list[str]] = {f.key: [] for f in limits}
+    limit_shadowed: dict[str, list[str]] = {f.key: [] for f in limits}
 
     bound: dict[str, list[ServiceInfo]] = {}
     for key, info in services.items():
@@ -104,6 +112,7 @@ def build(state: SourceState) -> L7Result:
         own_authn = _targeting(authentications, waypoint, None)
         for a in own_authn:
             authn_bound_to[a.key].append(f"waypoint {waypoint.key}")
+        own_limits = _targeting(limits, waypoint, None)
         for info in sorted(bound.get(waypoint.key, ()), key=lambda s: (s.namespace, s.name)):
             key = service_key(info.namespace, info.name)
             theirs = _targeting(authorizations, waypoint, info)
@@ -114,6 +123,16 @@ def build(state: SourceState) -> L7Result:
             for a in their_authn:
                 if a not in own_authn:
                     authn_bound_to[a.key].append(f"service {info.namespace}/{info.name}")
+            in_force = _one_filter(_targeting(limits, waypoint, info))
+            for f in _targeting(limits, waypoint, info):
+                where = (
+                    f"waypoint {waypoint.key}"
+                    if f in own_limits
+                    else f"service {info.namespace}/{info.name}"
+                )
+                said = limit_bound if f in in_force else limit_shadowed
+                if where not in said[f.key]:
+                    said[f.key].append(where)
             specs.append(
                 ServiceSpec(
                     key=key,
@@ -126,6 +145,7 @@ def build(state: SourceState) -> L7Result:
                     authentications=_istio_order(
                         their_authn, waypoint.namespace, state.root_namespace
                     ),
+                    ratelimits=in_force,
                 )
             )
         clusters = clusters_for(
@@ -154,6 +174,8 @@ def build(state: SourceState) -> L7Result:
         out.status.append(authz.status_of(p, bound_to[p.key]))
     for a in authentications:
         out.status.append(request_authn.status_of(a, authn_bound_to[a.key]))
+    for f in limits:
+        out.status.append(envoy_filter.status_of(f, limit_bound[f.key], limit_shadowed[f.key]))
     return L7Result(
         shares=MappingProxyType(shares),
         statuses=tuple(sorted(out.status, key=lambda s: s.key)),
@@ -189,6 +211,21 @@ def _targeting(
                 out.append(p)
                 break
     return out
+
+
+def _one_filter(
+    limits: Sequence[envoy_filter.WaypointRateLimit],
+) -> tuple[envoy_filter.WaypointRateLimit, ...]:
+    """The EnvoyFilters in force on a chain: the oldest that inserts the local rate limit
+    filter (the waypoint runs one), and every one that only patches routes."""
+    out, inserted = [], False
+    for f in limits:
+        if f.config is not None:
+            if inserted:
+                continue
+            inserted = True
+        out.append(f)
+    return tuple(out)
 
 
 def _istio_order(

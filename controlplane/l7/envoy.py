@@ -11,7 +11,9 @@ listeners or filters), consumed by our waypoint and by a real Envoy alike:
   ``tcp_proxy`` to the service; the AuthorizationPolicies in force on the
   chain as Envoy RBAC filters ahead of them (:mod:`controlplane.l7.envoy_rbac`),
   and on an HTTP chain the RequestAuthentications in force as Envoy's
-  ``jwt_authn`` filter ahead of those (:mod:`controlplane.l7.envoy_jwt`);
+  ``jwt_authn`` filter ahead of those (:mod:`controlplane.l7.envoy_jwt`), and
+  an EnvoyFilter's ``local_ratelimit`` first or just before the router
+  (:mod:`controlplane.l7.envoy_filter`), its HTTP_ROUTE patches on the routes;
 * one ``RouteConfiguration`` per HTTP service port, named like its cluster
   (``inbound-vip|<port>|http|<host>``, as Istio's waypoint names them), one
   virtual host for every domain, the rules in order;
@@ -59,6 +61,7 @@ from google.protobuf.message import Message
 from controlplane.l7 import envoy_jwt, envoy_rbac
 from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.envoy_clusters import _cluster, _load_assignment, _workload_cluster
+from controlplane.l7.envoy_filter import HTTP_LOCAL_RATELIMIT
 from controlplane.l7.envoy_pb import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -187,6 +190,29 @@ def _host_range(ip: str) -> address_pb2.CidrRange:
     )
 
 
+def _http_filters(
+    service: ServiceSpec, policies: Sequence[WaypointPolicy]
+) -> list[hcm_pb2.HttpFilter]:
+    """jwt_authn, RBAC, fault, router; and an EnvoyFilter's local_ratelimit where istiod
+    would have inserted it: first (the recipe's INSERT_BEFORE without a subFilter, and
+    INSERT_FIRST) or just before the router (INSERT_BEFORE the router)."""
+    filters = [
+        *envoy_jwt.http_filters(service.authentications),
+        *envoy_rbac.http_filters(policies),
+        hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_any(fault_pb2.HTTPFault())),
+    ]
+    limit = next((f for f in service.ratelimits if f.config is not None), None)
+    if limit is not None:
+        assert limit.config is not None
+        inserted = hcm_pb2.HttpFilter(name=HTTP_LOCAL_RATELIMIT, typed_config=_any(limit.config))
+        if limit.first:
+            filters.insert(0, inserted)
+        else:
+            filters.append(inserted)
+    filters.append(hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_any(router_pb2.Router())))
+    return filters
+
+
 def _filter_chain(
     service: ServiceSpec, pr: PortRoutes, policies: Sequence[WaypointPolicy]
 ) -> listener_components_pb2.FilterChain:
@@ -200,12 +226,7 @@ def _filter_chain(
             stat_prefix=name,
             codec_type=hcm_pb2.HttpConnectionManager.AUTO,
             rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=name),
-            http_filters=[
-                *envoy_jwt.http_filters(service.authentications),
-                *envoy_rbac.http_filters(policies),
-                hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_any(fault_pb2.HTTPFault())),
-                hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_any(router_pb2.Router())),
-            ],
+            http_filters=_http_filters(service, policies),
             server_name=SERVER_NAME,
             server_header_transformation=hcm_pb2.HttpConnectionManager.OVERWRITE,
             use_remote_address=wrappers_pb2.BoolValue(value=False),
@@ -287,18 +308,23 @@ def _route_config(
     service: ServiceSpec, pr: PortRoutes, clusters: Mapping[str, ClusterSpec]
 ) -> route_pb2.RouteConfiguration:
     name = cluster_name(service.hostname, pr.port, pr.protocol)
+    vhost = f"inbound|http|{pr.port}"
     routes = []
     for rule in pr.rules:
         for match in rule.matches:
-            routes.append(_route(rule, match, pr, clusters))
+            route = _route(rule, match, pr, clusters)
+            # EnvoyFilter HTTP_ROUTE MERGE patches, in order: a later one wins a route.
+            for f in service.ratelimits:
+                for patch in f.routes:
+                    if patch.matches(vhost, route.name):
+                        route.typed_per_filter_config[HTTP_LOCAL_RATELIMIT].CopyFrom(
+                            _any(patch.config)
+                        )
+            routes.append(route)
     return route_pb2.RouteConfiguration(
         name=name,
         validate_clusters=wrappers_pb2.BoolValue(value=False),
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(
-                name=f"inbound|http|{pr.port}", domains=["*"], routes=routes
-            )
-        ],
+        virtual_hosts=[route_components_pb2.VirtualHost(name=vhost, domains=["*"], routes=routes)],
     )
 
 

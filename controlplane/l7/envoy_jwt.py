@@ -14,9 +14,10 @@ filters in ``buildWaypointHTTPFilters``):
   ``scope`` and the rule's spaceDelimitedClaims, sorted), ``clear_route_cache``
   (true on every proxy but a sidecar), ``claim_to_headers``, ``from_headers``
   (name, value_prefix), ``from_params``, ``from_cookies``, and the keys inline
-  in ``local_jwks`` (istiod fetches a jwksUri and inlines it; meshd does not
-  fetch, so such a rule gets the key set istiod uses while its fetch fails:
-  one public RSA key whose private key was discarded, so no token passes);
+  in ``local_jwks`` (istiod fetches a jwksUri and inlines it, and so does
+  meshd: :mod:`controlplane.jwks`; until the keys are first fetched such a
+  rule gets the fail-closed key set istiod uses while its fetch fails: one
+  public RSA key whose private key was discarded, so no token passes);
 * one rule for every path (prefix ``/``): with one provider, ``requires_any``
   of the provider and ``allow_missing``; with several, ``requires_any`` of each
   provider alone and of ``requires_all`` of every ``requires_any{provider,
@@ -127,5 +128,12 @@ def _provider(rule: JwtRule) -> config_pb2.JwtProvider:
         ],
         from_params=list(rule.from_params),
         from_cookies=list(rule.from_cookies),
-        local_jwks=base_pb2.DataSource(inline_string=rule.jwks or PUBLIC_ONLY_JWKS),
+        local_jwks=base_pb2.DataSource(inline_string=_keys(rule)),
     )
+
+
+def _keys(rule: JwtRule) -> str:
+    """The inline jwks, else the keys fetched from jwksUri, else none that verify."""
+    if rule.jwks:
+        return rule.jwks
+    return rule.fetched.keys if rule.fetched is not None else PUBLIC_ONLY_JWKS

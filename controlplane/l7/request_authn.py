@@ -18,11 +18,15 @@ rules into Envoy's ``jwt_authn`` filter as istiod does.
 What is refused says so in the object's ``WaypointAccepted`` condition: an
 unknown field or a value Istio's validation refuses leaves the object bound
 nowhere (as the API server's webhook would have refused it), and says which
-field. A rule with ``jwksUri`` and no inline ``jwks`` (or neither: Istio
-finds the keys by OpenID discovery) is bound, but meshd does not fetch keys
-yet: it gets a key set nobody can sign for (Istio's own fallback while its
-fetch fails), so a token from that issuer is refused and never accepted; the
-condition says so.
+field. A rule with ``jwksUri`` and no inline ``jwks`` gets the keys meshd
+fetched from it (:mod:`controlplane.jwks`, given here as
+``SourceState.jwks``), and the condition says from where and since when;
+until they are first fetched (or with neither: Istio finds the keys by OpenID
+discovery, which meshd does not do) it gets a key set nobody can sign for
+(Istio's own fallback while its fetch fails), so a token from that issuer is
+refused and never accepted, and the condition says so (``KeysNotFetched``
+while a jwksUri is not fetched yet, ``UnsupportedValue`` for OpenID
+discovery).
 """
 
 from __future__ import annotations
@@ -30,14 +34,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from controlplane.l7.authz import Target, has_target_refs, read_targets
 from controlplane.l7.istio_object import created_of, generation_of
 from controlplane.l7.reader import InvalidObject, Reader, go_duration
 from controlplane.l7.status import Condition, ObjectStatus
-from controlplane.state import L7Object
+from controlplane.state import FetchedJwks, L7Object
 
 KIND = "RequestAuthentication"
 _API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
@@ -74,14 +79,20 @@ class JwtRule:
     output_payload_to_header: str = ""
     output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header, claim)
     forward_original_token: bool = False
-    timeout_s: float | None = None  # for fetching jwksUri (not done here)
+    timeout_s: float | None = None  # for fetching jwksUri (controlplane.jwks)
     space_delimited_claims: tuple[str, ...] = ()
+    fetched: FetchedJwks | None = None  # jwksUri's keys as meshd fetched them
+
+    @property
+    def fetches(self) -> bool:
+        """Whether meshd fetches this rule's keys (a jwksUri and no inline jwks)."""
+        return bool(self.jwks_uri) and not self.jwks
 
     @property
     def unfetched(self) -> bool:
-        """Keys meshd does not fetch (jwksUri, or OpenID discovery): the rule refuses every
-        token of its issuer."""
-        return not self.jwks
+        """No keys (a jwksUri not fetched yet, or OpenID discovery): the rule refuses
+        every token of its issuer."""
+        return not self.jwks and self.fetched is None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,6 +102,8 @@ class WaypointAuthentication:
     targets: tuple[Target, ...]
     rules: tuple[JwtRule, ...]
     problem: str = ""  # what is not done as written (the status message), "" when all is
+    problem_reason: str = "UnsupportedValue"
+    notes: tuple[str, ...] = ()  # where fetched keys come from (said in the status)
     generation: int = 0
     created: str = ""
 
@@ -99,18 +112,22 @@ class WaypointAuthentication:
         return f"{self.namespace}/{self.name}"
 
 
+_NO_JWKS: Mapping[str, FetchedJwks] = MappingProxyType({})
+
+
 def parse_all(
-    objects: Iterable[L7Object], root_namespace: str
+    objects: Iterable[L7Object], root_namespace: str, jwks: Mapping[str, FetchedJwks] = _NO_JWKS
 ) -> tuple[list[WaypointAuthentication], list[ObjectStatus]]:
     """The waypoints' RequestAuthentications in Istio's order (creation time, name,
     namespace), and the statuses of those that cannot be used (bound nowhere).
-    Selector-bound ones (and those with neither) are not the waypoint's: left out."""
+    Selector-bound ones (and those with neither) are not the waypoint's: left out.
+    ``jwks``: the key sets meshd fetched, by jwksUri."""
     out, refused = [], []
     for obj in sorted(objects, key=lambda o: (created_of(o.raw), o.name, o.namespace)):
         if obj.kind != KIND or not has_target_refs(obj.raw):
             continue
         try:
-            out.append(parse(obj, root_namespace))
+            out.append(parse(obj, root_namespace, jwks))
         except InvalidObject as e:
             refused.append(
                 _status(obj.namespace, obj.name, generation_of(obj.raw), False, "Invalid",
@@ -119,7 +136,22 @@ def parse_all(
     return out, refused
 
 
-def parse(obj: L7Object, root_namespace: str) -> WaypointAuthentication:
+def jwks_uris(objects: Iterable[L7Object], root_namespace: str) -> dict[str, float | None]:
+    """The jwksUri meshd must fetch for the waypoints' RequestAuthentications, each with
+    the longest ``timeout`` of its rules (None: none says)."""
+    out: dict[str, float | None] = {}
+    for authn in parse_all(objects, root_namespace)[0]:
+        for rule in authn.rules:
+            if not rule.fetches:
+                continue
+            timeouts = [t for t in (out.get(rule.jwks_uri), rule.timeout_s) if t is not None]
+            out[rule.jwks_uri] = max(timeouts) if timeouts else None
+    return out
+
+
+def parse(
+    obj: L7Object, root_namespace: str, jwks: Mapping[str, FetchedJwks] = _NO_JWKS
+) -> WaypointAuthentication:
     """One RequestAuthentication with targetRefs; raises :class:`InvalidObject`."""
     r = Reader(obj.raw, KIND, f"{obj.namespace}/{obj.name}")
     if r.raw.get("kind") not in (None, KIND):
@@ -132,27 +164,45 @@ def parse(obj: L7Object, root_namespace: str) -> WaypointAuthentication:
     if spec.has("selector"):
         raise spec.error("cannot be combined with targetRefs (Istio refuses both)", "selector")
     targets = read_targets(r, obj.namespace, root_namespace)
-    rules = tuple(_rule(c) for c in spec.children("jwtRules"))
-    unfetched = [
-        f"spec.jwtRules[{i}] (issuer {rule.issuer!r}, "
-        + (f"jwksUri {rule.jwks_uri}" if rule.jwks_uri else "keys by OpenID discovery")
-        + ")"
+    rules = tuple(
+        replace(rule, fetched=jwks.get(rule.jwks_uri)) if rule.fetches else rule
+        for rule in (_rule(c) for c in spec.children("jwtRules"))
+    )
+    pending = [
+        f"spec.jwtRules[{i}] (issuer {rule.issuer!r}, jwksUri {rule.jwks_uri})"
         for i, rule in enumerate(rules)
-        if rule.unfetched
+        if rule.unfetched and rule.jwks_uri
     ]
-    problem = ""
-    if unfetched:
-        problem = (
-            f"{', '.join(unfetched)}: the keys are not fetched (meshd does not fetch JWKS "
-            "yet): a token from that issuer is refused, never accepted, until the keys are "
-            "given inline in jwks"
+    discovery = [
+        f"spec.jwtRules[{i}] (issuer {rule.issuer!r}, keys by OpenID discovery)"
+        for i, rule in enumerate(rules)
+        if rule.unfetched and not rule.jwks_uri
+    ]
+    notes = tuple(
+        f"spec.jwtRules[{i}]: keys fetched from {rule.jwks_uri} at {rule.fetched.fetched}"
+        for i, rule in enumerate(rules)
+        if rule.fetched is not None
+    )
+    problems = []
+    if discovery:
+        problems.append(
+            f"{', '.join(discovery)}: the keys are not fetched (meshd does not do OpenID "
+            "discovery): a token from that issuer is refused, never accepted, until the keys "
+            "are given in jwksUri or inline in jwks"
+        )
+    if pending:
+        problems.append(
+            f"{', '.join(pending)}: the keys are not fetched yet (meshd retries): a token "
+            "from that issuer is refused, never accepted, until they are"
         )
     return WaypointAuthentication(
         namespace=obj.namespace,
         name=obj.name,
         targets=targets,
         rules=rules,
-        problem=problem,
+        problem="; ".join(problems),
+        problem_reason="UnsupportedValue" if discovery else "KeysNotFetched",
+        notes=notes,
         generation=generation_of(obj.raw),
         created=created_of(obj.raw),
     )
@@ -160,16 +210,17 @@ def parse(obj: L7Object, root_namespace: str) -> WaypointAuthentication:
 
 def status_of(authn: WaypointAuthentication, bound: Sequence[str]) -> ObjectStatus:
     """The ``WaypointAccepted`` condition: where it is in force, or why not."""
+    notes = "".join(f"; {note}" for note in authn.notes)
     if authn.problem:
         where = f" (bound to {', '.join(bound)})" if bound else ""
         return _status(authn.namespace, authn.name, authn.generation, False,
-                       "UnsupportedValue", authn.problem + where)  # fmt: skip
+                       authn.problem_reason, authn.problem + where + notes)  # fmt: skip
     if not bound:
         targets = ", ".join(str(t) for t in authn.targets)
         return _status(authn.namespace, authn.name, authn.generation, False,
-                       "TargetNotFound", f"no waypoint serves {targets}")  # fmt: skip
+                       "TargetNotFound", f"no waypoint serves {targets}" + notes)  # fmt: skip
     return _status(authn.namespace, authn.name, authn.generation, True, "Accepted",
-                   f"bound to {', '.join(bound)}")  # fmt: skip
+                   f"bound to {', '.join(bound)}" + notes)  # fmt: skip
 
 
 def _status(

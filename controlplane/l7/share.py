@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.binding import CLUSTER_DOMAIN
+from controlplane.l7.envoy_filter import WaypointRateLimit
 from controlplane.l7.ir import PortRoutes, Protocol, TrafficPolicy
 from controlplane.l7.request_authn import WaypointAuthentication
 from controlplane.l7.workloads import WorkloadSpec
@@ -56,6 +57,8 @@ class ServiceSpec:
     policies: tuple[WaypointPolicy, ...] = ()  # the AuthorizationPolicies of its chains
     # the RequestAuthentications of its chains, in Istio's order (see build)
     authentications: tuple[WaypointAuthentication, ...] = ()
+    # the EnvoyFilters (local rate limit) of its chains: at most one inserts the filter
+    ratelimits: tuple[WaypointRateLimit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,7 +1,7 @@
 """The kinds the Kubernetes source follows, and how each object becomes source state.
 
 Kinds: namespaces, pods, services, service accounts, endpoint slices; and the
-custom resources AuthorizationPolicy, RequestAuthentication, Gateway (class
+custom resources AuthorizationPolicy, RequestAuthentication, EnvoyFilter, Gateway (class
 ``istio-waypoint``), HTTPRoute, GRPCRoute, VirtualService and
 DestinationRule, each of which may not be installed (a 404 on list is said
 once and counts as none). Routes, traffic policies, RequestAuthentications
@@ -210,7 +210,8 @@ def as_written(obj: Obj) -> dict[str, Any]:
 
 
 def l7_converter(kind: str) -> Callable[[Obj], L7Object]:
-    """HTTPRoute, GRPCRoute, VirtualService, DestinationRule, RequestAuthentication: kept as
+    """HTTPRoute, GRPCRoute, VirtualService, DestinationRule, RequestAuthentication,
+    EnvoyFilter: kept as
     written, read later (a selector-bound RequestAuthentication too: the waypoint's reader
     leaves it alone)."""
 
@@ -263,6 +264,9 @@ KINDS = (
     Kind("requestauthentications", "RequestAuthentication", _CUSTOM,
           "list_cluster_custom_object", l7_converter("RequestAuthentication"),
           ("security.istio.io", "v1", "requestauthentications"), True),
+    Kind("envoyfilters", "EnvoyFilter", _CUSTOM, "list_cluster_custom_object",
+          l7_converter("EnvoyFilter"), ("networking.istio.io", "v1alpha3", "envoyfilters"),
+          True),
     Kind("gateways", "gateway", _CUSTOM, "list_cluster_custom_object", convert_gateway,
           ("gateway.networking.k8s.io", "v1", "gateways"), True),
     Kind("httproutes", "HTTPRoute", _CUSTOM, "list_cluster_custom_object",
@@ -281,4 +285,5 @@ L7_KINDS = (
     "virtualservices",
     "destinationrules",
     "requestauthentications",
+    "envoyfilters",
 )

@@ -137,7 +137,7 @@ class Cluster:
     # Waypoints (Gateways of class istio-waypoint): name, namespace, address.
     waypoints: tuple[Mapping[str, Any], ...] = ()
     # Gateway API and Istio objects as written (Gateway, HTTPRoute, GRPCRoute,
-    # VirtualService, DestinationRule, RequestAuthentication): apiVersion, kind,
+    # VirtualService, DestinationRule, RequestAuthentication, EnvoyFilter): apiVersion, kind,
     # metadata, spec, status.
     resources: tuple[Mapping[str, Any], ...] = ()
     resource_version: int = 0

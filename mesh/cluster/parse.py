@@ -61,6 +61,7 @@ RESOURCE_KINDS = {
     "VirtualService": ("networking.istio.io",),
     "DestinationRule": ("networking.istio.io",),
     "RequestAuthentication": ("security.istio.io",),
+    "EnvoyFilter": ("networking.istio.io",),
 }
 
 

@@ -5,14 +5,19 @@ Each function takes one resource and returns its model value, or raises
 behaviour the waypoint does not have is NACKed, never half-applied. Fields
 left at their defaults are not set on the wire (proto3), so only what the
 control plane really asked for is checked. This module (with ``routes``,
-``rbac``, ``jwt`` and ``checks``) is the only one that imports Envoy's protobuf types.
+``rbac``, ``jwt``, ``ratelimit`` and ``checks``) is the only one that imports Envoy's
+protobuf types.
 
 What a listener may say: ``original_dst`` listener filters; filter chains
 matched by destination port and prefix ranges, each ending in ``tcp_proxy``
 or an HTTP connection manager, with ``envoy.filters.network.rbac`` filters
 before it (enforced once per connection); an HCM's HTTP filters are one
-``envoy.filters.http.jwt_authn`` filter (optional), ``envoy.filters.http.rbac``
-filters, then the fault filter (optional), then the router, nothing else. JWT
+``envoy.filters.http.local_ratelimit`` filter (optional: here or just before the
+router), one ``envoy.filters.http.jwt_authn`` filter (optional),
+``envoy.filters.http.rbac`` filters, then the fault filter (optional), then the
+router, nothing else. Local rate limits (the filter's and the routes'
+``typed_per_filter_config``) are converted by :mod:`waypoint.config.ratelimit`
+and enforced by :mod:`waypoint.ratelimit`. JWT
 authentication is converted by :mod:`waypoint.config.jwt` (local JWKS only) and
 enforced by :mod:`waypoint.jwt_authn`; RBAC rules are converted by
 :mod:`waypoint.config.rbac` (ALLOW and DENY; the permissions and principals it
@@ -43,7 +48,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mesh.identity import IdentityError, SpiffeId
-from waypoint.config import jwt, rbac
+from waypoint.config import jwt, ratelimit, rbac
 from waypoint.config import model as m
 from waypoint.config.checks import Unsupported, only, seconds, unpack
 from waypoint.config.jwt_model import JwtConfig
@@ -168,6 +173,8 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
     seen_jwt = False
     jwt_config: JwtConfig | None = None
     rbacs: list[Rbac] = []
+    limit: m.LocalRateLimit | None = None
+    limit_first = True
     names = [f.name for f in h.http_filters]
     if not names or names[-1] != ROUTER:
         raise Unsupported(f"{where}.http_filters: the last filter must be {ROUTER}")
@@ -177,7 +184,7 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         if f.name == jwt.HTTP_JWT_AUTHN:
             if seen_jwt:
                 raise Unsupported(f"{fw}: only one {jwt.HTTP_JWT_AUTHN} filter is supported")
-            if i != 0:
+            if i != (1 if limit is not None and limit_first else 0):
                 # We run the JWT filter before the RBAC filters and the fault filter, always.
                 raise Unsupported(f"{fw}: {jwt.HTTP_JWT_AUTHN} must be the first filter")
             seen_jwt = True
@@ -189,6 +196,20 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
             rules = rbac.http_filter(f.typed_config, fw)
             if rules is not None:
                 rbacs.append(rules)
+        elif f.name == ratelimit.HTTP_LOCAL_RATELIMIT:
+            if limit is not None:
+                raise Unsupported(f"{fw}: only one {ratelimit.HTTP_LOCAL_RATELIMIT} is supported")
+            # We run it either first or just before the router (after the fault filter).
+            if i == 0:
+                limit_first = True
+            elif i == len(h.http_filters) - 2:
+                limit_first = False
+            else:
+                raise Unsupported(
+                    f"{fw}: {ratelimit.HTTP_LOCAL_RATELIMIT} must be the first filter "
+                    f"or the one just before {ROUTER}"
+                )
+            limit = ratelimit.http_filter(f.typed_config, fw)
         elif f.name == FAULT:
             config = unpack(f.typed_config, fault_pb2.HTTPFault, fw)
             only(config, (), fw + " (fault settings belong in the routes' typed_per_filter_config)")
@@ -220,6 +241,8 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         websocket=websocket,
         jwt=jwt_config,
         rbac=tuple(rbacs),
+        ratelimit=limit,
+        ratelimit_first=limit_first,
     )
 
 

@@ -186,6 +186,27 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TokenBucket:
+    """Envoy's token bucket: starts full, ``tokens_per_fill`` per ``fill_interval``."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalRateLimit:
+    """Envoy's ``local_ratelimit`` filter config (the filter's or a route's)."""
+
+    stat_prefix: str
+    status: int = 429
+    bucket: TokenBucket | None = None  # None: nothing is limited
+    enabled_ppm: int = 0  # filter_enabled (unset: 0%, the filter does nothing)
+    enforced_ppm: int = 0  # filter_enforced (unset: 0%, counted but never answered)
+    response_headers: HeaderMutation = NO_MUTATION  # on the 429 only
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     name: str
     match: RouteMatch
@@ -193,6 +214,7 @@ class Route:
     request_headers: HeaderMutation = NO_MUTATION
     response_headers: HeaderMutation = NO_MUTATION
     fault: Fault | None = None
+    ratelimit: LocalRateLimit | None = None  # typed_per_filter_config of local_ratelimit
     operation: str = ""
 
 
@@ -306,6 +328,10 @@ class HttpManager:
     websocket: bool = False
     jwt: JwtConfig | None = None  # the JWT authentication filter (before the RBAC filters)
     rbac: tuple[Rbac, ...] = ()  # the HTTP RBAC filters, in filter order (before the router)
+    # The local rate limit filter: first (before JWT and RBAC, where Istio's recipe puts
+    # it) or last (just before the router, after the fault filter).
+    ratelimit: LocalRateLimit | None = None
+    ratelimit_first: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

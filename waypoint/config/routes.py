@@ -13,6 +13,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import string_pb2
 
 from waypoint.config import model as m
+from waypoint.config import ratelimit
 from waypoint.config.checks import Unsupported, only, ppm, regex, seconds, unpack
 
 FAULT = "envoy.filters.http.fault"
@@ -399,7 +400,11 @@ def _route(r: rc.Route, where: str) -> m.Route:
     else:
         raise Unsupported(f"{where}: action {kind} is not supported")
     fault = None
+    limit = None
     for name, packed in r.typed_per_filter_config.items():
+        if name == ratelimit.HTTP_LOCAL_RATELIMIT:
+            limit = ratelimit.per_route(packed, f"{where}.typed_per_filter_config[{name}]")
+            continue
         if name != FAULT:
             raise Unsupported(f"{where}.typed_per_filter_config[{name}]: not supported")
         fault = _fault(
@@ -420,5 +425,6 @@ def _route(r: rc.Route, where: str) -> m.Route:
             f"{where}.response_headers_to_add",
         ),
         fault=fault,
+        ratelimit=limit,
         operation=r.decorator.operation,
     )
