@@ -345,3 +345,23 @@ spec:
     finally:
         meshlab("delete", "--name", books, "-f", str(path), check=False)
     eventually(lambda: served(private(None)))
+
+
+def test_the_waypoint_cuts_a_burst_at_its_rate_limit(books: str) -> None:
+    """examples/waypoint-ratelimit.yaml (Istio's recipe): 10 tokens, 10 more every 5 s."""
+    limit = EXAMPLES / "waypoint-ratelimit.yaml"
+    meshlab("apply", "--name", books, "-f", str(limit))
+    try:
+        eventually(lambda: "429" in count(books, 15), 60)  # in force: the bucket ran dry
+        time.sleep(5.5)  # full again
+        burst = count(books, 20)
+        served = burst.get("v1", 0) + burst.get("v2", 0)
+        # The bucket's 10, and what refilled while the burst ran (2 a second).
+        assert 10 <= served <= 13 and burst.get("429", 0) == 20 - served, burst
+        (accepted,) = get(books, "envoyfilter", "filter-local-ratelimit-svc")["status"][
+            "conditions"
+        ]
+        assert accepted["status"] == "True", accepted
+    finally:
+        meshlab("delete", "--name", books, "-f", str(limit), check=False)
+    eventually(lambda: count(books, 20).keys() <= {"v1", "v2"})
