@@ -1,22 +1,20 @@
-"""One request's life through the waypoint: route, filters, attempts, retries, timeouts, mirrors.
+"""One request's life through the waypoint: route, attempts, retries, timeouts, mirrors.
 
 Modelled on Envoy's router: the decisions are pure and live elsewhere
-(:mod:`waypoint.match`, :mod:`waypoint.retry`, :mod:`waypoint.upstream.lb`,
-:mod:`waypoint.headers`); this module sequences them for one request:
+(:mod:`waypoint.filters`, :mod:`waypoint.match`, :mod:`waypoint.retry`,
+:mod:`waypoint.upstream.lb`, :mod:`waypoint.headers`); this module sequences
+them for one request:
 
-1. the connection manager's work: normalise the path, drop hop-by-hop and
-   Envoy-internal headers, add ``x-forwarded-proto`` and ``x-request-id``
-   when absent;
-2. the local rate limit filter when it is first (:mod:`waypoint.ratelimit`: 429
-   ``RL``, with the route's per-route config when it has one), the JWT
-   authentication filter (:mod:`waypoint.jwt_authn`: 401 or 403, and
-   the token's payload as dynamic metadata), the RBAC filters
-   (:mod:`waypoint.authz`, which see that metadata: 403), both before any route
-   is looked up, then the route (404 ``NR`` when none), the fault filter (delay, abort), the
-   local rate limit filter when it is just before the router, then
-   the route's action: a redirect or direct response answered here, or
-   forwarding to a cluster (chosen by weight with the stream's random value;
-   an unknown cluster answers the route's ``cluster_not_found`` status);
+1. the HTTP filters (:mod:`waypoint.filters`): the connection manager's work
+   on the head (path, hop-by-hop and Envoy-internal headers,
+   ``x-forwarded-proto``, ``x-request-id``), then the local rate limit filter
+   when it is first, JWT authentication and RBAC, all before any route is
+   looked up;
+2. the route (404 ``NR`` when none), the fault filter and the local rate limit
+   filter when it is just before the router, then the route's action: a
+   redirect or direct response answered here, or forwarding to a cluster
+   (chosen by weight with the stream's random value; an unknown cluster
+   answers the route's ``cluster_not_found`` status);
 3. attempts: an endpoint from the load balancer (avoiding those already
    tried when the policy says ``previous_hosts``), a connection from its pool
    (or 503 ``UO`` when a circuit breaker is full), the request streamed while
@@ -40,11 +38,9 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any
 
-from waypoint import authz, jwt_authn, mirror
+from waypoint import filters, mirror
 from waypoint.config.model import DirectResponse, Forward, HttpManager, Redirect, Route
 from waypoint.config.snapshot import WaypointConfig
 from waypoint.headers import http_date, mutate, redirect_location, rewrite_path
@@ -53,7 +49,7 @@ from waypoint.http.body import BodyError
 from waypoint.http.exchange import Exchange, Upstream
 from waypoint.http.h1server import DownstreamGone
 from waypoint.http.messages import Headers, LocalReply, RequestHead, ResponseHead
-from waypoint.match import RequestView, normalize_path, pick_cluster, select_route
+from waypoint.match import RequestView, pick_cluster, select_route
 from waypoint.ratelimit import RateLimiter
 from waypoint.records import RequestRecord
 from waypoint.retry import RetryState
@@ -267,55 +263,34 @@ class _Life:
     async def _serve(self) -> LocalReply | None:
         exchange, manager = self.exchange, self.manager
         head = exchange.head
-        if manager.normalize_path:
-            head.target = normalize_path(head.target)
-        head.headers = messages.without_hop_by_hop(
-            (h for h in head.headers if h[0] not in messages.ENVOY_INTERNAL),
-            keep_upgrade=head.upgrade is not None,
-        )
-        if head.upgrade is not None and not manager.websocket:
-            return LocalReply(403, b"", details="upgrade_failed")
-        if not any(k == "x-forwarded-proto" for k, _ in head.headers):
-            head.headers.append(("x-forwarded-proto", head.scheme))
-        request_id = next((v for k, v in head.headers if k == "x-request-id"), None)
-        if request_id is None:
-            request_id = str(uuid.uuid4())
-            head.headers.append(("x-request-id", request_id))
+        if (reply := filters.sanitize(head, manager)) is not None:
+            return reply
         rec = self.record
-        rec.saw_headers(head.headers, request_id)
-        metadata: dict[str, Any] = {}
-        config = self.router.config()
+        rec.saw_headers(head.headers, filters.request_id(head))
+        router = self.router
+        config = router.config()
         routes = config.routes.get(manager.route_config)
-        if manager.ratelimit is not None and manager.ratelimit_first:
-            # Envoy's filter asks for the route (to read its typed_per_filter_config)
-            # before the JWT and RBAC filters run (jwt_authn may change the headers and
-            # clear the route cache: the route is picked again after them, below).
-            early = select_route(routes, self._view()) if routes is not None else None
-            if (reply := self._limit(manager, early)) is not None:
-                return reply
-        if manager.jwt is not None:
-            denial, metadata = jwt_authn.jwt_denial(manager.jwt, head)
-            if denial is not None:
-                return denial
-        if manager.rbac and (
-            denial := authz.http_denial(manager.rbac, exchange.info, head, metadata)
-        ):
-            return denial
+        reply = filters.before_route(
+            head, exchange.info, manager, routes, router.limiter, router.rng
+        )
+        if reply is not None:
+            return reply
         if routes is None:
             return messages.no_route()
-        route = select_route(routes, self._view())
+        route = select_route(routes, filters.request_view(head))
         if route is None:
             return messages.no_route()
         self.route = route
         rec.route = route.name
         if manager.fault_filter and route.fault is not None:
-            reply = await self._fault(route)
+            reply = await filters.fault(route, router.rng, rec, exchange)
             if reply is not None:
                 return reply
         if (
             manager.ratelimit is not None
             and not manager.ratelimit_first
-            and (reply := self._limit(manager, route)) is not None
+            and (reply := filters.local_limit(router.limiter, router.rng, manager, route))
+            is not None
         ):
             return reply
         action = route.action
@@ -328,54 +303,6 @@ class _Life:
         if isinstance(action, DirectResponse):
             return messages.direct(action.status, action.body)
         return await self._forward(route, action, config)
-
-    def _view(self) -> RequestView:
-        head = self.exchange.head
-        return RequestView(
-            method=head.method,
-            path=head.target,
-            authority=head.authority,
-            scheme=head.scheme,
-            headers=head.headers,
-        )
-
-    def _limit(self, manager: HttpManager, route: Route | None) -> LocalReply | None:
-        """The local rate limit filter: the route's config if it has one, else the filter's."""
-        assert manager.ratelimit is not None
-        if route is not None and route.ratelimit is not None:
-            where: tuple[str, ...] = ("route", manager.route_config, route.name)
-            if not route.name:
-                where += (repr(route.match),)
-            return self.router.limiter.check(route.ratelimit, where, self.router.rng)
-        where = ("filter", manager.stat_prefix, manager.route_config)
-        return self.router.limiter.check(manager.ratelimit, where, self.router.rng)
-
-    async def _fault(self, route: Route) -> LocalReply | None:
-        fault = route.fault
-        assert fault is not None
-        rng = self.router.rng
-        if fault.delay_s is not None and rng.randrange(1_000_000) < fault.delay_ppm:
-            self.record.flags = "DI"
-            await asyncio.sleep(fault.delay_s)
-        if rng.randrange(1_000_000) < fault.abort_ppm:
-            if fault.abort_grpc_status is not None:
-                self.record.flags = "FI"
-                head = ResponseHead(
-                    status=200,
-                    headers=[
-                        ("content-type", "application/grpc"),
-                        ("grpc-status", str(fault.abort_grpc_status)),
-                        ("grpc-message", "fault filter abort"),
-                        ("content-length", "0"),
-                    ],
-                )
-                self.exchange.respond(head, end=True)
-                self.record.status = 200
-                self.record.grpc_status = str(fault.abort_grpc_status)
-                return None
-            if fault.abort_status is not None:
-                return messages.fault_abort(fault.abort_status)
-        return None
 
     # ------------------------------------------------------------ forwarding
 
