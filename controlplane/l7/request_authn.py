@@ -7,7 +7,8 @@ waypoint, all its chains), a ``Service`` (that service's chains) or, from the
 root namespace, the ``GatewayClass`` ``istio-waypoint`` (every waypoint).
 One with a ``selector`` (or neither) is for sidecars and workloads, which
 Istio never attaches to a waypoint (``ShouldAttachPolicy``: waypoints never
-use a selector); ztunnel does no JWT, so those are left alone here.
+use a selector); ztunnel does no JWT, so such a one is in force nowhere, and
+its ``ZtunnelAccepted`` condition says so.
 
 Each ``jwtRules`` entry is read with Istio's field names and checks
 (``pkg/config/validation``: ``issuer`` or ``jwksUri`` set, audiences and
@@ -120,11 +121,15 @@ def parse_all(
 ) -> tuple[list[WaypointAuthentication], list[ObjectStatus]]:
     """The waypoints' RequestAuthentications in Istio's order (creation time, name,
     namespace), and the statuses of those that cannot be used (bound nowhere).
-    Selector-bound ones (and those with neither) are not the waypoint's: left out.
+    Selector-bound ones (and those with neither) are not the waypoint's: only their
+    status, saying they are in force nowhere.
     ``jwks``: the key sets meshd fetched, by jwksUri."""
     out, refused = [], []
     for obj in sorted(objects, key=lambda o: (created_of(o.raw), o.name, o.namespace)):
-        if obj.kind != KIND or not has_target_refs(obj.raw):
+        if obj.kind != KIND:
+            continue
+        if not has_target_refs(obj.raw):
+            refused.append(_not_for_ztunnel(obj))
             continue
         try:
             out.append(parse(obj, root_namespace, jwks))
@@ -134,6 +139,29 @@ def parse_all(
                         f"{e.path}: {e.reason}; it is not in force anywhere until it is fixed")
             )  # fmt: skip
     return out, refused
+
+
+NOT_FOR_ZTUNNEL = (
+    "ztunnel does not authenticate end users (a JWT is HTTP, ztunnel sees L4): a "
+    "RequestAuthentication bound by selector (or to a whole namespace) is in force "
+    "nowhere in ambient mode; bind it to a waypoint with targetRefs"
+)
+
+
+def _not_for_ztunnel(obj: L7Object) -> ObjectStatus:
+    """Said, not silently ignored: there are no sidecars here to take it."""
+    return ObjectStatus(
+        kind=KIND,
+        namespace=obj.namespace,
+        name=obj.name,
+        generation=generation_of(obj.raw),
+        conditions=(
+            Condition(
+                type="ZtunnelAccepted", status=False, reason="UnsupportedValue",
+                message=NOT_FOR_ZTUNNEL,
+            ),
+        ),
+    )  # fmt: skip
 
 
 def jwks_uris(objects: Iterable[L7Object], root_namespace: str) -> dict[str, float | None]:

@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from controlplane.l7 import envoy
 from controlplane.l7.build import build
 from controlplane.l7.envoy_jwt import PUBLIC_ONLY_JWKS
+from controlplane.l7.request_authn import NOT_FOR_ZTUNNEL
 from controlplane.sources.kube_convert import KINDS, L7_KINDS
 from controlplane.sources.local import source_state
 from controlplane.state import L7Object
@@ -84,7 +85,7 @@ def statuses(*docs: str) -> dict[str, tuple[bool, str, str]]:
     for s in build(world("---\n".join(docs))).statuses:
         if s.kind == "RequestAuthentication":
             (c,) = s.conditions
-            assert c.type == "WaypointAccepted"
+            assert c.type in ("WaypointAccepted", "ZtunnelAccepted")
             assert s.generation == 3
             out[f"{s.namespace}/{s.name}"] = (c.status, c.reason, c.message)
     return out
@@ -312,7 +313,9 @@ def test_selector_bound_ones_are_not_the_waypoint_s_and_both_is_refused() -> Non
     selector = request_authn(f"selector: {{matchLabels: {{app: reviews}}}}\njwtRules:\n{rule('x')}")
     namespace_wide = request_authn(f"jwtRules:\n{rule('x')}", name="ns-wide")
     assert jwt_config(selector, namespace_wide) is None
-    assert statuses(selector, namespace_wide) == {}  # not ours to report on
+    # In force nowhere (ztunnel does no JWT, there are no sidecars), and said so.
+    nowhere = (False, "UnsupportedValue", NOT_FOR_ZTUNNEL)
+    assert statuses(selector, namespace_wide) == {"shop/jwt": nowhere, "shop/ns-wide": nowhere}
     both = request_authn(
         f"{GATEWAY}\nselector: {{matchLabels: {{app: reviews}}}}\njwtRules:\n{rule('x')}"
     )
