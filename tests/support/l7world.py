@@ -130,6 +130,18 @@ def world(routes: str = "", **changes: Any) -> SourceState:
     return SourceState(**base)
 
 
+# Every request to reviews goes to v1 (either pod answers as "v1"), so that two
+# proxies' answers compare whole although each picks its endpoint at random.
+V1_ONLY = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop, creationTimestamp: "2026-12-01T10:00:00Z"}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 9080}]
+"""
+
 CANARY = """
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute

@@ -122,6 +122,16 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readline()
 
 
+async def reviews_backends() -> dict[str, Backend]:
+    """The world's three reviews pods (tests.support.l7world) as backends on loopback."""
+    first = await Backend("v1-a", "127.0.0.11").start()
+    return {
+        "reviews-v1-a": first,
+        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port).start(),
+        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port).start(),
+    }
+
+
 def with_backends(state: SourceState, backends: Mapping[str, Backend]) -> SourceState:
     """``state`` with each named pod at its backend's address (outside the mesh: plain TCP)
     and every service's target port the backends' port."""

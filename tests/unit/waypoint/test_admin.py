@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.support.l7world import CANARY, world
-from tests.support.waypoint_harness import config_for, waypoint, with_backends
+from tests.support.waypoint_harness import config_for, reviews_backends, waypoint, with_backends
 from tests.unit.hbone.conftest import run
-from tests.unit.waypoint.test_data_path import REVIEWS, backends
+from tests.unit.waypoint.test_data_path import REVIEWS
 from waypoint.admin import AdminServers
 from waypoint.config.snapshot import WaypointConfig
 from waypoint.telemetry import Telemetry
@@ -45,7 +45,7 @@ async def _get(address: tuple[str, int], method: str, target: str) -> tuple[int,
 
 def test_admin_metrics_and_readiness_answer_as_an_envoy_waypoints_do() -> None:
     async def body() -> dict[str, Any]:
-        bs = await backends()
+        bs = await reviews_backends()
         config = config_for(with_backends(world(CANARY), bs))
         quits: list[bool] = []
         try:

@@ -8,10 +8,10 @@ from typing import Any
 
 from tests.support.l7world import CANARY, world
 from tests.support.waypoint_harness import (
-    Backend,
     backend_of,
     config_for,
     request,
+    reviews_backends,
     waypoint,
     with_backends,
 )
@@ -20,18 +20,9 @@ from tests.unit.hbone.conftest import run
 REVIEWS = "10.96.0.20:9080"
 
 
-async def backends() -> dict[str, Backend]:
-    first = await Backend("v1-a", "127.0.0.11").start()
-    rest = [
-        await Backend(name, host, first.port).start()
-        for name, host in (("v1-b", "127.0.0.12"), ("v2-a", "127.0.0.21"))
-    ]
-    return {"reviews-v1-a": first, "reviews-v1-b": rest[0], "reviews-v2-a": rest[1]}
-
-
 def test_canary_split_and_user_agent_routing() -> None:
     async def body() -> tuple[collections.Counter[str], set[str]]:
-        bs = await backends()
+        bs = await reviews_backends()
         config = config_for(with_backends(world(CANARY), bs))
         try:
             async with waypoint(config, REVIEWS) as wp:
@@ -60,7 +51,7 @@ def test_canary_split_and_user_agent_routing() -> None:
 
 def test_the_request_reaches_the_backend_as_envoy_sends_it() -> None:
     async def body() -> dict[str, Any]:
-        bs = await backends()
+        bs = await reviews_backends()
         config = config_for(with_backends(world(CANARY), bs))
         try:
             async with waypoint(config, REVIEWS) as wp:
@@ -91,7 +82,7 @@ def test_the_request_reaches_the_backend_as_envoy_sends_it() -> None:
 
 def test_no_healthy_endpoint_and_unknown_destination() -> None:
     async def body() -> tuple[int, bytes]:
-        bs = await backends()
+        bs = await reviews_backends()
         state = with_backends(world(CANARY), bs)
         for b in bs.values():
             await b.stop()  # nobody listens: connect failures, retried twice

@@ -11,9 +11,9 @@ import collections
 import gc
 
 from tests.support.l7world import CANARY, world
-from tests.support.waypoint_harness import config_for, waypoint, with_backends
+from tests.support.waypoint_harness import config_for, reviews_backends, waypoint, with_backends
 from tests.unit.hbone.conftest import run
-from tests.unit.waypoint.test_data_path import REVIEWS, backends
+from tests.unit.waypoint.test_data_path import REVIEWS
 from waypoint.gcfreeze import ConfigFreezer
 
 
@@ -36,7 +36,7 @@ async def _keepalive(address: tuple[str, int], n: int) -> None:
 
 def test_a_served_request_leaves_no_reference_cycle_behind() -> None:
     async def body() -> collections.Counter[str]:
-        bs = await backends()
+        bs = await reviews_backends()
         config = config_for(with_backends(world(CANARY), bs))
         try:
             async with waypoint(config, REVIEWS) as wp:

@@ -8,9 +8,11 @@ The policies go the whole way a user's do: YAML -> meshd's Envoy RBAC filters
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import Any
 
 import pytest
+import re2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
@@ -21,7 +23,13 @@ from mesh.hbone.local import LocalSocket
 from mesh.hbone.server import ConnectRequest
 from mesh.identity import SpiffeId
 from tests.support.l7world import service, world
-from tests.support.waypoint_harness import Backend, config_for, request, waypoint, with_backends
+from tests.support.waypoint_harness import (
+    config_for,
+    request,
+    reviews_backends,
+    waypoint,
+    with_backends,
+)
 from tests.unit.hbone.conftest import run
 from waypoint import authz
 from waypoint.config import rbac
@@ -128,18 +136,9 @@ spec:
     assert decide(filters, "GET", "/", FRONTEND)[0] == 403
 
 
-async def _backends() -> dict[str, Backend]:
-    first = await Backend("v1-a", "127.0.0.11").start()
-    return {
-        "reviews-v1-a": first,
-        "reviews-v1-b": await Backend("v1-b", "127.0.0.12", first.port).start(),
-        "reviews-v2-a": await Backend("v2-a", "127.0.0.21", first.port).start(),
-    }
-
-
 def test_a_denied_request_is_answered_403_and_never_reaches_a_pod() -> None:
     async def body() -> None:
-        bs = await _backends()
+        bs = await reviews_backends()
         config = config_for(with_backends(world(POLICIES), bs))
         try:
             async with waypoint(config, REVIEWS, peer_identity=FRONTEND) as wp:
@@ -201,7 +200,7 @@ spec:
 """
 
     async def body() -> None:
-        bs = await _backends()
+        bs = await reviews_backends()
         state = with_backends(world(only_frontend, services=(tcp_reviews,)), bs)
         try:
             async with waypoint(config_for(state), REVIEWS) as wp:
@@ -338,8 +337,6 @@ def test_an_rbac_filter_without_rules_does_nothing_and_policies_go_in_name_order
     ],
 )
 def test_uri_templates_match_as_envoys(template: str, path: str, matches: bool) -> None:
-    import re2
-
     assert (re2.fullmatch(rbac.uri_template_regex(template), path) is not None) is matches
 
 
@@ -351,7 +348,7 @@ def test_templates_envoy_refuses_are_refused(template: str) -> None:
 
 def test_remote_ip_is_the_last_forwarded_address_else_the_peer() -> None:
     conn = authz.Connection(source=authz._address("10.244.1.5"))
-    rule = r.IpRule(r.Address.REMOTE, __import__("ipaddress").ip_network("10.0.0.0/8"))
+    rule = r.IpRule(r.Address.REMOTE, ipaddress.ip_network("10.0.0.0/8"))
     assert authz.matches(rule, authz.Attributes(conn, forwarded_for=None))
     assert not authz.matches(rule, authz.Attributes(conn, forwarded_for="10.1.1.1, 192.168.0.1"))
     assert authz.matches(rule, authz.Attributes(conn, forwarded_for="192.168.0.1,10.1.1.1"))
