@@ -8,7 +8,8 @@ Modules:
 
 * the sans-I/O cores: ``index`` (lookups over one xDS snapshot), ``authz``
   (L4 authorization, Istio's semantics, with the deciding policy) and
-  ``route`` (where an outbound connection goes);
+  ``route`` (where an outbound connection goes), ``baggage`` (the CONNECT's
+  baggage both ways, and the labels the destination takes from it);
 * ``zds``: the node agent's and the proxy's sides of the ZDS exchange;
 * ``capture``: the in-pod iptables rules and reply routing;
 * ``netns``: sockets made inside a pod's namespace;

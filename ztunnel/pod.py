@@ -38,7 +38,7 @@ from typing import TypeVar
 
 from mesh.hbone.channel import Channel, PlainProtocol, reset_transport
 from mesh.hbone.errors import Refused
-from mesh.hbone.headers import connect_headers
+from mesh.hbone.headers import connect_headers, parse_baggage
 from mesh.hbone.pool import HboneClientPool, PoolKey
 from mesh.hbone.server import ConnectRequest, HboneServer
 from mesh.hbone.tls import TlsIdentity
@@ -47,6 +47,7 @@ from mesh.identity.store import WorkloadCertificate
 from mesh.model import Workload
 from ztunnel import netns
 from ztunnel.authz import Connection, Decision, authorize, revoked
+from ztunnel.baggage import SourceBaggage, inbound_service
 from ztunnel.dns import DNS_PORT, DnsProxy, TableCache
 from ztunnel.index import StateIndex
 from ztunnel.route import Kind, route_outbound
@@ -154,6 +155,7 @@ class PodProxy:
             socket_factory=self._dns_socket,
             tables=dns_tables,
         )
+        self.baggage = SourceBaggage()
         self.connections = 0
         self.refused = 0
         self.revoked = 0  # live connections a later snapshot denied
@@ -435,7 +437,11 @@ class PodProxy:
             destination_identities=(route.expected_identity,),
         )
         _, plain = await loop.connect_accepted_socket(PlainProtocol, sock)
-        headers = connect_headers(client=peer)
+        # baggage: who the source is (Istio's members) and the service it asked for
+        # (ours), so the destination can label the connection (ztunnel.baggage).
+        headers = connect_headers(
+            client=peer, source_baggage=self.baggage.header(source, route.service)
+        )
         done: asyncio.Future[None] = loop.create_future()
 
         def bound(channel: Channel | None, error: BaseException | None) -> None:
@@ -476,6 +482,7 @@ class PodProxy:
         conn.src_workload = index.workload_by_ip(peer[0])
         if workload is None:
             raise ConnectionRefusedError("this pod is not in the xDS state yet")
+        conn.dst_service = inbound_service(index, workload, dst_port, {})  # no baggage here
         facts = Connection(
             source_identity=None,
             source_ip=ipaddress.ip_address(peer[0]),
@@ -541,6 +548,12 @@ class PodProxy:
             raise Refused(400, f"{request.host} is not an address of this pod")
         source = request.peer_address.rsplit(":", 1)[0].strip("[]")
         conn.dst_workload, conn.src_workload = workload, index.workload_by_ip(source)
+        # The labels' service (and a source the index does not know) with the help of
+        # the peer's baggage, bounded by the index: ztunnel.baggage.
+        fields = parse_baggage(request.headers.get("baggage"))
+        conn.dst_service = inbound_service(index, workload, request.port, fields)
+        if conn.src_workload is None and fields:
+            conn.src_workload = self.telemetry.derived_sources.derive(fields, request.peer_identity)
         facts = Connection(
             source_identity=request.peer_identity,
             source_ip=ipaddress.ip_address(source),

@@ -15,6 +15,10 @@ client's ztunnel and ``destination`` for the server's; unknown values are
 connection closes.
 
 The labels are a pure function of a :class:`Conn` (:func:`traffic_labels`).
+The destination fills ``destination_service*`` (and, for a source its index
+does not know, ``source_*``) with help from the CONNECT's ``baggage``: only
+services its own index confirms, only bounded source values
+(:mod:`ztunnel.baggage`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mesh.model import Service, Workload
+from ztunnel.baggage import DerivedSources
 
 access_log = logging.getLogger("ztunnel.access")
 # Istio exports no *_created series beside its counters. (Some prometheus-client
@@ -243,6 +248,8 @@ class Telemetry:
         )
         ProcessCollector(registry=r)
         self.live: set[Conn] = set()
+        # Sources only peers' baggage describes: bounded, as every label value is.
+        self.derived_sources = DerivedSources()
         self._children: dict[tuple[object, ...], tuple[tuple[object, ...], _Series]] = {}
 
     def _series(self, conn: Conn) -> _Series:

@@ -583,3 +583,68 @@ def test_authz_check_agrees_with_what_the_data_path_does(cluster: str, tmp_path:
     wait_for(
         "the ALLOW to go", lambda: curl(cluster, "outside/web", f"http://{echo2}:8080/")[0] == 0
     )
+
+
+def ztunnel_metrics(cluster: str, node: str) -> list[tuple[dict[str, str], float]]:
+    """The node ztunnel's ``istio_tcp_connections_opened_total`` samples (its 15020, in
+    the node's namespace)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = "http://127.0.0.1:15020/metrics"
+    text = subprocess.run(
+        ["ip", "netns", "exec", names.node_netns(cluster, node), "curl", "-sS", "-m", "5", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return [
+        (dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "istio_tcp_connections_opened_total"
+    ]
+
+
+def test_the_destination_ztunnel_labels_connections_with_the_service_the_client_asked_for(
+    cluster: str,
+) -> None:
+    """The echo pods back two services (echo, echo-local): only the source knows which
+    one a connection was for, and its baggage tells the destination ztunnel."""
+
+    def opened(node: str, service: str) -> float:
+        return sum(
+            v
+            for labels, v in ztunnel_metrics(cluster, node)
+            if labels["reporter"] == "destination"
+            and labels["destination_workload"].startswith("echo-")
+            and labels["destination_service"] == service
+        )
+
+    echo, local = "echo.server.svc.cluster.local", "echo-local.server.svc.cluster.local"
+    before = {(n, s): opened(n, s) for n in ("node1", "node2") for s in (echo, local, "unknown")}
+    # echo-local keeps the client on node1: echo-1, whose ztunnel is node1's.
+    for _ in range(3):
+        assert http_get(cluster, "client/sleep", f"http://{LOCAL_VIP}/")["pod"] == "echo-1"
+    # echo spreads: count the ones that crossed to node2 (echo-2, echo-3).
+    far = sum(
+        http_get(cluster, "client/sleep", f"http://{VIP}/")["pod"] != "echo-1" for _ in range(12)
+    )
+    assert far, "no request reached node2"
+    assert opened("node1", local) >= before["node1", local] + 3
+    assert opened("node2", echo) >= before["node2", echo] + far
+    assert opened("node2", local) == before["node2", local]
+    for node in ("node1", "node2"):
+        assert opened(node, "unknown") == before[node, "unknown"]
+    # The rest of the destination's label set, from its own index.
+    sample = next(
+        labels
+        for labels, _ in ztunnel_metrics(cluster, "node1")
+        if labels["reporter"] == "destination" and labels["destination_service"] == local
+    )
+    assert sample["destination_service_name"] == "echo-local"
+    assert sample["destination_service_namespace"] == "server"
+    assert sample["destination_workload_namespace"] == "server"
+    assert sample["source_workload"] == "sleep"
+    assert sample["source_workload_namespace"] == "client"
+    assert sample["source_principal"] == "spiffe://cluster.local/ns/client/sa/sleep"
