@@ -15,6 +15,7 @@ PACKAGES=(
     tcpdump                     # underlay captures in the demo and tests
     gcc                         # builds ztunnel-cni, the static CNI plugin binary
     libc6-dev                   # its static C library
+    prometheus                  # examples/observability checked against a real Prometheus
 )
 
 # `host-deps.sh bench` adds what the benchmarks drive.
