@@ -132,6 +132,8 @@ class Meshd:
         )
         # Called after a rebuild for changed keys (the source's callback is not).
         self.on_rebuilt: Callable[[SourceState, L7Result], None] | None = None
+        # MeshConfig's text from --mesh-config (None: the istio ConfigMap's, if any).
+        self.mesh_config: str | None = None
         self.resources = Resources()
         self.rejected: tuple[str, ...] = ()
         self.warnings: tuple[str, ...] = ()  # accepted, but not all of it is enforced
@@ -147,7 +149,7 @@ class Meshd:
         started = time.perf_counter()
         self.source_state = state
         self.jwks.want(request_authn.jwks_uris(state.l7, state.root_namespace))
-        state = replace(state, jwks=self.jwks.keys())
+        state = replace(state, jwks=self.jwks.keys(), mesh_config=self.mesh_config)
         resources = self.translator.translate(state)
         entries = self.feed.entries(resources)
         l7 = build(state)
@@ -199,6 +201,13 @@ class Meshd:
         self.on_source(self.source_state)
         if self.on_rebuilt is not None and self.state is not None:
             self.on_rebuilt(self.state, self.l7)
+
+    def use_mesh_config(self, text: str | None) -> None:
+        """MeshConfig's text changed (``--mesh-config``): build again with it."""
+        if text == self.mesh_config:
+            return
+        self.mesh_config = text
+        self._on_jwks()  # the same rebuild: the source's state, with what meshd adds
 
     def scope_of(self, node: Node) -> str:
         """The waypoint a subscriber is, from its node: Istio's waypoints say so in their
@@ -369,6 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(env PILOT_JWT_PUB_KEY_REFRESH_INTERVAL; default 20m, as istiod)",
     )
     parser.add_argument(
+        "--mesh-config",
+        type=Path,
+        help="MeshConfig's YAML (istiod's --meshConfig: the istio ConfigMap's mesh key, "
+        "mounted); read again when it changes. Without it: the istio ConfigMap of the "
+        "root namespace among the source's objects, if any",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
@@ -477,6 +493,11 @@ async def run(
     deployer_task = asyncio.ensure_future(deployer.run()) if deployer is not None else None
     elector_task = asyncio.ensure_future(elector.run()) if elector is not None else None
     jwks_task = asyncio.ensure_future(meshd.jwks.run())
+    mesh_task = (
+        asyncio.ensure_future(watch_mesh_config(meshd, args.mesh_config))
+        if args.mesh_config is not None
+        else None
+    )
     if started is not None:
         await started()
     try:
@@ -487,7 +508,7 @@ async def run(
     finally:
         # The deployer first, then the election: it releases the lease once the deployer's
         # writes in flight are done, and the other replica takes over at its next try.
-        for task in (source_task, deployer_task, elector_task, jwks_task):
+        for task in (source_task, deployer_task, elector_task, jwks_task, mesh_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -495,6 +516,44 @@ async def run(
         status.close()
         await asyncio.gather(*(server.stop(grace=1.0) for server in servers))
         meshd.collector.close()
+
+
+MESH_CONFIG_POLL_S = 1.0
+
+
+async def watch_mesh_config(meshd: Meshd, path: Path, poll_s: float = MESH_CONFIG_POLL_S) -> None:
+    """Follow ``--mesh-config``: its text on every change of modification time (a mounted
+    ConfigMap is replaced by a rename, which changes it). A file that cannot be read is
+    logged and the last text kept; one that is gone means Istio's defaults."""
+    seen: float | None = -1.0
+    while True:
+        seen, text = _read_if_changed(path, seen, meshd.mesh_config)
+        if text is not None:
+            meshd.use_mesh_config(text)
+        await asyncio.sleep(poll_s)
+
+
+def _read_if_changed(
+    path: Path, seen: float | None, last: str | None
+) -> tuple[float | None, str | None]:
+    """(modification time, text if it changed else None); a small file, read on the loop."""
+    try:
+        mtime: float | None = path.stat().st_mtime
+    except FileNotFoundError:
+        mtime = None
+    except OSError as e:
+        log.warning("meshd: --mesh-config %s: %s", path, e)
+        return seen, None
+    if mtime == seen:
+        return seen, None
+    if mtime is None:
+        log.warning("meshd: --mesh-config %s is missing: Istio's defaults apply", path)
+        return None, ""
+    try:
+        return mtime, path.read_text()
+    except OSError as e:
+        log.warning("meshd: --mesh-config %s: %s (the last one stays)", path, e)
+        return mtime, last
 
 
 def _waypoint_deployer(args: argparse.Namespace, leader: Elector | None) -> WaypointDeployer:

@@ -206,3 +206,6 @@ class SourceState:
     # The key sets meshd fetched for RequestAuthentications' jwksUri (uri -> keys): not
     # from the source, meshd adds them before building (a jwksUri absent: not fetched yet).
     jwks: Mapping[str, FetchedJwks] = field(default_factory=lambda: MappingProxyType({}))
+    # MeshConfig's text from the file meshd was given (--mesh-config, istiod's
+    # --meshConfig); None: the ``mesh`` key of the ``istio`` ConfigMap among ``l7``, if any.
+    mesh_config: str | None = None

@@ -2,8 +2,8 @@
 
 Multi-document YAML; each document one object of a kind the mesh reads:
 ``v1`` Service, Istio ``AuthorizationPolicy``, ``RequestAuthentication``,
-``VirtualService``, ``DestinationRule`` and ``EnvoyFilter``, Gateway API ``Gateway``,
-``HTTPRoute`` and ``GRPCRoute``.
+``VirtualService``, ``DestinationRule``, ``EnvoyFilter`` and ``Telemetry``, Gateway API
+``Gateway``, ``HTTPRoute`` and ``GRPCRoute``, and the ``istio`` ``ConfigMap`` (MeshConfig).
 Every document is checked before anything changes (a bad one fails the
 whole apply, naming it); then the cluster's state is changed at once.
 A waypoint ``Gateway`` also gets its instance (:mod:`meshlab.waypoints`):
@@ -49,6 +49,9 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("requestauthentications", "ra"),
     ),
     "EnvoyFilter": ("envoyfilter.networking.istio.io", ("envoyfilters",)),
+    "Telemetry": ("telemetry.telemetry.istio.io", ("telemetries",)),
+    # Only istio-system/istio is read: MeshConfig in its ``mesh`` key.
+    "ConfigMap": ("configmap", ("configmaps", "cm")),
 }
 
 

@@ -18,7 +18,9 @@ router filter, in their order (:mod:`waypoint.router` sequences them):
   (:func:`local_limit`).
 
 Each answers a :class:`~waypoint.http.messages.LocalReply` when it stops the
-request, else None.
+request, else None. When the request is over, :func:`finished` does what the
+connection manager does last: the span ends (:mod:`waypoint.tracing`), the
+access logs get their lines (:mod:`waypoint.accesslog`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import uuid
 from typing import Any
 
 from waypoint import authz, jwt_authn
+from waypoint.accesslog import AccessLogEntry, loggers
 from waypoint.config.model import HttpManager, Route, RouteConfig
 from waypoint.http import messages
 from waypoint.http.exchange import Exchange
@@ -36,6 +39,7 @@ from waypoint.http.messages import LocalReply, RequestHead, ResponseHead
 from waypoint.match import RequestView, normalize_path, select_route
 from waypoint.ratelimit import RateLimiter
 from waypoint.records import RequestRecord
+from waypoint.tracing import Tracer
 
 
 def sanitize(head: RequestHead, manager: HttpManager) -> LocalReply | None:
@@ -141,3 +145,31 @@ async def fault(
         if fault.abort_status is not None:
             return messages.fault_abort(fault.abort_status)
     return None
+
+
+def finished(
+    tracer: Tracer | None,
+    rec: RequestRecord,
+    manager: HttpManager,
+    head: RequestHead,
+    upstream: RequestHead | None,
+    response: ResponseHead | None,
+) -> None:
+    """The request is over: its span ends, its access log lines are written (the request
+    as it went upstream, with ``x-envoy-original-path`` when rewritten, as Envoy logs it)."""
+    if rec.trace is not None and tracer is not None:
+        tracer.finish(rec.trace, rec, rec.operation, head.scheme)
+    if not manager.access_logs:
+        return
+    sent = upstream or head
+    headers = [(":path", sent.target), (":authority", sent.authority), *sent.headers]
+    if sent.target != rec.path:
+        headers.append(("x-envoy-original-path", rec.path))
+    entry = AccessLogEntry(
+        rec,
+        request_headers=headers,
+        response_headers=response.headers if response is not None else None,
+        scheme=head.scheme,
+    )
+    for logger in loggers(manager.access_logs):
+        logger.log(entry)

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from waypoint import filters, mirror
 from waypoint.config.model import DirectResponse, Forward, HttpManager, Redirect, Route
 from waypoint.config.snapshot import WaypointConfig
+from waypoint.grpc_messages import http_to_grpc_status
 from waypoint.headers import http_date, mutate, redirect_location, rewrite_path
 from waypoint.http import messages
 from waypoint.http.body import BodyError
@@ -53,6 +54,7 @@ from waypoint.match import RequestView, pick_cluster, select_route
 from waypoint.ratelimit import RateLimiter
 from waypoint.records import RequestRecord
 from waypoint.retry import RetryState
+from waypoint.tracing import Tracer
 from waypoint.upstream.lb import Host, stable_hash
 from waypoint.upstream.pool import ClusterRuntime, ConnectFailed, Overflow, Upstreams
 
@@ -141,8 +143,10 @@ class Router:
         rng: random.Random | None = None,
         on_record: Callable[[RequestRecord], None] | None = None,
         logger: logging.Logger = log,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
+        self.tracer = tracer
         self.upstreams = upstreams
         self.rng = rng or random.Random()
         self.on_record = on_record
@@ -179,6 +183,7 @@ class _Life:
         self.any_1xx = False
         self.response_started = False
         self.upstream_head: RequestHead | None = None
+        self.response_head: ResponseHead | None = None  # as sent downstream (access log)
         self.route: Route | None = None
         self.timeout_s = 0.0
         self.timeout_handle: asyncio.TimerHandle | None = None
@@ -221,6 +226,8 @@ class _Life:
             # collector busy, and its pauses were the waypoint's p99).
             self.current = None
             rec.closed(exchange)
+            filters.finished(router.tracer, rec, self.manager, head, self.upstream_head,
+                             self.response_head)  # fmt: skip
             if router.on_record is not None:
                 router.on_record(rec)
 
@@ -247,7 +254,7 @@ class _Life:
                 status=200,
                 headers=[
                     ("content-type", "application/grpc"),
-                    ("grpc-status", str(_grpc_status(reply.status))),
+                    ("grpc-status", str(http_to_grpc_status(reply.status))),
                     ("grpc-message", reply.body.decode("latin-1")),
                     ("content-length", "0"),
                     ("date", http_date()),
@@ -257,6 +264,7 @@ class _Life:
             exchange.respond(head, end=True)
             return
         exchange.respond(head, end=not reply.body)
+        self.response_head = head
         if reply.body:
             exchange.write(reply.body, end=True)
 
@@ -268,6 +276,8 @@ class _Life:
         rec = self.record
         rec.saw_headers(head.headers, filters.request_id(head))
         router = self.router
+        if manager.tracing is not None and router.tracer is not None:
+            rec.trace = router.tracer.start(head, manager.tracing)
         config = router.config()
         routes = config.routes.get(manager.route_config)
         reply = filters.before_route(
@@ -281,7 +291,7 @@ class _Life:
         if route is None:
             return messages.no_route()
         self.route = route
-        rec.route = route.name
+        rec.route, rec.operation = route.name, route.operation
         if manager.fault_filter and route.fault is not None:
             reply = await filters.fault(route, router.rng, rec, exchange)
             if reply is not None:
@@ -455,10 +465,13 @@ class _Life:
     async def _pump_body(self) -> None:
         """Downstream body -> the current attempt, keeping a copy for retries."""
         body = self.exchange.body
+        messages_in = self.record.request_messages  # gRPC: its messages, counted
         while True:
             data = await body.read()
             if data is None:
                 break
+            if messages_in is not None:
+                messages_in.feed(data)
             if not self.buffer_overflowed:
                 self.buffered_size += len(data)
                 if self.buffered_size > RETRY_BUFFER_LIMIT:
@@ -604,6 +617,7 @@ class _Life:
             headers.append(("date", http_date()))
         rec.grpc_status = next((v for k, v in headers if k == "grpc-status"), "")
         head = ResponseHead(status=response.status, headers=headers, reason=response.reason)
+        self.response_head, rec.details = head, rec.details or "via_upstream"
         bodyless = messages.body_forbidden(exchange.head.method, response.status) and not upgraded
         # An answer that is already complete without a body goes out as headers alone
         # (a gRPC trailers-only response must stay one: grpc-status in the headers).
@@ -620,6 +634,8 @@ class _Life:
     def forward(self, attempt: _Attempt, data: bytes) -> None:
         exchange = self.exchange
         exchange.write(data)
+        if (messages_out := self.record.response_messages) is not None:
+            messages_out.feed(data)
         client = attempt.client
         if client is not None and exchange.write_paused:
             client.pause_reading()
@@ -667,10 +683,3 @@ class _Life:
         if self.buffer_overflowed or self.exchange.body.error is not None:
             return None
         return b"".join(self.buffered)
-
-
-def _grpc_status(http_status: int) -> int:
-    """Envoy's httpToGrpcStatus."""
-    return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(
-        http_status, 2
-    )

@@ -32,6 +32,7 @@ from mesh.identity.store import (
     WorkloadCertificate,
 )
 from mesh.xds.client import FeedClient
+from waypoint import accesslog
 from waypoint.config import convert
 from waypoint.config.snapshot import WaypointConfig, apply_response
 from waypoint.connect import MeshConnector
@@ -39,6 +40,7 @@ from waypoint.gcfreeze import ConfigFreezer
 from waypoint.proxy import WaypointProxy, drain
 from waypoint.router import Router
 from waypoint.telemetry import Telemetry
+from waypoint.tracing import Tracer
 from waypoint.upstream.pool import Upstreams
 
 log = logging.getLogger("waypoint")
@@ -105,8 +107,13 @@ class WaypointRuntime:
         self.rng = rng or random.Random()
         self.telemetry = Telemetry(self._service_of)
         self.upstreams = Upstreams(MeshConnector(self.hbone_pool, identity), self.rng)
+        self.tracer = Tracer(self.rng, self.node_id, self._collector_of)
         self.router = Router(
-            lambda: self.config, self.upstreams, rng=self.rng, on_record=self.telemetry.record
+            lambda: self.config,
+            self.upstreams,
+            rng=self.rng,
+            on_record=self.telemetry.record,
+            tracer=self.tracer,
         )
         self.telemetry.active.set_function(lambda: self.router.active)
         self.proxy = WaypointProxy(lambda: self.config, self.upstreams, self.router)
@@ -126,6 +133,13 @@ class WaypointRuntime:
             return {}
         services = c.metadata.get("istio", {}).get("services") or [{}]
         return dict(services[0])
+
+    def _collector_of(self, cluster: str) -> str | None:
+        """A tracer's collector named as an Envoy cluster (istiod's way): its first endpoint."""
+        assignment = self.config.endpoints.get(cluster)
+        if assignment is None or not assignment.endpoints:
+            return None
+        return assignment.endpoints[0].address
 
     def _on_config(self, config: WaypointConfig) -> None:
         for type_url, refused in config.refused.items():
@@ -197,6 +211,8 @@ class WaypointRuntime:
         if self.server is not None:
             await self.server.close(drain_timeout_s=timeout_s)
         await drain(self.router, 1.0)
+        await asyncio.to_thread(self.tracer.shutdown)
+        accesslog.close_all()
         self.upstreams.close()
         with contextlib.suppress(Exception):
             await self.hbone_pool.close()

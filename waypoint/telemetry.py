@@ -3,11 +3,24 @@
 Metrics with Istio's names and labels (``reporter="waypoint"``), so existing
 dashboards work: ``istio_requests_total``,
 ``istio_request_duration_milliseconds`` (Istio's buckets),
-``istio_request_bytes`` and ``istio_response_bytes``. The source is the HBONE
-peer (the client's identity, as the source ztunnel presents it); the
-destination is the endpoint that answered (its workload from EDS metadata)
-and the service of the cluster. Unknown values are ``unknown``. Label sets
-are computed once per (source, endpoint, cluster, code, flags) and cached.
+``istio_request_bytes`` and ``istio_response_bytes`` (downstream wire bytes,
+as Istio's ``istio_stats`` observes them: the body plus the head, trailers and
+HTTP/1.1 chunk framing; for HTTP/2 the heads count at their HPACK size, see
+:func:`waypoint.http.h2server.hpack_size`), and for gRPC requests
+``istio_request_messages_total`` / ``istio_response_messages_total`` (the
+messages of each direction, counted as Envoy's ``grpc_stats`` does). The source
+is the HBONE peer (the client's identity, as the source ztunnel presents it);
+the destination is the endpoint that answered (its workload from EDS
+metadata) and the service of the cluster. Unknown values are ``unknown``.
+
+Label sets are bounded: the values that come from outside (``response_code``,
+``grpc_response_status``, which any upstream may set) are checked, and once
+:data:`MAX_SERIES` distinct label sets exist, the requests of any new one are
+folded into an overflow series per protocol and response-code class whose
+other labels say ``unknown`` (counted by ``waypoint_metric_series_overflow_total``,
+and warned about once). Every ``istio_*`` family takes its label sets from
+that one table, so none holds more than :data:`MAX_SERIES` (plus the overflow
+series); the table also serves as the cache of computed label sets.
 
 One access-log line per request (logger ``waypoint.access``) in Istio's text
 format, Envoy's fields first.
@@ -18,15 +31,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from waypoint.grpc_messages import grpc_status_label
 from waypoint.records import RequestRecord
 
 access_log = logging.getLogger("waypoint.access")
+log = logging.getLogger("waypoint.telemetry")
 UNKNOWN = "unknown"
+MAX_SERIES = 10000  # distinct label sets per metric family, beyond which they are folded
 DURATION_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
 LABELS = (
@@ -56,11 +71,19 @@ LABELS = (
     "response_flags",
     "connection_security_policy",
 )
+_PROTOCOL = LABELS.index("request_protocol")
+_CODE = LABELS.index("response_code")
+_GRPC = LABELS.index("grpc_response_status")
 
 ServiceOf = Callable[[str], Mapping[str, Any]]  # cluster name -> its istio.services[0]
+LabelKey = tuple[str, ...]  # what a label set is computed from (see Telemetry.labels)
 
 
-@lru_cache(maxsize=8192)
+def response_code(status: int) -> str:
+    """The ``response_code`` label: the status sent, 0 when none was; else ``unknown``."""
+    return str(status) if status == 0 or 100 <= status <= 999 else UNKNOWN
+
+
 def _labels(
     principal: str,
     workload: str,
@@ -83,7 +106,7 @@ def _labels(
         "waypoint",
         UNKNOWN,
         UNKNOWN,
-        UNKNOWN,
+        "latest",  # istio_stats: the peer's canonical revision, else "latest"
         ns,
         principal or UNKNOWN,
         UNKNOWN,
@@ -102,10 +125,21 @@ def _labels(
         cluster,
         protocol,
         code,
-        grpc or "-",
+        grpc,
         flags,
         "mutual_tls" if principal else "none",
     )
+
+
+def overflow_labels(protocol: str, code: str) -> tuple[str, ...]:
+    """The series a label set beyond the cap is folded into: everything ``unknown`` but
+    the reporter, the protocol and the class of the response code (``5xx``), so that
+    request rates and error ratios stay right."""
+    labels = ["waypoint"] + [UNKNOWN] * (len(LABELS) - 1)
+    labels[_PROTOCOL] = protocol
+    labels[_CODE] = f"{code[0]}xx" if len(code) == 3 else code
+    labels[_GRPC] = UNKNOWN if protocol == "grpc" else ""
+    return tuple(labels)
 
 
 class Telemetry:
@@ -123,16 +157,28 @@ class Telemetry:
         )
         self.request_bytes = Histogram(
             "istio_request_bytes",
-            "Request bytes",
+            "Request bytes on the downstream wire, headers included",
             LABELS,
             buckets=BYTES_BUCKETS,
             registry=self.registry,
         )
         self.response_bytes = Histogram(
             "istio_response_bytes",
-            "Response bytes",
+            "Response bytes on the downstream wire, headers included",
             LABELS,
             buckets=BYTES_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_messages = Counter(
+            "istio_request_messages",
+            "gRPC messages received from the client",
+            LABELS,
+            registry=self.registry,
+        )
+        self.response_messages = Counter(
+            "istio_response_messages",
+            "gRPC messages sent to the client",
+            LABELS,
             registry=self.registry,
         )
         self.active = Gauge(
@@ -144,12 +190,22 @@ class Telemetry:
             ["type"],
             registry=self.registry,
         )
+        self.series_overflow = Counter(
+            "waypoint_metric_series_overflow",
+            "Requests whose label set was folded into an overflow series (too many label sets)",
+            registry=self.registry,
+        )
         self.identity_by_workload: dict[str, str] = {}
+        # Every label set admitted, by what it was computed from: at most MAX_SERIES.
+        self._series: dict[LabelKey, tuple[str, ...]] = {}
+        self._warned = False
 
-    def record(self, rec: RequestRecord) -> None:
+    def labels(self, rec: RequestRecord) -> tuple[str, ...]:
+        """The label set of ``rec``'s request: its own, or an overflow series' past the cap."""
         service = self.service_of(rec.cluster)
-        protocol = "grpc" if rec.grpc_status else "http"
-        labels = _labels(
+        protocol = "grpc" if rec.grpc else "http"
+        code = response_code(rec.status)
+        key = (
             str(rec.info.get("peer_identity") or ""),
             rec.upstream_workload,
             rec.info.get("endpoint_identity", "") or "",
@@ -157,14 +213,36 @@ class Telemetry:
             str(service.get("name", "")),
             str(service.get("namespace", "")),
             protocol,
-            str(rec.status),
-            rec.grpc_status,
+            code,
+            grpc_status_label(rec.grpc_status, rec.status) if rec.grpc else "",
             rec.flags,
         )
+        labels = self._series.get(key)
+        if labels is not None:
+            return labels
+        if len(self._series) < MAX_SERIES:
+            labels = self._series[key] = _labels(*key)
+            return labels
+        self.series_overflow.inc()
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "waypoint: more than %d distinct metric label sets; new ones are folded into "
+                "overflow series (labels 'unknown'), see waypoint_metric_series_overflow_total",
+                MAX_SERIES,
+            )
+        return overflow_labels(protocol, code)
+
+    def record(self, rec: RequestRecord) -> None:
+        labels = self.labels(rec)
         self.requests.labels(*labels).inc()
         self.duration.labels(*labels).observe(rec.duration_ms)
-        self.request_bytes.labels(*labels).observe(rec.bytes_received)
-        self.response_bytes.labels(*labels).observe(rec.bytes_sent)
+        self.request_bytes.labels(*labels).observe(rec.bytes_received + rec.head_bytes_received)
+        self.response_bytes.labels(*labels).observe(rec.bytes_sent + rec.head_bytes_sent)
+        if rec.request_messages is not None:
+            self.request_messages.labels(*labels).inc(rec.request_messages.count)
+        if rec.response_messages is not None:
+            self.response_messages.labels(*labels).inc(rec.response_messages.count)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(format_access_log(rec))
 

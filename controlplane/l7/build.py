@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, TypeVar
 
-from controlplane.l7 import authz, envoy_filter, istio_api, request_authn
+from controlplane.l7 import (
+    authz,
+    envoy_filter,
+    istio_api,
+    mesh_config,
+    request_authn,
+    telemetry_api,
+)
 from controlplane.l7.binding import bind
 from controlplane.l7.clusters import Endpoints, clusters_for
 from controlplane.l7.port_routes import ports_of
@@ -76,6 +83,10 @@ def build(state: SourceState) -> L7Result:
     limits, refused_limits = envoy_filter.parse_all(state.l7, state.root_namespace)
     out.status.extend(refused_limits)
     limit_bound: dict[str, list[str]] = {f.key: [] for f in limits}
+    mesh = _mesh_config(state, out)
+    telemetries, refused_telemetry = telemetry_api.parse_all(state.l7, state.root_namespace, mesh)
+    out.status.extend(refused_telemetry)
+    telemetry_bound: dict[str, list[str]] = {t.key: [] for t in telemetries}
     limit_shadowed: dict[str, list[str]] = {f.key: [] for f in limits}
 
     bound: dict[str, list[ServiceInfo]] = {}
@@ -113,6 +124,9 @@ def build(state: SourceState) -> L7Result:
         for a in own_authn:
             authn_bound_to[a.key].append(f"waypoint {waypoint.key}")
         own_limits = _targeting(limits, waypoint, None)
+        own_levels = telemetry_api.levels(telemetries, waypoint, state.root_namespace, None)
+        for t in own_levels:
+            telemetry_bound[t.key].append(f"waypoint {waypoint.key}")
         for info in sorted(bound.get(waypoint.key, ()), key=lambda s: (s.namespace, s.name)):
             key = service_key(info.namespace, info.name)
             theirs = _targeting(authorizations, waypoint, info)
@@ -133,6 +147,12 @@ def build(state: SourceState) -> L7Result:
                 said = limit_bound if f in in_force else limit_shadowed
                 if where not in said[f.key]:
                     said[f.key].append(where)
+            in_force_telemetry = telemetry_api.levels(
+                telemetries, waypoint, state.root_namespace, (info.namespace, info.name)
+            )
+            for t in in_force_telemetry:
+                if t not in own_levels:
+                    telemetry_bound[t.key].append(f"service {info.namespace}/{info.name}")
             specs.append(
                 ServiceSpec(
                     key=key,
@@ -146,6 +166,7 @@ def build(state: SourceState) -> L7Result:
                         their_authn, waypoint.namespace, state.root_namespace
                     ),
                     ratelimits=in_force,
+                    telemetry=telemetry_api.resolve(in_force_telemetry, mesh),
                 )
             )
         clusters = clusters_for(
@@ -169,6 +190,7 @@ def build(state: SourceState) -> L7Result:
             clusters=MappingProxyType(clusters),
             workloads=tuple(workloads),
             workload_policies=tuple(own),
+            collectors=MappingProxyType(_collectors(specs, services, endpoints)),
         )
     for p in authorizations:
         out.status.append(authz.status_of(p, bound_to[p.key]))
@@ -176,6 +198,8 @@ def build(state: SourceState) -> L7Result:
         out.status.append(request_authn.status_of(a, authn_bound_to[a.key]))
     for f in limits:
         out.status.append(envoy_filter.status_of(f, limit_bound[f.key], limit_shadowed[f.key]))
+    for t in telemetries:
+        out.status.append(telemetry_api.status_of(t, telemetry_bound[t.key]))
     return L7Result(
         shares=MappingProxyType(shares),
         statuses=tuple(sorted(out.status, key=lambda s: s.key)),
@@ -286,3 +310,62 @@ def _serving(services: bool, workloads: bool) -> str:
     if workloads:
         return "its bound workloads"
     return "its bound services" if services else "no service yet"
+
+
+MESH_CONFIG_MAP = "istio"  # istiod's ConfigMap (in the root namespace), key ``mesh``
+
+
+def _mesh_config(state: SourceState, out: Out) -> mesh_config.MeshConfig:
+    """meshd's --mesh-config file, else the root namespace's ``istio`` ConfigMap, else Istio's
+    defaults; what cannot be read of it is said once in ``rejected``."""
+    if state.mesh_config is not None:
+        mesh = mesh_config.parse(state.mesh_config, "--mesh-config")
+    else:
+        cm = next(
+            (
+                o
+                for o in state.l7
+                if o.kind == "ConfigMap"
+                and (o.namespace, o.name) == (state.root_namespace, MESH_CONFIG_MAP)
+            ),
+            None,
+        )
+        if cm is None:
+            return mesh_config.DEFAULT
+        mesh = mesh_config.from_config_map(cm.raw, f"ConfigMap {cm.namespace}/{cm.name}")
+    for problem in mesh.problems:
+        out.reject(problem)
+    return mesh
+
+
+def _collectors(
+    specs: Sequence[ServiceSpec], services: Mapping[str, ServiceInfo], endpoints: Endpoints
+) -> dict[str, str]:
+    """Each tracing provider's collector as a gRPC target: the ready pods of the Service it
+    names (``ipv4:IP:PORT,...``), or its host by DNS when meshd does not know it."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        tracing = spec.telemetry.tracing
+        if tracing is None or tracing.provider.name in out:
+            continue
+        p = tracing.provider
+        host = p.service.rstrip(".")
+        info = next(
+            (
+                s
+                for key, s in services.items()
+                if host in (key.split("/", 1)[1], f"{s.name}.{s.namespace}")
+            ),
+            None,
+        )
+        target = f"dns:///{host}:{p.port}"
+        if info is not None:
+            ready = [e for e in endpoints.of(info, p.port, {}) if e.healthy]
+            if ready:
+                scheme = "ipv6" if ":" in ready[0].ip else "ipv4"
+                addrs = ",".join(
+                    f"[{e.ip}]:{e.port}" if ":" in e.ip else f"{e.ip}:{e.port}" for e in ready
+                )
+                target = f"{scheme}:{addrs}"
+        out[p.name] = target
+    return out

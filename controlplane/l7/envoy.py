@@ -58,7 +58,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
-from controlplane.l7 import envoy_jwt, envoy_rbac
+from controlplane.l7 import envoy_jwt, envoy_rbac, envoy_telemetry
 from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.envoy_clusters import _cluster, _load_assignment, _workload_cluster
 from controlplane.l7.envoy_filter import HTTP_LOCAL_RATELIMIT
@@ -150,7 +150,7 @@ def translate(share: WaypointShare) -> EnvoyResources:
             # would take every destination on its port (and two would clash).
             continue
         for pr in service.ports:
-            chains.append(_filter_chain(service, pr, service.policies))
+            chains.append(_filter_chain(service, pr, service.policies, share))
             ports.add(pr.port)
             if pr.protocol.is_http:
                 rc = _route_config(service, pr, share.clusters)
@@ -159,6 +159,8 @@ def translate(share: WaypointShare) -> EnvoyResources:
         chains.extend(_workload_chains(workload, sorted(ports), share.workload_policies))
     listener = listener_pb2.Listener(
         name=LISTENER_NAME,
+        # istiod's main_internal is INBOUND: spans are SERVER spans named "ingress".
+        traffic_direction=base_pb2.INBOUND,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
         listener_filters=[
             listener_components_pb2.ListenerFilter(
@@ -214,7 +216,7 @@ def _http_filters(
 
 
 def _filter_chain(
-    service: ServiceSpec, pr: PortRoutes, policies: Sequence[WaypointPolicy]
+    service: ServiceSpec, pr: PortRoutes, policies: Sequence[WaypointPolicy], share: WaypointShare
 ) -> listener_components_pb2.FilterChain:
     name = cluster_name(service.hostname, pr.port, pr.protocol)
     match = listener_components_pb2.FilterChainMatch(
@@ -235,7 +237,15 @@ def _filter_chain(
             # 0s: no stream idle timeout, as Istio's HCMs say and as our waypoint does
             # (Envoy's default would reset a stream idle for 5 minutes).
             stream_idle_timeout=_duration(0),
+            access_log=envoy_telemetry.access_logs(service.telemetry.access_logs),
         )
+        tracing = envoy_telemetry.hcm_tracing(
+            service.telemetry,
+            f"{share.waypoint.name}.{share.waypoint.namespace}",
+            lambda p: share.collectors.get(p.name, f"dns:///{p.service}:{p.port}"),
+        )
+        if tracing is not None:
+            hcm.tracing.CopyFrom(tracing)
         filters = [
             listener_components_pb2.Filter(
                 name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm)
@@ -313,6 +323,8 @@ def _route_config(
     for rule in pr.rules:
         for match in rule.matches:
             route = _route(rule, match, pr, clusters)
+            # istiod's span name for a waypoint's routes (route.go GetRouteOperation).
+            route.decorator.operation = f"{service.hostname}:{pr.port}/*"
             # EnvoyFilter HTTP_ROUTE MERGE patches, in order: a later one wins a route.
             for f in service.ratelimits:
                 for patch in f.routes:

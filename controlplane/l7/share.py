@@ -9,13 +9,16 @@ waypoint cluster names.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from controlplane.l7.authz import WaypointPolicy
 from controlplane.l7.binding import CLUSTER_DOMAIN
 from controlplane.l7.envoy_filter import WaypointRateLimit
 from controlplane.l7.ir import PortRoutes, Protocol, TrafficPolicy
 from controlplane.l7.request_authn import WaypointAuthentication
+from controlplane.l7.telemetry_api import NONE as NO_TELEMETRY
+from controlplane.l7.telemetry_api import TelemetrySpec
 from controlplane.l7.workloads import WorkloadSpec
 from controlplane.state import WaypointInfo
 
@@ -59,6 +62,7 @@ class ServiceSpec:
     authentications: tuple[WaypointAuthentication, ...] = ()
     # the EnvoyFilters (local rate limit) of its chains: at most one inserts the filter
     ratelimits: tuple[WaypointRateLimit, ...] = ()
+    telemetry: TelemetrySpec = NO_TELEMETRY  # its Telemetry: tracer, access logs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +73,8 @@ class WaypointShare:
     clusters: Mapping[str, ClusterSpec]
     workloads: tuple[WorkloadSpec, ...] = ()
     workload_policies: tuple[WaypointPolicy, ...] = ()  # those of the workload chains
+    # the tracing providers' collectors, as gRPC targets (provider name -> target)
+    collectors: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def key(self) -> str:

@@ -211,7 +211,7 @@ def as_written(obj: Obj) -> dict[str, Any]:
 
 def l7_converter(kind: str) -> Callable[[Obj], L7Object]:
     """HTTPRoute, GRPCRoute, VirtualService, DestinationRule, RequestAuthentication,
-    EnvoyFilter: kept as
+    EnvoyFilter, Telemetry: kept as
     written, read later (a selector-bound RequestAuthentication too: the waypoint's reader
     leaves it alone)."""
 
@@ -267,6 +267,8 @@ KINDS = (
     Kind("envoyfilters", "EnvoyFilter", _CUSTOM, "list_cluster_custom_object",
           l7_converter("EnvoyFilter"), ("networking.istio.io", "v1alpha3", "envoyfilters"),
           True),
+    Kind("telemetries", "Telemetry", _CUSTOM, "list_cluster_custom_object",
+          l7_converter("Telemetry"), ("telemetry.istio.io", "v1", "telemetries"), True),
     Kind("gateways", "gateway", _CUSTOM, "list_cluster_custom_object", convert_gateway,
           ("gateway.networking.k8s.io", "v1", "gateways"), True),
     Kind("httproutes", "HTTPRoute", _CUSTOM, "list_cluster_custom_object",
@@ -286,4 +288,5 @@ L7_KINDS = (
     "destinationrules",
     "requestauthentications",
     "envoyfilters",
+    "telemetries",
 )

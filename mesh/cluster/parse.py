@@ -62,6 +62,9 @@ RESOURCE_KINDS = {
     "DestinationRule": ("networking.istio.io",),
     "RequestAuthentication": ("security.istio.io",),
     "EnvoyFilter": ("networking.istio.io",),
+    "Telemetry": ("telemetry.istio.io",),
+    # Only the root namespace's ``istio`` one is read (its ``mesh`` key: MeshConfig).
+    "ConfigMap": ("v1",),
 }
 
 
@@ -237,8 +240,10 @@ def parse_resource(raw: object) -> Mapping[str, Any]:
 
 
 def _parse_resource(raw: object, path: str) -> Mapping[str, Any]:
-    r = _Reader(raw, path, {"apiVersion", "kind", "metadata", "spec", "status"})
+    r = _Reader(raw, path, {"apiVersion", "kind", "metadata", "spec", "status", "data"})
     kind = r.text("kind")
+    if kind != "ConfigMap" and r.raw.get("data") is not None:
+        raise ClusterSpecError(r.at("data"), f"a {kind} has no data (only a ConfigMap has)")
     groups = RESOURCE_KINDS.get(kind)
     if groups is None:
         raise ClusterSpecError(
@@ -265,10 +270,14 @@ def _parse_resource(raw: object, path: str) -> Mapping[str, Any]:
     if meta.raw.get("namespace") is not None:
         _name(meta, "namespace", "label")
     parse_labels(meta.raw.get("labels"), meta.at("labels"))
-    for key in ("spec", "status"):
+    for key in ("spec", "status", "data"):
         value = r.raw.get(key)
         if value is not None and not isinstance(value, Mapping):
             raise ClusterSpecError(r.at(key), "must be a mapping")
+    if kind == "ConfigMap":
+        for k, v in (r.raw.get("data") or {}).items():
+            if not isinstance(v, str):
+                raise ClusterSpecError(r.at(f"data.{k}"), "must be a string")
     return MappingProxyType(dict(r.raw))
 
 

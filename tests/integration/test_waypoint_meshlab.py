@@ -8,7 +8,12 @@ xDS, the CA). The route is the canary of examples/canary.yaml.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +23,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.integration.conftest import assert_nothing_left, mesh_args, meshlab, unique_name
+from tests.integration.conftest import (
+    MESHLAB,
+    assert_nothing_left,
+    mesh_args,
+    meshlab,
+    unique_name,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 REVIEWS = "http://10.96.0.20:9080/"
@@ -365,3 +376,46 @@ def test_the_waypoint_cuts_a_burst_at_its_rate_limit(books: str) -> None:
     finally:
         meshlab("delete", "--name", books, "-f", str(limit), check=False)
     eventually(lambda: count(books, 20).keys() <= {"v1", "v2"})
+
+
+def test_the_waypoint_traces_requests_to_a_collector_service_in_the_mesh(
+    books: str, tmp_path: Path
+) -> None:
+    """examples/waypoint-telemetry.yaml: MeshConfig's OpenTelemetry provider (the istio
+    ConfigMap) names a Service; a real OTLP/gRPC receiver runs in its pod (client/sleep, in
+    the mesh); every request through the waypoint is a span there, named as istiod names it."""
+    out = tmp_path / "spans.jsonl"
+    repo = Path(__file__).resolve().parents[2]
+    errors = (tmp_path / "receiver.err").open("w")
+    receiver = subprocess.Popen(
+        [MESHLAB, "exec", "--name", books, "client/sleep", "--", sys.executable, "-m",
+         "tests.support.otlp", "--listen", "0.0.0.0:4317", "--out", str(out)],
+        cwd=repo, start_new_session=True, stdout=subprocess.DEVNULL, stderr=errors,
+    )  # fmt: skip
+    example = EXAMPLES / "waypoint-telemetry.yaml"
+    try:
+        meshlab("apply", "--name", books, "-f", str(example))
+
+        def spans() -> list[dict[str, Any]]:
+            count(books, 3)
+            if not out.exists():
+                return []
+            return [json.loads(line) for line in out.read_text().splitlines()]
+
+        got = eventually(spans, 60)
+        span = got[-1]
+        assert span["name"] == "reviews.shop.svc.cluster.local:9080/*"
+        assert span["kind"] == 2  # SERVER
+        assert span["attributes"]["http.status_code"] == "200"
+        assert span["attributes"]["team"] == "bookstore"
+        assert span["resource"]["service.name"] == "waypoint.shop"
+        (accepted,) = get(books, "telemetry", "waypoint-tracing")["status"]["conditions"]
+        assert accepted["status"] == "True", accepted
+        assert "tracing in force on waypoint shop/waypoint" in accepted["message"]
+    finally:
+        meshlab("delete", "--name", books, "-f", str(example), check=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(receiver.pid, signal.SIGTERM)
+        receiver.wait(10)
+        errors.close()
+    assert count(books, 5).keys() <= {"v1", "v2"}

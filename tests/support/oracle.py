@@ -41,6 +41,7 @@ from controlplane.l7.build import build
 from controlplane.meshd import Meshd, grpc_server_options
 from controlplane.state import SourceState
 from tests.support.waypoint_harness import Backend, Waypoint, config_for, waypoint
+from waypoint.tracing import Tracer
 
 T = TypeVar("T")
 
@@ -103,7 +104,9 @@ def _front_listener(
         match = chain.filter_chain_match
         ranges = {r.address_prefix for r in match.prefix_ranges}
         if match.destination_port.value == int(dport) and host in ranges:
-            front = listener_pb2.Listener(name="front")
+            front = listener_pb2.Listener(
+                name="front", traffic_direction=waypoint_listener.traffic_direction
+            )
             front.address.socket_address.address = "127.0.0.1"
             front.address.socket_address.port_value = port
             filters = front.filter_chains.add().filters
@@ -233,6 +236,7 @@ def oracle(
     authority: str,
     workdir: Path,
     peer_identity: str = "",
+    tracer: Tracer | None = None,
 ) -> Iterator[Oracle]:
     """Start backends, meshd, Envoy and ours; ``state_for(backends)`` is the world; both
     see every client as ``peer_identity`` (the HBONE peer's SPIFFE ID) when one is given."""
@@ -271,7 +275,7 @@ def oracle(
         envoy = Envoy(config, workdir, "oracle")
         envoy.start()
         stack.callback(envoy.stop)
-        ours_cm = waypoint(config_for(state), authority, peer_identity=peer_identity)
+        ours_cm = waypoint(config_for(state), authority, peer_identity=peer_identity, tracer=tracer)
         ours = run(ours_cm.__aenter__())
         stack.callback(lambda: run(ours_cm.__aexit__(None, None, None)))
         o = Oracle(

@@ -25,6 +25,7 @@ from waypoint.config.snapshot import WaypointConfig, apply_response
 from waypoint.proxy import WaypointProxy, serve_http
 from waypoint.records import RequestRecord
 from waypoint.router import Router
+from waypoint.tracing import Tracer
 from waypoint.upstream.pool import TcpConnector, Upstreams
 
 
@@ -171,7 +172,12 @@ class Waypoint:
 
 @contextlib.asynccontextmanager
 async def waypoint(
-    config: WaypointConfig, authority: str, *, seed: int = 1, peer_identity: str = ""
+    config: WaypointConfig,
+    authority: str,
+    *,
+    seed: int = 1,
+    peer_identity: str = "",
+    tracer: Tracer | None = None,
 ) -> AsyncIterator[Waypoint]:
     """Our waypoint serving ``authority``'s chain on a loopback port, to a client whose
     HBONE identity is ``peer_identity`` (none when "")."""
@@ -180,7 +186,7 @@ async def waypoint(
     upstreams.update(config.clusters, config.endpoints)
     records: list[RequestRecord] = []
     holder: list[WaypointConfig] = [config]
-    router = Router(lambda: holder[0], upstreams, rng=rng, on_record=records.append)
+    router = Router(lambda: holder[0], upstreams, rng=rng, on_record=records.append, tracer=tracer)
     proxy = WaypointProxy(lambda: holder[0], upstreams, router)
     server = await serve_http(proxy, "127.0.0.1", 0, authority, peer_identity=peer_identity)
     address = server.sockets[0].getsockname()[:2]

@@ -48,7 +48,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mesh.identity import IdentityError, SpiffeId
-from waypoint.config import jwt, ratelimit, rbac
+from waypoint.config import accesslog, jwt, ratelimit, rbac, tracing
 from waypoint.config import model as m
 from waypoint.config.checks import Unsupported, only, seconds, unpack
 from waypoint.config.jwt_model import JwtConfig
@@ -80,7 +80,15 @@ __all__ = ["Unsupported", "cluster", "listener", "load_assignment", "route_confi
 
 def listener(msg: listener_pb2.Listener) -> m.Listener:
     where = f"Listener {msg.name}"
-    only(msg, {"name", "internal_listener", "listener_filters", "filter_chains", "address"}, where)
+    only(
+        msg,
+        {"name", "internal_listener", "listener_filters", "filter_chains", "address",
+         "traffic_direction"},
+        where,
+    )  # fmt: skip
+    if msg.traffic_direction not in (base_pb2.UNSPECIFIED, base_pb2.INBOUND):
+        # Our waypoint is the server side of what it serves: its spans are SERVER spans.
+        raise Unsupported(f"{where}.traffic_direction: only INBOUND (the waypoint's)")
     for i, lf in enumerate(msg.listener_filters):
         only(lf, {"name", "typed_config"}, f"{where}.listener_filters[{i}]")
         original = unpack(
@@ -152,6 +160,8 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
             "normalize_path",
             "upgrade_configs",
             "stream_idle_timeout",
+            "tracing",
+            "access_log",
         },
         where,
     )
@@ -243,6 +253,8 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         rbac=tuple(rbacs),
         ratelimit=limit,
         ratelimit_first=limit_first,
+        tracing=tracing.tracing(h.tracing, f"{where}.tracing") if h.HasField("tracing") else None,
+        access_logs=accesslog.access_logs(h.access_log, f"{where}.access_log"),
     )
 
 

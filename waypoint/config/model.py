@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 import re2
 
 if TYPE_CHECKING:  # rbac_model imports this module's matchers
+    from waypoint.config.accesslog import AccessLogConfig
     from waypoint.config.jwt_model import JwtConfig
     from waypoint.config.rbac_model import Rbac
+    from waypoint.config.tracing import Tracing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MILLION = 1_000_000
@@ -332,6 +334,8 @@ class HttpManager:
     # it) or last (just before the router, after the fault filter).
     ratelimit: LocalRateLimit | None = None
     ratelimit_first: bool = True
+    tracing: Tracing | None = None  # the connection manager's tracing (None: off)
+    access_logs: tuple[AccessLogConfig, ...] = ()  # the connection manager's access_log
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,9 @@ class Exchange(Protocol):
     body: Body
     ended: bool
     status: int
-    response_bytes: int
+    response_bytes: int  # body bytes sent (what Envoy's %BYTES_SENT% counts)
+    request_head_bytes: int  # the request head's size on the wire (HTTP/2: HPACK-decoded)
+    response_head_bytes: int  # the rest on the wire: heads, trailers, chunk framing
     done: asyncio.Future[None]
 
     @property

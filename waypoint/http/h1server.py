@@ -51,12 +51,16 @@ class ServerExchange:
         "ended",
         "head",
         "info",
+        "request_head_bytes",
         "response_bytes",
+        "response_head_bytes",
         "status",
         "upgraded",
     )
 
-    def __init__(self, conn: Http1Server, head: RequestHead, info: dict[str, Any]) -> None:
+    def __init__(
+        self, conn: Http1Server, head: RequestHead, info: dict[str, Any], head_bytes: int = 0
+    ) -> None:
         self._conn = conn
         self.head = head
         self.info = info
@@ -67,6 +71,8 @@ class ServerExchange:
         self.ended = False
         self.status = 0
         self.response_bytes = 0
+        self.request_head_bytes = head_bytes
+        self.response_head_bytes = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.upgraded = False  # after 101: the body and the response are raw bytes
 
@@ -91,7 +97,9 @@ class ServerExchange:
             return
         lines = [f"HTTP/1.1 {status} {reason_phrase(status)}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in headers]
-        self._conn.write(("".join(lines) + "\r\n").encode("latin-1"))
+        data = ("".join(lines) + "\r\n").encode("latin-1")
+        self.response_head_bytes += len(data)
+        self._conn.write(data)
 
     def respond(self, head: ResponseHead, *, end: bool) -> None:
         if self._head_sent:
@@ -124,7 +132,7 @@ class ServerExchange:
         lines = [f"HTTP/1.1 {head.status} {head.reason or reason_phrase(head.status)}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in headers]
         data = ("".join(lines) + "\r\n").encode("latin-1")
-        self.response_bytes += len(data)
+        self.response_head_bytes += len(data)
         conn.write(data)
         if upgraded:
             self.upgraded = True
@@ -146,7 +154,9 @@ class ServerExchange:
         if data and not body_forbidden(self.head.method, self.status):
             self.response_bytes += len(data)
             if self._chunked:
-                self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+                frame = b"%x\r\n%b\r\n" % (len(data), data)
+                self.response_head_bytes += len(frame) - len(data)  # the framing's share
+                self._conn.write(frame)
             else:
                 self._conn.write(data)
         if end:
@@ -161,6 +171,7 @@ class ServerExchange:
             return
         self.ended = True
         if self._chunked:
+            self.response_head_bytes += 5
             self._conn.write(b"0\r\n\r\n")
         self._conn.exchange_done(self, close=self._close_after)
 
@@ -342,7 +353,10 @@ class Http1Server(asyncio.Protocol):
             headers=kept,
             upgrade=upgrade,
         )
-        exchange = ServerExchange(self, head, self.info)
+        # The head's size as sent in the usual form ("name: value\r\n"; the request line
+        # with its "HTTP/1.x"): httptools hands over the parts, not the bytes they took.
+        size = len(method) + len(head.target) + 14 + self._header_bytes + 4 * len(headers)
+        exchange = ServerExchange(self, head, self.info, size)
         self.requests += 1
         self._parsing = exchange
         if upgrade is not None:

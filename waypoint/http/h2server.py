@@ -46,6 +46,8 @@ class H2Exchange:
         self.ended = False
         self.status = 0
         self.response_bytes = 0
+        self.request_head_bytes = 0
+        self.response_head_bytes = 0
         self._head_sent = False
         self._pending = bytearray()
         self._pending_end = False
@@ -83,6 +85,7 @@ class H2Exchange:
             for k, v in head.headers
             if k not in ("connection", "transfer-encoding", "keep-alive", "upgrade")
         ]
+        self.response_head_bytes += hpack_size(headers)
         self._conn.send_headers(self, headers, end)
         if end:
             self._finish()
@@ -102,6 +105,7 @@ class H2Exchange:
             return
         if trailers:
             self._pending_trailers = list(trailers)
+            self.response_head_bytes += hpack_size(trailers)
         self._pending_end = True
         self._conn.flush_stream(self)
 
@@ -195,7 +199,9 @@ class H2Server(asyncio.Protocol):
         elif isinstance(event, h2.events.TrailersReceived):
             exchange = self.streams.get(event.stream_id)
             if exchange is not None:
-                exchange.body.finish(_pairs(event.headers or []))
+                trailers = _pairs(event.headers or [])
+                exchange.request_head_bytes += hpack_size(trailers)
+                exchange.body.finish(trailers)
         elif isinstance(event, h2.events.StreamEnded):
             exchange = self.streams.get(event.stream_id)
             if exchange is not None:
@@ -221,7 +227,8 @@ class H2Server(asyncio.Protocol):
     def _request(self, stream_id: int, raw: Sequence[tuple[Any, Any]], ended: bool) -> None:
         pseudo: dict[str, str] = {}
         headers: Headers = []
-        for k, v in _pairs(raw):
+        pairs = _pairs(raw)
+        for k, v in pairs:
             if k.startswith(":"):
                 pseudo[k] = v
             elif k == "host":
@@ -237,6 +244,7 @@ class H2Server(asyncio.Protocol):
             headers=headers,
         )
         exchange = H2Exchange(self, stream_id, head)
+        exchange.request_head_bytes = hpack_size(pairs)
         if ended:
             exchange.body.finish()
         self.streams[stream_id] = exchange
@@ -343,6 +351,12 @@ class H2Server(asyncio.Protocol):
                 exchange.done.set_exception(error)
                 exchange.done.exception()
         self.streams.clear()
+
+
+def hpack_size(headers: Headers) -> int:
+    """A header list's size as HPACK accounts it (RFC 7541 section 4.1: name, value and
+    32 per field): an estimate of its wire size, which the compression makes smaller."""
+    return sum(len(k) + len(v) for k, v in headers) + 32 * len(headers)
 
 
 def _pairs(raw: Sequence[tuple[Any, Any]]) -> Headers:

@@ -47,6 +47,7 @@ RESOURCES = {
         Resource("authorizationpolicies", "security.istio.io", "v1", "AuthorizationPolicy"),
         Resource("requestauthentications", "security.istio.io", "v1", "RequestAuthentication"),
         Resource("envoyfilters", "networking.istio.io", "v1alpha3", "EnvoyFilter"),
+        Resource("telemetries", "telemetry.istio.io", "v1", "Telemetry"),
         Resource("gateways", "gateway.networking.k8s.io", "v1", "Gateway"),
         Resource("httproutes", "gateway.networking.k8s.io", "v1", "HTTPRoute"),
         Resource("grpcroutes", "gateway.networking.k8s.io", "v1", "GRPCRoute"),
