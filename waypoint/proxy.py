@@ -242,6 +242,7 @@ async def serve_http(
         if chain is None or not isinstance(chain.handler, HttpManager):
             raise ConnectionRefusedError(f"no HTTP chain for {authority}")
         manager = chain.handler
+        info["chain"] = chain.name
         return AutoServer(lambda exchange: proxy.router.handle(exchange, manager), info)
 
     server = await loop.create_server(factory, host, port)

@@ -33,10 +33,21 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from waypoint.grpc_messages import grpc_status_label
 from waypoint.records import RequestRecord
+
+# Istio exports no *_created series beside its counters and histograms (as ztunnel.telemetry).
+_disable_created: Callable[[], None] = disable_created_metrics
+_disable_created()
 
 access_log = logging.getLogger("waypoint.access")
 log = logging.getLogger("waypoint.telemetry")
@@ -202,7 +213,11 @@ class Telemetry:
 
     def labels(self, rec: RequestRecord) -> tuple[str, ...]:
         """The label set of ``rec``'s request: its own, or an overflow series' past the cap."""
-        service = self.service_of(rec.cluster)
+        service = self.service_of(rec.cluster) if rec.cluster else {}
+        if not service:
+            # Answered here (RBAC, JWT, rate limit, no route): the service of the chain
+            # that took the stream, where Istio falls back to the Host header (unbounded).
+            service = _chain_service(str(rec.info.get("chain", "")))
         protocol = "grpc" if rec.grpc else "http"
         code = response_code(rec.status)
         key = (
@@ -245,6 +260,15 @@ class Telemetry:
             self.response_messages.labels(*labels).inc(rec.response_messages.count)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(format_access_log(rec))
+
+
+def _chain_service(chain: str) -> Mapping[str, str]:
+    """A service chain's name is ``<name>.<namespace>.svc.<domain>:<port>`` (meshd's)."""
+    host = chain.rpartition(":")[0]
+    parts = host.split(".")
+    if len(parts) < 3 or parts[2] != "svc":
+        return {}
+    return {"host": host, "name": parts[0], "namespace": parts[1]}
 
 
 def format_access_log(rec: RequestRecord) -> str:

@@ -146,6 +146,7 @@ class Endpoints:
                     or labels.get("version")
                     or "latest",
                     node=pod.node,
+                    cluster_id=self.state.cluster_id,
                 )
             )
         return tuple(sorted(found, key=lambda e: tuple(int(x) for x in re.findall(r"\d+", e.ip))))

@@ -128,7 +128,7 @@ def _workload_cluster(workload: WorkloadSpec) -> cluster_pb2.Cluster:
         out.metadata,
         hbone=workload.hbone,
         workload=f"{workload.name};{workload.namespace};{workload.canonical_name};"
-        f"{workload.canonical_revision};Kubernetes",
+        f"{workload.canonical_revision};{workload.cluster_id}",
         identity=workload.identity,
     )
     return out
@@ -151,7 +151,7 @@ def _load_assignment(spec: ClusterSpec) -> endpoint_pb2.ClusterLoadAssignment:
             metadata,
             hbone=ep.hbone,
             workload=f"{ep.pod};{ep.namespace};{ep.canonical_name};"
-            f"{ep.canonical_revision};Kubernetes",
+            f"{ep.canonical_revision};{ep.cluster_id}",
             identity=ep.identity,
         )
         lb_endpoints.append(

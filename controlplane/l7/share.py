@@ -35,6 +35,7 @@ class EndpointSpec:
     canonical_name: str = ""
     canonical_revision: str = ""
     node: str = ""
+    cluster_id: str = "Kubernetes"  # the mesh's cluster id (its metrics' *_cluster)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -31,6 +31,7 @@ class WorkloadSpec:
     hbone: bool  # the pod is in the mesh: reached over HBONE to ip:15008
     canonical_name: str = ""
     canonical_revision: str = ""
+    cluster_id: str = "Kubernetes"  # the mesh's cluster id (its metrics' *_cluster)
 
 
 def bound_pods(
@@ -95,6 +96,7 @@ def workload_spec(
         canonical_revision=labels.get("service.istio.io/canonical-revision")
         or labels.get("version")
         or "latest",
+        cluster_id=state.cluster_id,
     )
 
 
