@@ -24,8 +24,12 @@ inlines the keys in the proxies' ``local_jwks``; so does meshd:
   ``compareJWKSResponse``) call ``on_change``, which rebuilds and pushes;
   nothing else does, so an unchanged refresh sends nothing.
 
-Unlike istiod, a cached key set is dropped as soon as no rule names its URI
-(istiod evicts after a week unused); meshd does no OpenID discovery.
+A rule with neither ``jwks`` nor ``jwksUri`` is fetched by OpenID discovery,
+as istiod does: the URI wanted is the issuer's
+``/.well-known/openid-configuration``, whose ``jwks_uri`` is then fetched (the
+same bounds, both steps within the one timeout); its keys are kept under the
+configuration's URI. Unlike istiod, a cached key set is dropped as soon as no
+rule names its URI (istiod evicts after a week unused).
 """
 
 from __future__ import annotations
@@ -90,7 +94,26 @@ async def fetch_jwks(
         raise JwksError(f"{type(e).__name__}: {e}") from None
 
 
+OPENID_CONFIGURATION = "/.well-known/openid-configuration"
+
+
 async def _fetch(session: aiohttp.ClientSession, uri: str, max_bytes: int) -> str:
+    if uri.endswith(OPENID_CONFIGURATION):
+        # OpenID discovery (istiod's resolveJwksURIUsingOpenID): the issuer's
+        # configuration names the key set.
+        config = await _get(session, uri, max_bytes)
+        try:
+            doc = json.loads(config.decode("utf-8"))
+        except ValueError as e:
+            raise JwksError(f"the OpenID configuration is not JSON: {e}") from None
+        jwks_uri = doc.get("jwks_uri") if isinstance(doc, dict) else None
+        if not isinstance(jwks_uri, str) or not jwks_uri:
+            raise JwksError("the OpenID configuration has no jwks_uri")
+        return check_jwks(await _get(session, jwks_uri, max_bytes))
+    return check_jwks(await _get(session, uri, max_bytes))
+
+
+async def _get(session: aiohttp.ClientSession, uri: str, max_bytes: int) -> bytes:
     url = uri
     for _ in range(MAX_REDIRECTS + 1):
         if urlsplit(url).scheme not in ("http", "https"):
@@ -111,7 +134,7 @@ async def _fetch(session: aiohttp.ClientSession, uri: str, max_bytes: int) -> st
                 body += chunk
                 if len(body) > max_bytes:
                     raise JwksError(f"the body is over {max_bytes} bytes")
-            return check_jwks(bytes(body))
+            return bytes(body)
     raise JwksError(f"more than {MAX_REDIRECTS} redirects")
 
 

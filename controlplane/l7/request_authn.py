@@ -22,12 +22,13 @@ nowhere (as the API server's webhook would have refused it), and says which
 field. A rule with ``jwksUri`` and no inline ``jwks`` gets the keys meshd
 fetched from it (:mod:`controlplane.jwks`, given here as
 ``SourceState.jwks``), and the condition says from where and since when;
-until they are first fetched (or with neither: Istio finds the keys by OpenID
-discovery, which meshd does not do) it gets a key set nobody can sign for
-(Istio's own fallback while its fetch fails), so a token from that issuer is
-refused and never accepted, and the condition says so (``KeysNotFetched``
-while a jwksUri is not fetched yet, ``UnsupportedValue`` for OpenID
-discovery).
+with neither, meshd finds them as istiod does, by OpenID discovery (the
+issuer's ``/.well-known/openid-configuration``, its ``jwks_uri``). Until they
+are first fetched (or when there is nowhere to fetch them from: an issuer
+that is no http(s) URL) the rule gets a key set nobody can sign for (Istio's
+own fallback while its fetch fails), so a token from that issuer is refused
+and never accepted, and the condition says so (``KeysNotFetched`` while not
+fetched yet, ``UnsupportedValue`` when there is nowhere to fetch from).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ _RULE_FIELDS = {
 # Istio's ValidateStrictHTTPHeaderName.
 _HEADER_NAME = re.compile(r"^[a-zA-Z0-9-]+$")
 
+OPENID_CONFIGURATION = "/.well-known/openid-configuration"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JwtRule:
@@ -86,12 +88,23 @@ class JwtRule:
 
     @property
     def fetches(self) -> bool:
-        """Whether meshd fetches this rule's keys (a jwksUri and no inline jwks)."""
-        return bool(self.jwks_uri) and not self.jwks
+        """Whether meshd fetches this rule's keys: no inline jwks, and a jwksUri or an
+        issuer that is an http(s) URL (OpenID discovery)."""
+        return not self.jwks and bool(self.fetch_uri)
+
+    @property
+    def fetch_uri(self) -> str:
+        """Where the keys come from: the jwksUri, else (istiod's ``resolveJwksURIUsingOpenID``)
+        the issuer's ``/.well-known/openid-configuration``, whose ``jwks_uri`` meshd follows."""
+        if self.jwks_uri:
+            return self.jwks_uri
+        if urlsplit(self.issuer).scheme in ("http", "https") and urlsplit(self.issuer).netloc:
+            return self.issuer.rstrip("/") + OPENID_CONFIGURATION
+        return ""
 
     @property
     def unfetched(self) -> bool:
-        """No keys (a jwksUri not fetched yet, or OpenID discovery): the rule refuses
+        """No keys (not fetched yet, or nowhere to fetch them from): the rule refuses
         every token of its issuer."""
         return not self.jwks and self.fetched is None
 
@@ -172,8 +185,9 @@ def jwks_uris(objects: Iterable[L7Object], root_namespace: str) -> dict[str, flo
         for rule in authn.rules:
             if not rule.fetches:
                 continue
-            timeouts = [t for t in (out.get(rule.jwks_uri), rule.timeout_s) if t is not None]
-            out[rule.jwks_uri] = max(timeouts) if timeouts else None
+            uri = rule.fetch_uri
+            timeouts = [t for t in (out.get(uri), rule.timeout_s) if t is not None]
+            out[uri] = max(timeouts) if timeouts else None
     return out
 
 
@@ -193,30 +207,31 @@ def parse(
         raise spec.error("cannot be combined with targetRefs (Istio refuses both)", "selector")
     targets = read_targets(r, obj.namespace, root_namespace)
     rules = tuple(
-        replace(rule, fetched=jwks.get(rule.jwks_uri)) if rule.fetches else rule
+        replace(rule, fetched=jwks.get(rule.fetch_uri)) if rule.fetches else rule
         for rule in (_rule(c) for c in spec.children("jwtRules"))
     )
     pending = [
-        f"spec.jwtRules[{i}] (issuer {rule.issuer!r}, jwksUri {rule.jwks_uri})"
+        f"spec.jwtRules[{i}] (issuer {rule.issuer!r}, "
+        + (f"jwksUri {rule.jwks_uri})" if rule.jwks_uri else "keys by OpenID discovery)")
         for i, rule in enumerate(rules)
-        if rule.unfetched and rule.jwks_uri
+        if rule.unfetched and rule.fetches
     ]
-    discovery = [
-        f"spec.jwtRules[{i}] (issuer {rule.issuer!r}, keys by OpenID discovery)"
+    nowhere = [
+        f"spec.jwtRules[{i}] (issuer {rule.issuer!r})"
         for i, rule in enumerate(rules)
-        if rule.unfetched and not rule.jwks_uri
+        if rule.unfetched and not rule.fetches
     ]
     notes = tuple(
-        f"spec.jwtRules[{i}]: keys fetched from {rule.jwks_uri} at {rule.fetched.fetched}"
+        f"spec.jwtRules[{i}]: keys fetched from {rule.fetch_uri} at {rule.fetched.fetched}"
         for i, rule in enumerate(rules)
         if rule.fetched is not None
     )
     problems = []
-    if discovery:
+    if nowhere:
         problems.append(
-            f"{', '.join(discovery)}: the keys are not fetched (meshd does not do OpenID "
-            "discovery): a token from that issuer is refused, never accepted, until the keys "
-            "are given in jwksUri or inline in jwks"
+            f"{', '.join(nowhere)}: no keys and nowhere to find them (neither jwks nor jwksUri, "
+            "and the issuer is not an http(s) URL for OpenID discovery): a token from that "
+            "issuer is refused, never accepted"
         )
     if pending:
         problems.append(
@@ -229,7 +244,7 @@ def parse(
         targets=targets,
         rules=rules,
         problem="; ".join(problems),
-        problem_reason="UnsupportedValue" if discovery else "KeysNotFetched",
+        problem_reason="UnsupportedValue" if nowhere else "KeysNotFetched",
         notes=notes,
         generation=generation_of(obj.raw),
         created=created_of(obj.raw),

@@ -61,6 +61,11 @@ class JwksServer:
     async def file(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("file:///etc/passwd")
 
+    async def openid(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        doc = {"issuer": self.base, "jwks_uri": f"{self.base}/keys"}
+        return web.json_response(doc)
+
     async def slow(self, request: web.Request) -> web.Response:
         await asyncio.sleep(2)
         return web.Response(body=self.body)
@@ -74,6 +79,7 @@ async def serving() -> AsyncIterator[JwksServer]:
     app.router.add_get("/moved", server.moved)
     app.router.add_get("/file", server.file)
     app.router.add_get("/slow", server.slow)
+    app.router.add_get("/.well-known/openid-configuration", server.openid)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -302,3 +308,26 @@ def test_inline_jwks_is_not_fetched_and_the_refresh_interval_is_a_flag() -> None
     args = build_parser().parse_args(["--source", "file:x", "--jwks-refresh-interval", "90s"])
     assert args.jwks_refresh_interval == 90.0
     assert build_parser().parse_args(["--source", "file:x"]).jwks_refresh_interval == 1200.0
+
+
+def test_a_rule_without_keys_gets_them_by_openid_discovery_of_its_issuer() -> None:
+    """istiod's resolveJwksURIUsingOpenID: the issuer's openid-configuration names the key
+    set; meshd fetches both and inlines the keys, as for a jwksUri."""
+
+    async def scenario() -> None:
+        async with serving() as server:
+            meshd = Meshd()
+            meshd.on_source(
+                world(request_authn(f"{GATEWAY}\njwtRules:\n- issuer: {server.base}\n"))
+            )
+            assert served_keys(meshd) == PUBLIC_ONLY_JWKS
+            ok, reason, message = condition(meshd)
+            assert (ok, reason) == (False, "KeysNotFetched") and "OpenID discovery" in message
+            assert await meshd.jwks.fetch_due()
+            assert server.hits == 2  # the configuration, then the keys
+            assert served_keys(meshd) == ISTIO_JWKS
+            ok, reason, message = condition(meshd)
+            assert (ok, reason) == (True, "Accepted")
+            assert f"{server.base}/.well-known/openid-configuration" in message
+
+    run(scenario)

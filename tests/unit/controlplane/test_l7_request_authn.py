@@ -419,9 +419,10 @@ def test_meshlab_apply_takes_a_request_authentication_and_meshd_reads_it(tmp_pat
     assert (obj.kind, obj.namespace, obj.name) == ("RequestAuthentication", "shop", "jwt")
 
 
-def test_no_jwks_at_all_is_openid_discovery_not_fetched_and_no_rules_is_no_filter() -> None:
-    """Istio finds the keys by the issuer's OpenID discovery; meshd does not fetch:
-    fail closed, as with a jwksUri (also under its proto name jwks_uri)."""
+def test_no_jwks_at_all_is_openid_discovery_not_yet_fetched_and_no_rules_is_no_filter() -> None:
+    """Istio finds the keys by the issuer's OpenID discovery, as meshd does: until fetched
+    (tests/unit/controlplane/test_jwks_fetch.py) fail closed, as with a jwksUri (also under
+    its proto name jwks_uri); an issuer that is no URL has nowhere to fetch from."""
     discovery = request_authn(f"{GATEWAY}\njwtRules: [{{issuer: https://idp.example.com}}]\n")
     proto_name = request_authn(
         f"{GATEWAY}\njwtRules: [{{issuer: b, jwks_uri: 'https://b.example/k'}}]\n", name="proto"
@@ -434,6 +435,11 @@ def test_no_jwks_at_all_is_openid_discovery_not_fetched_and_no_rules_is_no_filte
     ]
     got = statuses(discovery, proto_name)
     assert "keys by OpenID discovery" in got["shop/jwt"][2]
+    assert got["shop/jwt"][1] == "KeysNotFetched"
+    nowhere = request_authn(f"{GATEWAY}\njwtRules: [{{issuer: testing@secure.istio.io}}]\n")
+    ok, reason, message = statuses(nowhere)["shop/jwt"]
+    assert (ok, reason) == (False, "UnsupportedValue")
+    assert "nowhere to find them" in message and "refused, never accepted" in message
     assert "jwksUri https://b.example/k" in got["shop/proto"][2]
     empty = request_authn(f"{GATEWAY}\njwtRules: []\n")
     assert jwt_config(empty) is None  # istiod: no rules, no filter
