@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from mesh.accesslog_formats import ISTIO_JSON_FORMAT, ISTIO_TEXT_FORMAT
 from waypoint.config import accesslog as c
 from waypoint.match import RequestView, header_matches
 from waypoint.records import RequestRecord
@@ -420,6 +421,14 @@ class Formatter:
 def compile_text(text: str, *, omit_empty_values: bool = False) -> Formatter:
     """A text format string, parsed and bound (raises Unsupported for what is not supported)."""
     return Formatter(c.TextFormat(c.parse_format(text, "format"), omit_empty_values))
+
+
+def istio_formatter(as_json: bool = False) -> Formatter:
+    """Istio's default line (text), or its JSON fields: the waypoint's ``--access-log``."""
+    if not as_json:
+        return compile_text(ISTIO_TEXT_FORMAT)
+    fields = tuple((k, c.parse_format(v, k)) for k, v in ISTIO_JSON_FORMAT)
+    return Formatter(c.JsonFormat(c.JsonStruct(fields)))
 
 
 # ---------------------------------------------------------------- filters

@@ -70,7 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readiness-address", type=_address, default="0.0.0.0:15021")
     p.add_argument("--drain-seconds", type=float, default=5.0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--access-log", action="store_true", help="one line per request (INFO)")
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="one line per request (INFO), besides the access logs meshd's config asks for",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="the --access-log line: Istio's text format or its JSON fields",
+    )
     return p
 
 
@@ -102,6 +112,7 @@ async def run(args: argparse.Namespace) -> int:
         xds_target=args.xds_address,
         xds_credentials=secure,
         freeze_gc=True,
+        log_json=args.log_format == "json",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -33,6 +33,7 @@ from mesh.identity.store import (
 )
 from mesh.xds.client import FeedClient
 from waypoint import accesslog
+from waypoint.accesslog import istio_formatter
 from waypoint.config import convert
 from waypoint.config.snapshot import WaypointConfig, apply_response
 from waypoint.connect import MeshConnector
@@ -77,6 +78,7 @@ class WaypointRuntime:
         xds_credentials: Any = None,
         rng: random.Random | None = None,
         freeze_gc: bool = False,
+        log_json: bool = False,
     ) -> None:
         """``freeze_gc``: move each applied config out of the collector's way
         (:mod:`waypoint.gcfreeze`); for the waypoint process, not for tests sharing one."""
@@ -105,7 +107,7 @@ class WaypointRuntime:
         self.tls: TlsIdentity | None = None
         self.hbone_pool = HboneClientPool(identities=self._client_identity)
         self.rng = rng or random.Random()
-        self.telemetry = Telemetry(self._service_of)
+        self.telemetry = Telemetry(self._service_of, istio_formatter(log_json))
         self.upstreams = Upstreams(MeshConnector(self.hbone_pool, identity), self.rng)
         self.tracer = Tracer(self.rng, self.node_id, self._collector_of)
         self.router = Router(

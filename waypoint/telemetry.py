@@ -22,15 +22,15 @@ and warned about once). Every ``istio_*`` family takes its label sets from
 that one table, so none holds more than :data:`MAX_SERIES` (plus the overflow
 series); the table also serves as the cache of computed label sets.
 
-One access-log line per request (logger ``waypoint.access``) in Istio's text
-format, Envoy's fields first.
+With ``--access-log``, one line per request (logger ``waypoint.access``) in
+Istio's text format (or its JSON fields, ``--log-format json``), besides the
+access logs the connection manager's config asks for (:mod:`waypoint.accesslog`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import (
@@ -42,6 +42,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from waypoint.accesslog import AccessLogEntry, Formatter, istio_formatter
 from waypoint.grpc_messages import grpc_status_label
 from waypoint.records import RequestRecord
 
@@ -154,7 +155,12 @@ def overflow_labels(protocol: str, code: str) -> tuple[str, ...]:
 
 
 class Telemetry:
-    def __init__(self, service_of: ServiceOf | None = None) -> None:
+    def __init__(
+        self, service_of: ServiceOf | None = None, access_format: Formatter | None = None
+    ) -> None:
+        """``access_format``: the ``waypoint.access`` line (``--access-log``; Istio's text
+        format unless given, e.g. its JSON fields with ``--log-format json``)."""
+        self.access_format = access_format or istio_formatter()
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         self.service_of = service_of or (lambda _: {})
@@ -259,7 +265,7 @@ class Telemetry:
         if rec.response_messages is not None:
             self.response_messages.labels(*labels).inc(rec.response_messages.count)
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(format_access_log(rec))
+            access_log.info(self.access_format.format(AccessLogEntry(rec)).rstrip("\n"))
 
 
 def _chain_service(chain: str) -> Mapping[str, str]:
@@ -269,22 +275,3 @@ def _chain_service(chain: str) -> Mapping[str, str]:
     if len(parts) < 3 or parts[2] != "svc":
         return {}
     return {"host": host, "name": parts[0], "namespace": parts[1]}
-
-
-def format_access_log(rec: RequestRecord) -> str:
-    """Istio's default text format (Envoy's, plus Istio's trailing fields)."""
-    start = datetime.fromtimestamp(rec.start, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-    def q(value: str) -> str:
-        return value or "-"
-
-    return (
-        f'[{start}] "{rec.method} {rec.path} {rec.protocol}" {rec.status} {rec.flags} '
-        f'{q(rec.details)} - "-" {rec.bytes_received} {rec.bytes_sent} '
-        f"{round(rec.duration_ms)} "
-        f"{round(rec.upstream_service_ms) if rec.upstream_service_ms is not None else '-'} "
-        f'"{q(rec.forwarded_for)}" "{q(rec.user_agent)}" "{q(rec.request_id)}" '
-        f'"{q(rec.authority)}" "{q(rec.upstream_host)}" {q(rec.cluster)} - '
-        f"{q(str(rec.info.get('authority', '')))} {q(str(rec.info.get('peer', '')))} - "
-        f"{q(rec.route)}"
-    )

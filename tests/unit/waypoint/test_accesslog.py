@@ -16,19 +16,20 @@ import pytest
 from envoy.config.accesslog.v3 import accesslog_pb2
 from google.protobuf import json_format
 
+from mesh.accesslog_formats import ISTIO_JSON_FORMAT, ISTIO_TEXT_FORMAT
 from waypoint.accesslog import (
     AccessLogEntry,
     AccessLogger,
     Formatter,
     Sink,
     compile_text,
+    istio_formatter,
     loggers,
     passes,
 )
 from waypoint.config import accesslog as c
 from waypoint.config.checks import Unsupported
 from waypoint.records import RequestRecord
-from waypoint.telemetry import format_access_log
 
 FILE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 STDOUT = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
@@ -311,20 +312,26 @@ def test_envoy_s_default_format() -> None:
     ],
     ids=["ok", "no-route", "failed", "h2-no-info"],
 )
-def test_istio_s_text_format_is_the_current_line(rec: RequestRecord) -> None:
-    """Istio's default format as a format string: the line telemetry.format_access_log makes
-    (for records where the current line already has Envoy's semantics; see below)."""
-    assert fmt(ISTIO_TEXT, rec) == format_access_log(rec) + "\n"
+def test_istio_s_text_format_is_the_waypoint_s_own_line(rec: RequestRecord) -> None:
+    """The --access-log line is Istio's format string (mesh.accesslog_formats), compiled."""
+    assert fmt(ISTIO_TEXT, rec) == istio_formatter().format(AccessLogEntry(rec))
+    assert ISTIO_TEXT == ISTIO_TEXT_FORMAT
 
 
-def test_where_the_current_line_is_not_envoy_s() -> None:
-    """format_access_log rounds the milliseconds and ignores x-forwarded-for; Envoy (and the
-    Envoy differential) truncates and takes the last x-forwarded-for address, port 0."""
+def test_the_line_has_envoy_s_semantics() -> None:
+    """Envoy truncates the milliseconds and, without use_remote_address, takes the last
+    x-forwarded-for address (port 0) as the downstream remote address."""
     rec = served(duration_ms=12.9, upstream_service_ms=10.7, forwarded_for="203.0.113.7")
-    ours, current = fmt(ISTIO_TEXT, rec), format_access_log(rec) + "\n"
-    assert ' 3 120 12 10 "203.0.113.7" ' in ours and ' 3 120 13 11 "203.0.113.7" ' in current
+    ours = fmt(ISTIO_TEXT, rec)
+    assert ' 3 120 12 10 "203.0.113.7" ' in ours
     assert " 10.96.0.20:9080 203.0.113.7:0 - shop.r.0\n" in ours
-    assert " 10.96.0.20:9080 10.0.0.9:40000 - shop.r.0\n" in current
+
+
+def test_the_json_line_has_istio_s_fields() -> None:
+    line = istio_formatter(as_json=True).format(AccessLogEntry(served()))
+    doc = json.loads(line)
+    assert list(doc) == sorted(k for k, _ in ISTIO_JSON_FORMAT)
+    assert isinstance(doc["response_code"], int) and isinstance(doc["duration"], int)
 
 
 # ---------------------------------------------------------------- JSON
