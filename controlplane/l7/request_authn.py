@@ -68,6 +68,7 @@ _HEADER_NAME = re.compile(r"^[a-zA-Z0-9-]+$")
 
 OPENID_CONFIGURATION = "/.well-known/openid-configuration"
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JwtRule:
     """One ``jwtRules`` entry, with Istio's defaults."""
