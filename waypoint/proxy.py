@@ -28,6 +28,7 @@ from waypoint.config.model import Cluster, Endpoint, FilterChain, HttpManager, T
 from waypoint.config.snapshot import WaypointConfig
 from waypoint.http.h2server import AutoServer
 from waypoint.router import Router
+from waypoint.telemetry import Telemetry
 from waypoint.upstream.pool import ClusterRuntime, ConnectFailed, Upstreams
 
 log = logging.getLogger("waypoint.proxy")
@@ -139,10 +140,12 @@ class WaypointProxy:
         router: Router,
         *,
         logger: logging.Logger = log,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.upstreams = upstreams
         self.router = router
+        self.telemetry = telemetry  # Istio's TCP metrics of the relayed connections
         self.log = logger
         self.streams = 0
 
@@ -200,18 +203,22 @@ class WaypointProxy:
             target = original_destination(chain, runtime.cluster, request.host, request.port)
             if isinstance(target, str):
                 raise Refused(503, target)
-            return await self._relay(runtime, target, request)
+            return await self._relay(runtime, target, request, chain)
         host = runtime.balancer.choose(self.router.rng)
         if host is None:
             raise Refused(503, f"no healthy upstream in {proxy.cluster}")
         try:
-            return await self._relay(runtime, host.endpoint, request)
+            return await self._relay(runtime, host.endpoint, request, chain)
         except Refused:
             runtime.record(host, 0)
             raise
 
     async def _relay(
-        self, runtime: ClusterRuntime, endpoint: Endpoint, request: ConnectRequest
+        self,
+        runtime: ClusterRuntime,
+        endpoint: Endpoint,
+        request: ConnectRequest,
+        chain: FilterChain,
     ) -> PlainProtocol:
         downstream = Relay()
         try:
@@ -221,6 +228,22 @@ class WaypointProxy:
         except ConnectFailed as e:
             raise Refused(503, f"{endpoint.address}: {e}") from e
         downstream.join(upstream)
+        if (telemetry := self.telemetry) is not None:
+            labels = telemetry.tcp_labels(
+                str(request.peer_identity or ""),
+                chain.name,
+                runtime.cluster.name,
+                endpoint.workload,
+                endpoint.identity,
+            )
+            telemetry.tcp_opened.labels(*labels).inc()
+
+            def closed(_: object) -> None:
+                if downstream.closed.done() and upstream.closed.done():
+                    telemetry.tcp_closed_with(labels, upstream.bytes, downstream.bytes)
+
+            downstream.closed.add_done_callback(closed)
+            upstream.closed.add_done_callback(closed)
         return LocalSocket(downstream, {"peername": request.peer_address})
 
 

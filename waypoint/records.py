@@ -44,6 +44,7 @@ class RequestRecord:
     upstream_service_ms: float | None = None
     upstream_host: str = ""
     upstream_workload: str = ""
+    upstream_identity: str = ""  # the SPIFFE ID the endpoint presents (destination_principal)
     cluster: str = ""
     route: str = ""
     attempts: int = 0

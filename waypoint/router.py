@@ -499,7 +499,10 @@ class _Life:
         rec = self.record
         rec.attempts += 1
         rec.upstream_host = host.address
-        rec.upstream_workload = host.endpoint.workload
+        rec.upstream_workload, rec.upstream_identity = (
+            host.endpoint.workload,
+            host.endpoint.identity,
+        )
         if runtime.requests >= runtime.cluster.thresholds.max_requests:
             runtime.overflows += 1
             return messages.overflow(), False

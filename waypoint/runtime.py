@@ -118,7 +118,9 @@ class WaypointRuntime:
             tracer=self.tracer,
         )
         self.telemetry.active.set_function(lambda: self.router.active)
-        self.proxy = WaypointProxy(lambda: self.config, self.upstreams, self.router)
+        self.proxy = WaypointProxy(
+            lambda: self.config, self.upstreams, self.router, telemetry=self.telemetry
+        )
         self.server: HboneServer | None = None
         self.listening = False
 

@@ -86,6 +86,8 @@ LABELS = (
 _PROTOCOL = LABELS.index("request_protocol")
 _CODE = LABELS.index("response_code")
 _GRPC = LABELS.index("grpc_response_status")
+# Istio's TCP metrics carry no response code nor gRPC status.
+TCP_LABELS = tuple(name for i, name in enumerate(LABELS) if i not in (_CODE, _GRPC))
 
 ServiceOf = Callable[[str], Mapping[str, Any]]  # cluster name -> its istio.services[0]
 LabelKey = tuple[str, ...]  # what a label set is computed from (see Telemetry.labels)
@@ -212,10 +214,42 @@ class Telemetry:
             "Requests whose label set was folded into an overflow series (too many label sets)",
             registry=self.registry,
         )
+        self.tcp_opened = self._tcp_counter("connections_opened", "TCP connections opened")
+        self.tcp_closed = self._tcp_counter("connections_closed", "TCP connections closed")
+        self.tcp_sent = self._tcp_counter("sent_bytes", "Bytes sent downstream (TCP)")
+        self.tcp_received = self._tcp_counter("received_bytes", "Bytes received from downstream")
         self.identity_by_workload: dict[str, str] = {}
         # Every label set admitted, by what it was computed from: at most MAX_SERIES.
         self._series: dict[LabelKey, tuple[str, ...]] = {}
         self._warned = False
+
+    def _tcp_counter(self, name: str, help: str) -> Counter:
+        return Counter(f"istio_tcp_{name}", help, TCP_LABELS, registry=self.registry)
+
+    def tcp_labels(
+        self, peer_identity: str, chain: str, cluster: str, workload: str, identity: str
+    ) -> tuple[str, ...]:
+        """The label set of a relayed TCP connection (a TCP chain's, or a workload's)."""
+        service = self.service_of(cluster) or _chain_service(chain)
+        key = (
+            peer_identity,
+            workload,
+            identity,
+            str(service.get("host", "")),
+            str(service.get("name", "")),
+            str(service.get("namespace", "")),
+            "tcp",
+            "",
+            "",
+            "-",
+        )
+        full = self._admit(key, "tcp", "")
+        return tuple(v for i, v in enumerate(full) if i not in (_CODE, _GRPC))
+
+    def tcp_closed_with(self, labels: tuple[str, ...], sent: int, received: int) -> None:
+        self.tcp_closed.labels(*labels).inc()
+        self.tcp_sent.labels(*labels).inc(sent)
+        self.tcp_received.labels(*labels).inc(received)
 
     def labels(self, rec: RequestRecord) -> tuple[str, ...]:
         """The label set of ``rec``'s request: its own, or an overflow series' past the cap."""
@@ -229,7 +263,7 @@ class Telemetry:
         key = (
             str(rec.info.get("peer_identity") or ""),
             rec.upstream_workload,
-            rec.info.get("endpoint_identity", "") or "",
+            rec.upstream_identity,
             str(service.get("host", "")),
             str(service.get("name", "")),
             str(service.get("namespace", "")),
@@ -238,6 +272,9 @@ class Telemetry:
             grpc_status_label(rec.grpc_status, rec.status) if rec.grpc else "",
             rec.flags,
         )
+        return self._admit(key, protocol, code)
+
+    def _admit(self, key: LabelKey, protocol: str, code: str) -> tuple[str, ...]:
         labels = self._series.get(key)
         if labels is not None:
             return labels
