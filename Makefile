@@ -39,6 +39,12 @@ $(STAMP): pyproject.toml | host-deps
 	@echo "venv: installing the project and its Python dependencies into $(VENV)"
 	@$(VPY) -m pip install -q -e '.[dev]' > $(VENV)/pip.log 2>&1 \
 		|| { cat $(VENV)/pip.log; echo "venv: pip install failed (log above)"; exit 1; }
+	@# xds-protos ships an older copy of opentelemetry/proto/: whichever package pip
+	@# installs last owns those files. OpenTelemetry's exporter needs its own.
+	@$(VPY) -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$$($(VPY) -c \
+		'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
+		>> $(VENV)/pip.log 2>&1 \
+		|| { cat $(VENV)/pip.log; echo "venv: pip install failed (log above)"; exit 1; }
 	@touch $@
 
 # Our .proto files -> *_pb2.py, *_pb2.pyi, *_pb2_grpc.py beside them (not in git).

@@ -19,11 +19,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 
 from controlplane.l7 import envoy, mesh_config
 from controlplane.l7.build import build
-from controlplane.l7.envoy_telemetry import ISTIO_TEXT_FORMAT
 from controlplane.meshd import Meshd, watch_mesh_config
 from controlplane.sources.kube_convert import KINDS, L7_KINDS
 from controlplane.sources.local import source_state
 from controlplane.state import L7Object
+from mesh.accesslog_formats import ISTIO_TEXT_FORMAT
 from mesh.cluster import parse_spec
 from tests.support.l7world import world
 from tests.unit.waypoint.test_tracing import SAMPLE_ALL, telemetry
