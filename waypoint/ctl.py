@@ -3,14 +3,19 @@
     waypoint-ctl [--cluster NAME] -n NS [--gateway waypoint] explain \
         'GET http://reviews:9080/x -H user-agent:iPhone'
     waypoint-ctl ... config-dump | clusters
+    waypoint-ctl ... explain --as cluster.local/ns/shop/sa/frontend --from 10.244.1.5 \
+        'GET http://reviews:9080/admin -H "authorization: Bearer $TOKEN"'
     waypoint-ctl --admin http://127.0.0.1:15000 explain ...   # any waypoint's admin
     waypoint-ctl -f dump.json explain ...                      # a saved /config_dump
 
 On a meshlab cluster the waypoint's admin port (loopback inside its pod) is
 reached from inside the pod's network namespace. ``explain`` decides with
 the waypoint's own code (:mod:`waypoint.explain`) on its live configuration
-and endpoint health. Exit codes: 0 explained, 1 the request would be
-refused or answered by the waypoint itself, 2 usage, 3 no answer.
+and endpoint health, its filters included (local rate limit, JWT, RBAC, fault):
+``--as`` is the HBONE peer identity assumed (default: none, an unauthenticated
+connection), ``--from`` the source address (default: unknown). Exit codes: 0
+explained, 1 the request would be refused or answered by the waypoint itself,
+2 usage, 3 no answer.
 """
 
 from __future__ import annotations
@@ -106,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("explain", help="where one request goes, and why")
     ex.add_argument("request", help="'METHOD URL [-H name:value]...'")
+    ex.add_argument(
+        "--as",
+        dest="peer_identity",
+        default="",
+        metavar="SPIFFE_ID",
+        help="the HBONE peer identity assumed, e.g. spiffe://cluster.local/ns/shop/sa/frontend "
+        "(default: none, an unauthenticated connection)",
+    )
+    ex.add_argument(
+        "--from",
+        dest="source_ip",
+        default=None,
+        metavar="IP",
+        help="the source address assumed (default: unknown: no address rule matches it)",
+    )
     sub.add_parser("config-dump", help="the waypoint's /config_dump (Envoy's shape)")
     sub.add_parser("clusters", help="clusters, endpoints, health and ejections")
     return p
@@ -125,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = config_from_dump(json.loads(_fetch(args, "/config_dump?include_eds")))
         health = {} if args.file else _health(_fetch(args, "/clusters?format=json"))
-        result = explain(config, args.request, namespace=args.namespace, health=health)
+        result = explain(
+            config,
+            args.request,
+            namespace=args.namespace,
+            health=health,
+            peer_identity=args.peer_identity,
+            source_ip=args.source_ip,
+        )
     except (CtlError, OSError, ValueError) as e:
         print(f"waypoint-ctl: {e}", file=sys.stderr)
         return 2 if isinstance(e, ExplainError) else 3

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from waypoint import explain_filters as ef
 from waypoint.config.model import (
     DirectResponse,
     Forward,
@@ -29,12 +30,15 @@ from waypoint.config.model import (
     TcpProxy,
 )
 from waypoint.config.snapshot import WaypointConfig
+from waypoint.explain_filters import FilterStep
 from waypoint.headers import mutate, redirect_location, rewrite_path
+from waypoint.http.messages import RequestHead
 from waypoint.match import (
     RequestView,
     header_matches,
     normalize_path,
     path_matches,
+    route_matches,
     select_virtual_host,
 )
 from waypoint.upstream.lb import new_balancer, stable_hash
@@ -51,9 +55,28 @@ class Explanation:
     request: dict[str, Any]
     steps: list[str] = field(default_factory=list)
     verdict: dict[str, Any] = field(default_factory=dict)
+    filters: list[dict[str, Any]] = field(default_factory=list)  # each filter, in order
+    unless: list[dict[str, Any]] = field(default_factory=list)  # who may answer instead
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request": self.request, "steps": self.steps, "verdict": self.verdict}
+        return {
+            "request": self.request,
+            "steps": self.steps,
+            "filters": self.filters,
+            "verdict": self.verdict,
+        }
+
+    def add(self, steps: list[FilterStep]) -> dict[str, Any] | None:
+        """Filters' steps; the verdict of the one that stopped the request, if one did."""
+        for step in steps:
+            self.steps.append(step.text)
+            self.filters.append(step.detail)
+            if step.unless is not None:
+                self.unless.append(step.unless)
+            if step.verdict is not None:
+                self.verdict = step.verdict
+                return step.verdict
+        return None
 
     def text(self) -> str:
         lines = [f"{self.request['method']} {self.request['url']}"]
@@ -144,6 +167,35 @@ def explain(
     *,
     namespace: str = "default",
     health: dict[str, dict[str, Any]] | None = None,
+    peer_identity: str = "",
+    source_ip: str | None = None,
+    now: float | None = None,
+) -> Explanation:
+    """``peer_identity``: the HBONE peer's SPIFFE ID ("" none); ``source_ip`` the
+    downstream address; ``now`` the time tokens are checked at (None: now)."""
+    out = _explain(
+        config,
+        request,
+        namespace=namespace,
+        health=health or {},
+        peer_identity=ef.spiffe_id(peer_identity),
+        source_ip=source_ip,
+        now=now,
+    )
+    if out.unless:
+        out.verdict["unless"] = out.unless
+    return out
+
+
+def _explain(
+    config: WaypointConfig,
+    request: str,
+    *,
+    namespace: str,
+    health: dict[str, dict[str, Any]],
+    peer_identity: str,
+    source_ip: str | None,
+    now: float | None,
 ) -> Explanation:
     method, url, headers = parse_request(request)
     parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -154,7 +206,19 @@ def explain(
     out = Explanation(request={"method": method, "url": url, "headers": dict(headers)})
     chain = _chain_for(config, parts.hostname, port, namespace)
     out.steps.append(f"destination {parts.hostname}:{port} -> filter chain {chain.name}")
+    try:
+        conn = ef.connection(chain, parts.hostname, port, peer_identity, source_ip)
+    except ValueError as e:
+        raise ExplainError(str(e)) from e
+    said, out.request["connection"] = ef.assumed(conn)
     handler = chain.handler
+    secured = bool(chain.rbac) or (
+        isinstance(handler, HttpManager) and (bool(handler.rbac) or handler.jwt is not None)
+    )
+    if secured or peer_identity or source_ip:
+        out.steps.append(said)
+    if out.add(ef.network_rbac(chain, conn)) is not None:
+        return out
     if isinstance(handler, TcpProxy):
         out.steps.append(
             f"a TCP port: the connection is relayed to cluster {handler.cluster} (no HTTP routing)"
@@ -171,13 +235,19 @@ def explain(
     )
     if handler.normalize_path:
         target = normalize_path(target)
-    view = RequestView(
+    head = RequestHead(
         method=method,
-        path=target,
+        target=target,
         authority=authority,
         scheme="http",
         headers=[(k, v) for k, v in headers if k != "host"],
     )
+    walk = ef.before_route(handler, routes, head, conn, now)
+    if out.add(walk.steps) is not None:
+        return out
+    # What the router selects the route on: the request as the filters left it.
+    view = ef.view_after(walk)
+    target = walk.head.target
     vhost = select_virtual_host(routes, authority)
     if vhost is None:
         out.steps.append(f"no virtual host of {routes.name} takes {authority}: 404")
@@ -185,8 +255,6 @@ def explain(
         return out
     chosen: Route | None = None
     for route in vhost.routes:
-        from waypoint.match import route_matches
-
         if route_matches(route.match, view):
             chosen = route
             break
@@ -199,6 +267,8 @@ def explain(
         out.verdict = {"kind": "local", "status": 404, "flag": "NR"}
         return out
     out.steps.append(f"route {chosen.name} matches ({_describe_match(chosen.match)})")
+    if out.add(ef.after_route(handler, chosen)) is not None:
+        return out
     action = chosen.action
     if isinstance(action, Redirect):
         location = redirect_location(action, chosen.match, authority, target, "http")
@@ -213,7 +283,7 @@ def explain(
         out.verdict = {"kind": "direct", "status": action.status}
         return out
     assert isinstance(action, Forward)
-    return _forward(out, config, chosen, action, target, authority, view, health or {})
+    return _forward(out, config, chosen, action, target, authority, view, health)
 
 
 def _forward(
