@@ -5,15 +5,26 @@
 # Gateway's and route's status, the waypoint's own view, and the waypoint
 # that cannot be bypassed: a pod behind it refuses direct traffic, and
 # without the waypoint the service is refused, not served past its policy.
+# Then what a user of Istio ambient comes for at L7: authorization policies
+# (examples/waypoint-policy.yaml), a local rate limit (waypoint-ratelimit.yaml),
+# traces to an OTLP collector and access logs (waypoint-telemetry.yaml), and
+# the per-service table of the waypoint's metrics
+# (examples/observability/service_table.py); each is deleted again after.
 # Run as root from the repository root with the virtualenv on PATH.
 set -euo pipefail
 
 NAME=${MESHLAB_WAYPOINT_DEMO_NAME:-books}
 REVIEWS=http://10.96.0.20:9080/
+SPANS=/tmp/$NAME-demo-spans.jsonl
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
-cleanup() { meshlab down --name "$NAME" >/dev/null 2>&1 || true; }
+RECEIVER_PID=
+cleanup() {
+    if [ -n "$RECEIVER_PID" ]; then kill "$RECEIVER_PID" 2>/dev/null || true; fi
+    rm -f "$SPANS" "$SPANS.err"
+    meshlab down --name "$NAME" >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -35,6 +46,52 @@ for _ in range(n):
         seen["refused (" + type(e).__name__ + ")"] += 1
 print("  " + ", ".join("%s: %d (%.1f %%)" % (k, v, 100.0 * v / n) for k, v in sorted(seen.items())))'
 count() { meshlab exec --name "$NAME" client/sleep -- python3 -c "$COUNT" "$REVIEWS" "$@"; }
+
+# One request from client/sleep: its status, and who answered or why not.
+ONE='import json, sys, urllib.error, urllib.request
+method, url = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url, method=method, headers={"User-Agent": "curl/8"})
+try:
+    with urllib.request.urlopen(req, timeout=5) as r:
+        d = json.load(r)
+        print("  %d %s, answered by %s (%s)" % (r.status, r.reason, d["pod"], d["version"]))
+except urllib.error.HTTPError as e:
+    print("  %d %s: %s" % (e.code, e.reason, e.read().decode(errors="replace").strip()))
+except OSError as e:
+    print("  refused (%s)" % type(e).__name__)'
+one() {
+    printf '$ (in client/sleep) %s %s\n' "$1" "$2"
+    meshlab exec --name "$NAME" client/sleep -- python3 -c "$ONE" "$@"
+}
+# The status of one request, quietly (for waiting until a change is in force).
+code() {
+    meshlab exec --name "$NAME" client/sleep -- \
+        curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$@" 2>/dev/null || true
+}
+
+# N requests from client/sleep at once, on one connection: the statuses, and what
+# a refusal said.
+BURST='import collections, http.client, sys, urllib.parse
+url, n = urllib.parse.urlsplit(sys.argv[1]), int(sys.argv[2])
+seen, why = collections.Counter(), {}
+conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+for _ in range(n):
+    conn.request("GET", url.path or "/")
+    r = conn.getresponse()
+    body = r.read().decode(errors="replace").strip()
+    seen[r.status] += 1
+    if r.status >= 400 and r.status not in why:
+        limit = r.getheader("x-local-rate-limit")
+        why[r.status] = "%s%s" % (body, ", x-local-rate-limit: " + limit if limit else "")
+print("  " + ", ".join("%d: %d" % kv for kv in sorted(seen.items())))
+for status, text in sorted(why.items()):
+    print("  (%d: %s)" % (status, text))'
+burst() { meshlab exec --name "$NAME" client/sleep -- python3 -c "$BURST" "$REVIEWS" "$@"; }
+# Whether the waypoint's config (its /config_dump) has an HTTP filter by that name yet.
+has_filter() {
+    meshlab exec --name "$NAME" shop/waypoint -- curl -s http://127.0.0.1:15000/config_dump |
+        grep "envoy.filters.http.$1" >/dev/null
+}
 
 step "A bookstore: reviews v1 (two pods) and v2 (one pod), on two nodes, with the mesh"
 run meshlab up -f examples/bookstore.yaml --name "$NAME" --mesh
@@ -76,6 +133,87 @@ for line in sys.stdin:
               l["source_principal"], l["destination_workload"], l["destination_version"],
               l["response_code"], line.rsplit(" ", 1)[1].strip()))' | head -n 4
 echo "(the waypoint runs on $WP_NODE)"
+
+step "L7 authorization: no /admin for anyone, and reviews answers only GETs from client/sleep"
+run meshlab apply --name "$NAME" -f examples/waypoint-policy.yaml
+for _ in $(seq 50); do [ "$(code "${REVIEWS}admin/users")" = 403 ] && break; sleep 0.2; done
+one GET "$REVIEWS"
+one GET "${REVIEWS}admin/users"
+echo "(denied by no-admin, a DENY bound to the whole waypoint)"
+one POST "$REVIEWS"
+echo "(denied by reviews-readers, an ALLOW for the reviews service: GETs from client/sleep only)"
+printf '$ meshlab get authorizationpolicy -n shop -o json  (each status condition)\n'
+meshlab get --name "$NAME" authorizationpolicy -n shop -o json | python3 -c 'import json, sys
+for item in json.load(sys.stdin)["items"]:
+    for c in item["status"]["conditions"]:
+        print("  %s: %s=%s, %s" % (item["metadata"]["name"], c["type"], c["status"], c["message"]))'
+run meshlab delete --name "$NAME" -f examples/waypoint-policy.yaml
+for _ in $(seq 50); do [ "$(code "${REVIEWS}admin/users")" = 200 ] && break; sleep 0.2; done
+
+step "A local rate limit at the waypoint (Istio's EnvoyFilter recipe): 10 requests, then 429"
+run meshlab apply --name "$NAME" -f examples/waypoint-ratelimit.yaml
+for _ in $(seq 50); do has_filter local_ratelimit && break; sleep 0.2; done
+printf '$ (in client/sleep) 20 x GET %s, at once\n' "$REVIEWS"
+burst 20
+run meshlab get --name "$NAME" envoyfilter -n shop
+run meshlab delete --name "$NAME" -f examples/waypoint-ratelimit.yaml
+for _ in $(seq 50); do has_filter local_ratelimit || break; sleep 0.2; done
+
+step "Traces and access logs: a span per request to an OTLP collector in the mesh, a log line"
+rm -f "$SPANS" "$SPANS.err"
+printf '$ (in client/sleep, in the background) python3 -m tests.support.otlp --listen 0.0.0.0:4317 --out %s\n' "$SPANS"
+meshlab exec --name "$NAME" client/sleep -- \
+    python3 -m tests.support.otlp --listen 0.0.0.0:4317 --out "$SPANS" >/dev/null 2>"$SPANS.err" &
+RECEIVER_PID=$!
+run meshlab apply --name "$NAME" -f examples/waypoint-telemetry.yaml
+for _ in $(seq 60); do # until the waypoint has the Telemetry and the collector its spans
+    count 1 probe >/dev/null
+    [ -s "$SPANS" ] && break
+    sleep 0.3
+done
+printf '$ (in client/sleep) 4 x GET %s, 2 of them with User-Agent: ...iPhone...\n' "$REVIEWS"
+count 2 curl/8
+count 2 "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)"
+SPANS_SAY='import json, sys
+status = {0: "UNSET", 1: "OK", 2: "ERROR"}
+spans = [json.loads(line) for line in open(sys.argv[1])]
+spans = [s for s in spans if s["attributes"].get("user_agent") != "probe"]
+if sys.argv[2:] == ["--last-request-id"]:
+    print(spans[-1]["attributes"].get("guid:x-request-id", "") if spans else "")
+    sys.exit()
+for s in spans:
+    a = s["attributes"]
+    print("  trace %s  %s  http %s (status %s) -> %s" % (
+        s["trace_id"], s["name"], a.get("http.status_code"), status.get(s["status_code"]),
+        a.get("upstream_cluster", "-").rsplit("|", 1)[-1].split(".")[0]))
+if spans:
+    print("  (each from service.name=%s, with the tag team=%s of the Telemetry)" % (
+        spans[-1]["resource"].get("service.name"), spans[-1]["attributes"].get("team")))'
+for _ in $(seq 25); do [ "$(python3 -c "$SPANS_SAY" "$SPANS" | grep -c '^  trace')" -ge 4 ] && break; sleep 0.2; done
+printf '$ (the spans the collector received, one per request)\n'
+python3 -c "$SPANS_SAY" "$SPANS"
+[ -s "$SPANS" ] || sed 's/^/  (no spans) receiver: /' "$SPANS.err"
+RID=$(python3 -c "$SPANS_SAY" "$SPANS" --last-request-id)
+printf '$ grep %s /run/meshlab/%s/logs/shop.waypoint.log  (that request, in the access log)\n' \
+    "${RID:-REQUEST-ID}" "$NAME"
+grep -a -- "${RID:-no request id}" /run/meshlab/"$NAME"/logs/shop.waypoint.log | tail -n 1 |
+    sed 's/^/  /'
+run meshlab get --name "$NAME" telemetry -n shop
+run meshlab delete --name "$NAME" -f examples/waypoint-telemetry.yaml
+kill "$RECEIVER_PID" 2>/dev/null || true; wait "$RECEIVER_PID" 2>/dev/null || true; RECEIVER_PID=
+rm -f "$SPANS" "$SPANS.err"
+
+step "The per-service table: the waypoint's metrics (and each ztunnel's) by destination_service"
+printf '$ (curl -s waypoint:15020/stats/prometheus; curl -s node1:15020/metrics; curl -s node2:15020/metrics) |\n'
+printf '      python3 examples/observability/service_table.py\n'
+{
+    meshlab exec --name "$NAME" shop/waypoint -- curl -s http://127.0.0.1:15020/stats/prometheus
+    for node in node1 node2; do
+        meshlab exec --name "$NAME" "node/$node" -- curl -s http://127.0.0.1:15020/metrics
+    done
+} | python3 examples/observability/service_table.py | sed 's/^./  &/'
+echo "(the canary's requests count against the backend each went to, reviews-v1 or reviews-v2;"
+echo " those the waypoint answered itself, 403 and 429, against reviews, the service asked)"
 
 step "The waypoint cannot be bypassed: a pod behind it refuses a direct connection"
 V1_IP=$(meshlab status --name "$NAME" -o json | python3 -c 'import json,sys; print(next(p["ip"] for p in json.load(sys.stdin)["pods"] if p["name"]=="reviews-v1-1"))')
