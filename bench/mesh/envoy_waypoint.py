@@ -11,9 +11,11 @@ waypoint config does (``pilot/pkg/networking/core/listener_waypoint.go``):
   the mesh root; TLS 1.3, X25519, ALPN h2), an HTTP/2 connection manager
   that accepts CONNECT, copies ``:authority`` into the filter state
   ``envoy.filters.listener.original_dst.local_ip`` (shared with the
-  upstream) and sends the stream to the internal listener ``waypoint``,
-  whose ``original_dst`` filter makes it the connection's destination, so
-  the feed's filter chains match as they do in ours;
+  upstream), and the HBONE peer's URI SAN into ``io.istio.peer_principal``
+  (a string object, shared likewise; the feed's RBAC principals match it,
+  as on Istio's waypoints), and sends the stream to the internal listener
+  ``waypoint``, whose ``original_dst`` filter makes it the connection's
+  destination, so the feed's filter chains match as they do in ours;
 * every cluster's endpoint becomes an internal address of the listener
   ``connect_originate`` carrying ``envoy.filters.listener.original_dst``
   ``local: ip:port`` (passed through by the ``internal_upstream`` transport
@@ -26,6 +28,12 @@ The resources come from our waypoint's ``/config_dump?include_eds`` (what
 meshd sent it, Envoy's shape), made static: the RouteConfigurations inline
 in their connection managers, the clusters STATIC with their endpoints. A
 readiness listener answers ``/healthz/ready`` on 15021 as a waypoint does.
+Everything else in the feed goes along unchanged: the connection managers'
+HTTP filters (RBAC, ``jwt_authn`` with its inline JWKS, an EnvoyFilter's
+``local_ratelimit``) and their ``tracing`` (the OpenTelemetry provider
+naming the collector by ``google_grpc`` ``target_uri``, which Envoy dials
+itself, as ours does). The bootstrap's node id (the ``node_id`` tag of
+Envoy's spans) is the caller's.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ ROUTER = {
     "typed_config": {"@type": T + "envoy.extensions.filters.http.router.v3.Router"},
 }
 ORIGINAL_DST = "envoy.filters.listener.original_dst"
+PEER_PRINCIPAL = "io.istio.peer_principal"
 TUNNEL_MATCH = "envoy.transport_socket_match"  # Istio's marker of an HBONE endpoint
 RAW_BUFFER = {
     "name": "envoy.transport_sockets.raw_buffer",
@@ -186,7 +195,17 @@ def _connect_terminate(files: dict[str, Path]) -> Obj:
                                 "text_format_source": {"inline_string": "%REQ(:AUTHORITY)%"}
                             },
                             "shared_with_upstream": "ONCE",
-                        }
+                        },
+                        {
+                            # The HBONE peer's identity, which the feed's RBAC matches
+                            # (Istio's waypoints: the filter state io.istio.peer_principal).
+                            "object_key": PEER_PRINCIPAL,
+                            "factory_key": "envoy.string",
+                            "format_string": {
+                                "text_format_source": {"inline_string": "%DOWNSTREAM_PEER_URI_SAN%"}
+                            },
+                            "shared_with_upstream": "ONCE",
+                        },
                     ],
                 },
             },
@@ -336,13 +355,15 @@ def _ready_listener() -> Obj:
     }
 
 
-def envoy_waypoint_config(dump: Obj, files: dict[str, Path], admin: Path) -> Obj:
+def envoy_waypoint_config(dump: Obj, files: dict[str, Path], admin: Path, node_id: str = "") -> Obj:
     """The bootstrap of an Envoy serving as the waypoint whose ``/config_dump`` is ``dump``.
 
     ``files``: the waypoint identity's ``cert`` chain and ``key``, the mesh root ``ca``;
-    ``admin``: the unix socket of Envoy's admin."""
+    ``admin``: the unix socket of Envoy's admin; ``node_id``: the bootstrap's node id
+    (Envoy's ``node_id`` tag on the spans it reports)."""
     listeners, routes, clusters, endpoints = _resources(dump)
     return {
+        **({"node": {"id": node_id, "cluster": "waypoint"}} if node_id else {}),
         "admin": {"address": {"pipe": {"path": str(admin)}}},
         "bootstrap_extensions": [
             {

@@ -19,10 +19,18 @@ Before a placement is measured the bench checks the path: a burst of
 requests is counted by the waypoint meant to carry it (ours:
 ``istio_requests_total``; Envoy: its connection managers' ``downstream_rq_total``)
 and by no other.
+
+The configurations (:mod:`bench.mesh.waypoint_configs`) are applied with
+``meshlab apply`` to ``waypoint`` and removed with ``meshlab delete``; after
+each change Envoy is restarted with what meshd then sent ours
+(:meth:`WaypointLab.refeed_envoy`). The tracing configurations' OTLP/gRPC
+receiver (:mod:`bench.mesh.otlp_sink`) runs in the pod ``telemetry/collector``
+(node1, a namespace out of the mesh: both waypoints dial it directly).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -34,8 +42,10 @@ from typing import Any
 from bench.mesh.envoy_pair import PodEnvoy, admin_get
 from bench.mesh.envoy_waypoint import envoy_waypoint_config
 from bench.mesh.lab import MeshLab
-from bench.mesh.shell import BenchError, in_netns, wait_until
+from bench.mesh.otlp_sink import read_counts
+from bench.mesh.shell import BenchError, in_netns, venv_bin, wait_until
 from bench.mesh.topology import CLIENT_POD, HTTP_PORT, SERVER_POD
+from bench.mesh.waypoint_configs import COLLECTOR_NS, COLLECTOR_POD, COLLECTOR_PORT, applied
 
 WAYPOINT_PLACEMENTS = ("l4", "ours", "envoy")
 OURS, ENVOY = "waypoint", "envoy-waypoint"
@@ -52,7 +62,12 @@ def _filler(name: str, node: str) -> dict[str, Any]:
 CLUSTER: dict[str, Any] = {
     "nodes": [{"name": "node1"}, {"name": "node2"}, {"name": WAYPOINT_NODE}],
     # Made ambient once ztunnels run with the pinned cipher (MeshLab.start).
-    "namespaces": [{"name": "client"}, {"name": "server"}, {"name": "filler"}],
+    "namespaces": [
+        {"name": "client"},
+        {"name": "server"},
+        {"name": "filler"},
+        {"name": COLLECTOR_NS},  # never ambient: the tracing receiver, out of the mesh
+    ],
     "pods": [
         {
             "name": "client",
@@ -65,6 +80,13 @@ CLUSTER: dict[str, Any] = {
             "namespace": "server",
             "node": "node2",
             "labels": {"app": "server"},
+            "command": ["sleep", "infinity"],
+        },
+        {
+            "name": COLLECTOR_POD,
+            "namespace": COLLECTOR_NS,
+            "node": "node1",
+            "labels": {"app": COLLECTOR_POD},
             "command": ["sleep", "infinity"],
         },
         # meshlab puts a waypoint's pod on the node with the fewest pods: node3, twice.
@@ -114,6 +136,8 @@ class WaypointLab(MeshLab):
         return f"http://{VIP}:{SERVICE_PORT}/"
 
     cluster_spec = CLUSTER
+    headers: tuple[str, ...] = ()  # sent with every request (the security token)
+    collector: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         from mesh.cluster.statefile import read_state
@@ -131,6 +155,12 @@ class WaypointLab(MeshLab):
             if pod.node != WAYPOINT_NODE:
                 raise BenchError(f"waypoint {name} landed on {pod.node}, not {WAYPOINT_NODE}")
             self.wp_ns[name] = pod.netns
+        self.wp_ip = {name: str(pods[f"server/{name}"].ip) for name in (OURS, ENVOY)}
+        collector = pods[f"{COLLECTOR_NS}/{COLLECTOR_POD}"]
+        assert collector.netns and collector.ip
+        self.collector_ns, self.collector_ip = collector.netns, str(collector.ip)
+        client = pods[CLIENT_POD]  # its identity, as AuthorizationPolicy principals name it
+        self.client_principal = f"cluster.local/ns/{client.namespace}/sa/{client.service_account}"
         self.log(f"waypoints {OURS} and {ENVOY} on {WAYPOINT_NODE}")
         wait_until("our waypoints ready", self._synced, 60)
         self._label(True)
@@ -148,7 +178,10 @@ class WaypointLab(MeshLab):
             "--overwrite",
         )
         wait_until("the Service's routes in our waypoint", self._routes_in_ours, 60)
-        self._replace_with_envoy()
+        from meshlab import procs
+
+        procs.terminate(self._waypoint_pids(ENVOY), grace_s=10.0)  # our process of it
+        self.refeed_envoy()
 
     def _captured(self) -> str | None:
         enrolled = self.enrolled()
@@ -191,15 +224,22 @@ class WaypointLab(MeshLab):
         ).stdout
         return [int(p) for p in out.split()]
 
-    def _replace_with_envoy(self) -> None:
-        """Stop our waypoint of ``envoy-waypoint``; start Envoy with ``waypoint``'s resources."""
+    def refeed_envoy(self, config: str = "plain") -> None:
+        """(Re)start Envoy as ``envoy-waypoint`` with what meshd sent ``waypoint`` now.
+
+        Our process of ``envoy-waypoint`` is gone (:meth:`start`); the Envoy
+        of a previous configuration is stopped first."""
         from mesh.cluster.statefile import cluster_dir
         from mesh.identity import CertificateAuthority, SpiffeId, generate_key_and_csr
-        from meshlab import procs
 
+        for old in self.envoys:
+            old.stop()
+        self.envoys = []
+        self.mode = None  # the path is checked again, through the new Envoy
         dump = self._dump()
-        (self.dir / "ours-config-dump.json").write_text(json.dumps(dump, indent=1))
-        procs.terminate(self._waypoint_pids(ENVOY), grace_s=10.0)
+        (self.dir / f"ours-config-dump.{config}.json").write_text(json.dumps(dump, indent=1))
+        if config == "plain":
+            (self.dir / "ours-config-dump.json").write_text(json.dumps(dump, indent=1))
         ca = CertificateAuthority.load_or_create(cluster_dir(self.name) / "ca", "cluster.local")
         identity = SpiffeId.parse(f"spiffe://cluster.local/ns/server/sa/{ENVOY}")
         key, csr = generate_key_and_csr(identity)
@@ -212,11 +252,109 @@ class WaypointLab(MeshLab):
             "key": self.dir / "envoy-waypoint.key",
             "ca": self.dir / "mesh-root.pem",
         }
-        config = envoy_waypoint_config(dump, files, self.dir / "envoy-waypoint.admin")
-        envoy = PodEnvoy(self.wp_ns[ENVOY], config, self.dir, "envoy-waypoint", self._env())
+        node_id = f"waypoint~{self.wp_ip[ENVOY]}~{ENVOY}.server~server.svc.cluster.local"
+        bootstrap = envoy_waypoint_config(
+            dump, files, self.dir / "envoy-waypoint.admin", node_id=node_id
+        )
+        envoy = PodEnvoy(self.wp_ns[ENVOY], bootstrap, self.dir, "envoy-waypoint", self._env())
         self.envoys = [envoy]
         envoy.start()
-        self.log(f"waypoint {ENVOY}: Envoy (pid {envoy.pid}) with {OURS}'s resources")
+        self.log(f"waypoint {ENVOY}: Envoy (pid {envoy.pid}) with {OURS}'s resources ({config})")
+
+    # --------------------------------------------------------- configurations
+
+    def apply(self, path: Path, config: str) -> None:
+        """``meshlab apply -f path``; then, once ours shows ``config``, Envoy refed."""
+        self._bind_to_ours()
+        self.meshlab("apply", "--name", self.name, "-f", str(path))
+        self.await_config(config)
+
+    def delete(self, path: Path) -> None:
+        """``meshlab delete -f path``: what :meth:`apply` applied, gone (ours back to plain)."""
+        self._bind_to_ours()
+        self.meshlab("delete", "--name", self.name, "-f", str(path))
+        self.await_config("plain")
+
+    def _bind_to_ours(self) -> None:
+        """The Service to ``waypoint``: meshd sends ours the Service's resources only then."""
+        self.meshlab(
+            "label",
+            "--name",
+            self.name,
+            "service",
+            "-n",
+            "server",
+            SERVICE,
+            f"{USE_WAYPOINT}={OURS}",
+            "--overwrite",
+        )
+        self.mode = None  # the path is checked again by the next place()
+        wait_until("the Service's routes in our waypoint", self._routes_in_ours, 60)
+
+    def await_config(self, config: str) -> None:
+        collector = f"{self.collector_ip}:{COLLECTOR_PORT}"
+
+        def shown() -> str | None:
+            return self._routes_in_ours() or applied(self._dump(), config, collector)
+
+        wait_until(f"the {config} configuration in our waypoint", shown, 60)
+        try:
+            self.refeed_envoy(config)
+        except ValueError as e:
+            raise BenchError(f"Envoy with our waypoint's {config} resources: {e}") from e
+
+    def reset_peak_rss(self) -> None:
+        """Both waypoints' VmHWM back to their current RSS (``clear_refs`` 5)."""
+        for pid in [*self._waypoint_pids(OURS), *(e.pid for e in self.envoys)]:
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+    def start_collector(self) -> Path:
+        """The OTLP receiver in ``telemetry/collector``; the file its counts go to."""
+        out = self.dir / "spans.json"
+        out.unlink(missing_ok=True)
+        argv = [venv_bin("python"), "-m", "bench.mesh.otlp_sink", "--listen",
+                f"0.0.0.0:{COLLECTOR_PORT}", "--out", str(out)]  # fmt: skip
+        self.collector = self.spawn(self.collector_ns, argv, "otlp-sink")
+        self._wait_listening(self.collector_ns, COLLECTOR_PORT, self.collector)
+        self.spans_file = out
+        return out
+
+    def stop_collector(self) -> None:
+        process, self.collector = self.collector, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def spans(self) -> dict[str, int]:
+        """Spans the receiver has counted so far, per waypoint (ours, envoy, other)."""
+        out = {"ours": 0, "envoy": 0, "other": 0}
+        for owner, n in read_counts(self.spans_file).items():
+            if f"~{ENVOY}." in owner:
+                out["envoy"] += n
+            elif f"~{OURS}." in owner:
+                out["ours"] += n
+            else:
+                out["other"] += n
+        return out
+
+    def status(self, headers: tuple[str, ...] = (), method: str = "GET") -> str:
+        """The status code of one request from the client pod to ``url``, with ``headers``."""
+        argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]
+        argv += ["-X", method]
+        for header in headers:
+            argv += ["-H", header]
+        return in_netns(self.client_ns, [*argv, self.url], 30, check=False).strip()
+
+    def request(self) -> str | None:
+        """One GET (with :attr:`headers`) from the client pod: None when it answered 200."""
+        code = self.status(self.headers)
+        return None if code == "200" else f"curl: {code or '-'}"
 
     # --------------------------------------------------------- observation
 
