@@ -159,6 +159,8 @@ def finished(
     as it went upstream, with ``x-envoy-original-path`` when rewritten, as Envoy logs it)."""
     if rec.trace is not None and tracer is not None:
         tracer.finish(rec.trace, rec, rec.operation, head.scheme)
+    if manager.stats is not None:
+        rec.stats, rec.request_headers = manager.stats, (upstream or head).headers
     if not manager.access_logs:
         return
     sent = upstream or head

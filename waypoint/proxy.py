@@ -236,11 +236,16 @@ class WaypointProxy:
                 endpoint.workload,
                 endpoint.identity,
             )
-            telemetry.tcp_opened.labels(*labels).inc()
+            handler = chain.handler
+            stats = handler.stats if isinstance(handler, TcpProxy) else None
+            peer = str(request.peer_identity or "")
+            telemetry.tcp_opened_with(labels, stats, peer, chain.name)
 
             def closed(_: object) -> None:
                 if downstream.closed.done() and upstream.closed.done():
-                    telemetry.tcp_closed_with(labels, upstream.bytes, downstream.bytes)
+                    telemetry.tcp_closed_with(
+                        labels, upstream.bytes, downstream.bytes, stats, peer, chain.name
+                    )
 
             downstream.closed.add_done_callback(closed)
             upstream.closed.add_done_callback(closed)

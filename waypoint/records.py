@@ -18,6 +18,7 @@ the router feeds with the body chunks as they pass.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ class RequestRecord:
     head_bytes_sent: int = 0
     operation: str = ""  # the route's decorator operation (the span's name)
     trace: Any = None  # its waypoint.tracing.Trace when the connection manager traces
+    stats: Any = None  # the chain's istio.stats overrides (waypoint.config.stats), if any
+    request_headers: Sequence[tuple[str, str]] = ()  # as they went upstream (overrides)
 
     def opened(self, exchange: Exchange) -> None:
         """The request as it arrived (before the path is normalised)."""

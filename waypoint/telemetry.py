@@ -43,7 +43,9 @@ from prometheus_client import (
 )
 
 from waypoint.accesslog import AccessLogEntry, Formatter, istio_formatter
+from waypoint.config.stats import StatsConfig
 from waypoint.grpc_messages import grpc_status_label
+from waypoint.metric_overrides import Context, Overrides
 from waypoint.records import RequestRecord
 
 # Istio exports no *_created series beside its counters and histograms (as ztunnel.telemetry).
@@ -218,10 +220,58 @@ class Telemetry:
         self.tcp_closed = self._tcp_counter("connections_closed", "TCP connections closed")
         self.tcp_sent = self._tcp_counter("sent_bytes", "Bytes sent downstream (TCP)")
         self.tcp_received = self._tcp_counter("received_bytes", "Bytes received from downstream")
+        self.overrides = Overrides(lambda: MAX_SERIES)  # a Telemetry's metrics overrides
         self.identity_by_workload: dict[str, str] = {}
         # Every label set admitted, by what it was computed from: at most MAX_SERIES.
         self._series: dict[LabelKey, tuple[str, ...]] = {}
         self._warned = False
+
+    def _record_overridden(
+        self, rec: RequestRecord, labels: tuple[str, ...], stats: StatsConfig
+    ) -> None:
+        """What a Telemetry's metrics overrides leave of the standard observations."""
+        protocol, code = ("grpc" if rec.grpc else "http"), response_code(rec.status)
+
+        def context() -> Context:
+            return _http_context(rec)
+
+        def overflow() -> tuple[str, ...]:
+            return overflow_labels(protocol, code)
+
+        def values(metric: str) -> tuple[str, ...] | None:
+            return self.overrides.apply(stats, metric, LABELS, labels, context, overflow)
+
+        if (v := values("requests_total")) is not None:
+            self.requests.labels(*v).inc()
+        if (v := values("request_duration_milliseconds")) is not None:
+            self.duration.labels(*v).observe(rec.duration_ms)
+        if (v := values("request_bytes")) is not None:
+            self.request_bytes.labels(*v).observe(rec.bytes_received + rec.head_bytes_received)
+        if (v := values("response_bytes")) is not None:
+            self.response_bytes.labels(*v).observe(rec.bytes_sent + rec.head_bytes_sent)
+        if rec.request_messages is not None and (v := values("request_messages_total")):
+            self.request_messages.labels(*v).inc(rec.request_messages.count)
+        if rec.response_messages is not None and (v := values("response_messages_total")):
+            self.response_messages.labels(*v).inc(rec.response_messages.count)
+
+    def tcp_values(
+        self,
+        stats: StatsConfig | None,
+        metric: str,
+        labels: tuple[str, ...],
+        peer_identity: str,
+        chain: str,
+    ) -> tuple[str, ...] | None:
+        """A TCP metric's label values under the chain's overrides (None: dropped)."""
+        if stats is None:
+            return labels
+        strip = tuple(
+            v for i, v in enumerate(overflow_labels("tcp", "0")) if i not in (_CODE, _GRPC)
+        )
+        return self.overrides.apply(
+            stats, metric, TCP_LABELS, labels, lambda: _tcp_context(peer_identity, chain),
+            lambda: strip,
+        )  # fmt: skip
 
     def _tcp_counter(self, name: str, help: str) -> Counter:
         return Counter(f"istio_tcp_{name}", help, TCP_LABELS, registry=self.registry)
@@ -246,10 +296,30 @@ class Telemetry:
         full = self._admit(key, "tcp", "")
         return tuple(v for i, v in enumerate(full) if i not in (_CODE, _GRPC))
 
-    def tcp_closed_with(self, labels: tuple[str, ...], sent: int, received: int) -> None:
-        self.tcp_closed.labels(*labels).inc()
-        self.tcp_sent.labels(*labels).inc(sent)
-        self.tcp_received.labels(*labels).inc(received)
+    def tcp_opened_with(
+        self, labels: tuple[str, ...], stats: StatsConfig | None, peer: str, chain: str
+    ) -> None:
+        v = self.tcp_values(stats, "tcp_connections_opened_total", labels, peer, chain)
+        if v is not None:
+            self.tcp_opened.labels(*v).inc()
+
+    def tcp_closed_with(
+        self,
+        labels: tuple[str, ...],
+        sent: int,
+        received: int,
+        stats: StatsConfig | None = None,
+        peer: str = "",
+        chain: str = "",
+    ) -> None:
+        for metric, family, amount in (
+            ("tcp_connections_closed_total", self.tcp_closed, 1),
+            ("tcp_sent_bytes_total", self.tcp_sent, sent),
+            ("tcp_received_bytes_total", self.tcp_received, received),
+        ):
+            v = self.tcp_values(stats, metric, labels, peer, chain)
+            if v is not None:
+                family.labels(*v).inc(amount)
 
     def labels(self, rec: RequestRecord) -> tuple[str, ...]:
         """The label set of ``rec``'s request: its own, or an overflow series' past the cap."""
@@ -293,16 +363,47 @@ class Telemetry:
 
     def record(self, rec: RequestRecord) -> None:
         labels = self.labels(rec)
-        self.requests.labels(*labels).inc()
-        self.duration.labels(*labels).observe(rec.duration_ms)
-        self.request_bytes.labels(*labels).observe(rec.bytes_received + rec.head_bytes_received)
-        self.response_bytes.labels(*labels).observe(rec.bytes_sent + rec.head_bytes_sent)
-        if rec.request_messages is not None:
-            self.request_messages.labels(*labels).inc(rec.request_messages.count)
-        if rec.response_messages is not None:
-            self.response_messages.labels(*labels).inc(rec.response_messages.count)
+        if rec.stats is not None:
+            self._record_overridden(rec, labels, rec.stats)
+        else:
+            self.requests.labels(*labels).inc()
+            self.duration.labels(*labels).observe(rec.duration_ms)
+            self.request_bytes.labels(*labels).observe(rec.bytes_received + rec.head_bytes_received)
+            self.response_bytes.labels(*labels).observe(rec.bytes_sent + rec.head_bytes_sent)
+            if rec.request_messages is not None:
+                self.request_messages.labels(*labels).inc(rec.request_messages.count)
+            if rec.response_messages is not None:
+                self.response_messages.labels(*labels).inc(rec.response_messages.count)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(self.access_format.format(AccessLogEntry(rec)).rstrip("\n"))
+
+
+def _http_context(rec: RequestRecord) -> Context:
+    peer = str(rec.info.get("peer_identity") or "")
+    return Context(
+        {
+            "request.host": rec.authority,
+            "request.method": rec.method,
+            "request.path": rec.path,
+            "request.url_path": rec.path.split("?", 1)[0],
+            "request.scheme": "http",
+            "request.protocol": rec.protocol,
+            "request.useragent": rec.user_agent,
+            "response.code": str(rec.status),
+            "source.principal": peer.removeprefix("spiffe://"),
+            "destination.port": str(rec.info.get("chain", "")).rpartition(":")[2],
+        },
+        rec.request_headers,
+    )
+
+
+def _tcp_context(peer_identity: str, chain: str) -> Context:
+    return Context(
+        {
+            "source.principal": peer_identity.removeprefix("spiffe://"),
+            "destination.port": chain.rpartition(":")[2],
+        }
+    )
 
 
 def _chain_service(chain: str) -> Mapping[str, str]:

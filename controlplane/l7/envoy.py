@@ -100,6 +100,7 @@ from controlplane.l7.ir import (
     StringMatch,
 )
 from controlplane.l7.share import ClusterSpec, ServiceSpec, WaypointShare, cluster_name
+from controlplane.l7.telemetry_metrics import ISTIO_STATS
 from controlplane.l7.workloads import WorkloadSpec, pod_cluster_name
 
 # The feed's names, for its readers (the waypoint's tests, the oracle), and the translation.
@@ -201,8 +202,10 @@ def _http_filters(
     filters = [
         *envoy_jwt.http_filters(service.authentications),
         *envoy_rbac.http_filters(policies),
-        hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_any(fault_pb2.HTTPFault())),
     ]
+    if (stats := envoy_telemetry.stats_filter(service.telemetry)) is not None:
+        filters.append(hcm_pb2.HttpFilter(name=ISTIO_STATS, typed_config=stats))
+    filters.append(hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=_any(fault_pb2.HTTPFault())))
     limit = next((f for f in service.ratelimits if f.config is not None), None)
     if limit is not None:
         assert limit.config is not None
@@ -257,12 +260,14 @@ def _filter_chain(
             stat_prefix=name,
             cluster=cluster_name(backend.service.split("/", 1)[1], backend.port, Protocol.TCP),
         )
-        filters = [
-            *envoy_rbac.network_filters(policies),
+        filters = list(envoy_rbac.network_filters(policies))
+        if (stats := envoy_telemetry.stats_filter(service.telemetry)) is not None:
+            filters.append(listener_components_pb2.Filter(name=ISTIO_STATS, typed_config=stats))
+        filters.append(
             listener_components_pb2.Filter(
                 name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
-            ),
-        ]
+            )
+        )
     return listener_components_pb2.FilterChain(
         name=f"{service.hostname}:{pr.port}", filter_chain_match=match, filters=filters
     )

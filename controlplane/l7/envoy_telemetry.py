@@ -33,7 +33,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.tracing.v3 import custom_tag_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
+from udpa.type.v1 import typed_struct_pb2
 
+from controlplane.l7 import telemetry_metrics
 from controlplane.l7.mesh_config import Provider
 from controlplane.l7.telemetry_api import CustomTag, TelemetrySpec, TracingSpec
 from mesh.accesslog_formats import ISTIO_JSON_FORMAT, ISTIO_TEXT_FORMAT
@@ -121,3 +123,15 @@ def _format(p: Provider) -> substitution_format_string_pb2.SubstitutionFormatStr
     return substitution_format_string_pb2.SubstitutionFormatString(
         text_format_source=base_pb2.DataSource(inline_string=text)
     )
+
+
+def stats_filter(spec: TelemetrySpec) -> any_pb2.Any | None:
+    """istiod's ``istio.stats`` config (``stats.PluginConfig`` as a TypedStruct), when a
+    Telemetry overrides metrics; None otherwise (the standard metrics, unchanged)."""
+    if not spec.metrics:
+        return None
+    ts = typed_struct_pb2.TypedStruct(
+        type_url=telemetry_metrics.PLUGIN_CONFIG,
+        value=telemetry_metrics.plugin_config(spec.metrics),
+    )
+    return _any(ts)

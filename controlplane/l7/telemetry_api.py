@@ -23,12 +23,13 @@ the most specific level with an ``accessLogging`` entry that applies decides
 (its ``providers``, else the default ones; ``disabled: true``: none); with no
 such entry, ``defaultProviders.accessLogging`` and ``accessLogFile``.
 
-Refused, whole, with a ``WaypointAccepted`` condition that names the field:
-``metrics`` with ``overrides`` (the waypoint reports Istio's standard metrics
-unchanged; a ``metrics`` entry that only names the ``prometheus`` provider is
-what happens anyway), ``accessLogging[].filter`` (CEL), a provider that is
-not in MeshConfig or is of a kind this mesh does not run, and custom tags
-other than ``literal``, ``environment`` and ``header``.
+Metrics overrides (:mod:`controlplane.l7.telemetry_metrics`) add up down the
+levels, least specific first (a later one wins a tag). Refused, whole, with a
+``WaypointAccepted`` condition that names the field: what
+:mod:`~controlplane.l7.telemetry_metrics` does not support,
+``accessLogging[].filter`` (CEL), a provider that is not in MeshConfig or is
+of a kind this mesh does not run, and custom tags other than ``literal``,
+``environment`` and ``header``.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from controlplane.l7 import telemetry_metrics
 from controlplane.l7.authz import Target, read_targets
 from controlplane.l7.istio_object import created_of, generation_of
 from controlplane.l7.mesh_config import ENVOY, MeshConfig, Provider
 from controlplane.l7.reader import InvalidObject, Reader
 from controlplane.l7.status import Condition, ObjectStatus
+from controlplane.l7.telemetry_metrics import MetricOverride
 from controlplane.state import L7Object, WaypointInfo
 
 KIND = "Telemetry"
@@ -80,6 +83,7 @@ class WaypointTelemetry:
     selector: Mapping[str, str] | None = None  # None: no selector
     tracing: TracingRule | None = None  # the first entry that applies to a waypoint
     access_logging: AccessLogRule | None = None
+    metrics: tuple[MetricOverride, ...] | None = None  # its metrics overrides (None: none)
     generation: int = 0
     created: str = ""
 
@@ -107,6 +111,7 @@ class TelemetrySpec:
 
     tracing: TracingSpec | None = None
     access_logs: tuple[Provider, ...] = ()
+    metrics: tuple[MetricOverride, ...] = ()  # every level's overrides, least specific first
     from_: tuple[str, ...] = field(default=())  # the Telemetries in force, for the status
 
 
@@ -149,13 +154,8 @@ def parse(obj: L7Object, root_namespace: str, mesh: MeshConfig) -> WaypointTelem
         (a for a in (_access(a, mesh) for a in spec.children("accessLogging")) if a is not None),
         None,
     )
+    metrics = telemetry_metrics.parse_metrics(spec) if spec.has("metrics") else None
     for m in spec.children("metrics"):
-        m.only({"providers", "overrides", "reportingInterval"})
-        if m.items("overrides") or m.has("reportingInterval"):
-            raise m.error(
-                "not supported: the waypoint reports Istio's standard metrics unchanged "
-                "(no overrides, no reporting interval)"
-            )
         for p in m.children("providers"):
             name = p.only({"name"}).text("name")
             provider = mesh.provider(name)
@@ -168,6 +168,7 @@ def parse(obj: L7Object, root_namespace: str, mesh: MeshConfig) -> WaypointTelem
         selector=selector,
         tracing=tracing,
         access_logging=logging,
+        metrics=metrics,
         generation=generation_of(obj.raw),
         created=created_of(obj.raw),
     )
@@ -330,7 +331,10 @@ def resolve(in_force: Sequence[WaypointTelemetry], mesh: MeshConfig) -> Telemetr
                 logs = tuple(p for p in (mesh.provider(n) for n in access.providers) if p)
             else:
                 logs = _default_logs(mesh) or (mesh.providers[ENVOY],)
-    return TelemetrySpec(tracing=tracing, access_logs=logs, from_=tuple(t.key for t in in_force))
+    metrics = tuple(o for t in in_force for o in (t.metrics or ()))
+    return TelemetrySpec(
+        tracing=tracing, access_logs=logs, metrics=metrics, from_=tuple(t.key for t in in_force)
+    )
 
 
 def _default_logs(mesh: MeshConfig) -> tuple[Provider, ...]:
@@ -361,7 +365,15 @@ def status_of(t: WaypointTelemetry, bound: Sequence[str]) -> ObjectStatus:
         else:
             why = "no waypoint in its namespace, or an older Telemetry is in force there"
         return _status(t.namespace, t.name, t.generation, False, "TargetNotFound", why)
-    parts = [p for p, on in (("tracing", t.tracing), ("access logging", t.access_logging)) if on]
+    parts = [
+        p
+        for p, on in (
+            ("tracing", t.tracing),
+            ("access logging", t.access_logging),
+            ("metrics overrides", t.metrics),
+        )
+        if on
+    ]
     what = " and ".join(parts) or "nothing for waypoints"
     return _status(t.namespace, t.name, t.generation, True, "Accepted",
                    f"{what} in force on {', '.join(bound)}")  # fmt: skip

@@ -448,3 +448,33 @@ def test_every_dashboard_query_returns_data(
 def test_prometheus_logged_no_errors(traffic: Prometheus) -> None:
     errors = [line for line in traffic.log.read_text().splitlines() if "level=error" in line]
     assert not errors, errors
+
+
+def _value(prom: Prometheus, expr: str) -> float:
+    result = prom.query(expr)["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def test_promql_answers_what_was_sent(traffic: Prometheus) -> None:
+    """Request count per destination service, error ratio and p99, as PromQL answers them,
+    against exactly what this test sends: 7 requests the policy denies (403), after the
+    rate limit's bucket is full again (so none is a 429)."""
+    denied = (
+        'sum(istio_requests_total{reporter="waypoint",response_code="403",'
+        'destination_service="reviews.shop.svc.cluster.local"})'
+    )
+    time.sleep(5.5)  # the bucket of examples/waypoint-ratelimit.yaml: full again
+    before = _value(traffic, denied)
+    assert count(traffic.cluster, 7, url=REVIEWS + "admin/users") == {"403": 7}
+    eventually(lambda: _value(traffic, denied) - before == 7, 20)
+    errors = (
+        'sum(rate(istio_requests_total{reporter="waypoint",response_code=~"5.."}[1m])) '
+        '/ sum(rate(istio_requests_total{reporter="waypoint"}[1m]))'
+    )
+    assert _value(traffic, f"({errors}) or vector(0)") == 0.0  # nothing here failed
+    p99 = _value(
+        traffic,
+        "histogram_quantile(0.99, sum by (le) "
+        '(rate(istio_request_duration_milliseconds_bucket{reporter="waypoint"}[1m])))',
+    )
+    assert 0 < p99 <= 1000, p99  # within Istio's buckets, under a second on loopback hops

@@ -409,6 +409,24 @@ def test_the_waypoint_traces_requests_to_a_collector_service_in_the_mesh(
         assert span["attributes"]["http.status_code"] == "200"
         assert span["attributes"]["team"] == "bookstore"
         assert span["resource"]["service.name"] == "waypoint.shop"
+        # A request that carries its own trace: the waypoint's span is its child, and the
+        # pod gets the waypoint's span as its parent (the links a trace view follows).
+        trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        done = meshlab(
+            "exec", "--name", books, "client/sleep", "--", "curl", "-sS", "--max-time", "5",
+            "-H", f"traceparent: 00-{trace_id}-{parent}-01", REVIEWS,
+        )  # fmt: skip
+        seen = json.loads(done.stdout)["headers"]["Traceparent"][0].split("-")
+        assert seen[1] == trace_id and seen[2] != parent and seen[3] == "01", seen
+
+        def child() -> dict[str, Any] | None:
+            if not out.exists():
+                return None
+            lines = [json.loads(line) for line in out.read_text().splitlines()]
+            return next((s for s in lines if s["trace_id"] == trace_id), None)
+
+        linked = eventually(child, 30)
+        assert linked["parent_span_id"] == parent and linked["span_id"] == seen[2], linked
         (accepted,) = get(books, "telemetry", "waypoint-tracing")["status"]["conditions"]
         assert accepted["status"] == "True", accepted
         assert "tracing in force on waypoint shop/waypoint" in accepted["message"]

@@ -48,12 +48,13 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mesh.identity import IdentityError, SpiffeId
-from waypoint.config import accesslog, jwt, ratelimit, rbac, tracing
+from waypoint.config import accesslog, jwt, ratelimit, rbac, stats, tracing
 from waypoint.config import model as m
 from waypoint.config.checks import Unsupported, only, seconds, unpack
 from waypoint.config.jwt_model import JwtConfig
 from waypoint.config.rbac_model import Rbac
 from waypoint.config.routes import route_config
+from waypoint.config.stats import StatsConfig
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -116,10 +117,14 @@ def _filter_chain(chain: Any, where: str) -> m.FilterChain:
     if not chain.filters:
         raise Unsupported(f"{where}.filters: a filter chain needs its network filters")
     rbacs: list[Rbac] = []
+    network_stats: StatsConfig | None = None
     last = len(chain.filters) - 1
     for i, f in enumerate(chain.filters[:last]):
         fw = f"{where}.filters[{i}]"
         only(f, {"name", "typed_config"}, fw)
+        if f.name == stats.ISTIO_STATS:
+            network_stats = stats.stats_filter(f.typed_config, fw)
+            continue
         if not f.typed_config.Is(network_rbac_pb2.RBAC.DESCRIPTOR):
             raise Unsupported(
                 f"{fw}: only {rbac.NETWORK_RBAC} filters may come before the last filter "
@@ -137,7 +142,9 @@ def _filter_chain(chain: Any, where: str) -> m.FilterChain:
     elif f.typed_config.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
         proxy = unpack(f.typed_config, tcp_proxy_pb2.TcpProxy, fw)
         only(proxy, {"stat_prefix", "cluster"}, fw)
-        handler = m.TcpProxy(cluster=proxy.cluster, stat_prefix=proxy.stat_prefix)
+        handler = m.TcpProxy(
+            cluster=proxy.cluster, stat_prefix=proxy.stat_prefix, stats=network_stats
+        )
     else:
         raise Unsupported(f"{fw}: filter {f.typed_config.type_url} is not supported")
     port = fcm.destination_port.value if fcm.HasField("destination_port") else None
@@ -180,6 +187,7 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
     if not h.rds.route_config_name:
         raise Unsupported(f"{where}.rds.route_config_name: is required (routes come by RDS)")
     fault = False
+    stats_config: StatsConfig | None = None
     seen_jwt = False
     jwt_config: JwtConfig | None = None
     rbacs: list[Rbac] = []
@@ -220,6 +228,9 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
                     f"or the one just before {ROUTER}"
                 )
             limit = ratelimit.http_filter(f.typed_config, fw)
+        elif f.name == stats.ISTIO_STATS:
+            # istiod's place for it is after RBAC, before the router; it only observes.
+            stats_config = stats.stats_filter(f.typed_config, fw)
         elif f.name == FAULT:
             config = unpack(f.typed_config, fault_pb2.HTTPFault, fw)
             only(config, (), fw + " (fault settings belong in the routes' typed_per_filter_config)")
@@ -255,6 +266,7 @@ def _hcm(h: hcm_pb2.HttpConnectionManager, where: str) -> m.HttpManager:
         ratelimit_first=limit_first,
         tracing=tracing.tracing(h.tracing, f"{where}.tracing") if h.HasField("tracing") else None,
         access_logs=accesslog.access_logs(h.access_log, f"{where}.access_log"),
+        stats=stats_config,
     )
 
 

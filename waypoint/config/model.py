@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # rbac_model imports this module's matchers
     from waypoint.config.accesslog import AccessLogConfig
     from waypoint.config.jwt_model import JwtConfig
     from waypoint.config.rbac_model import Rbac
+    from waypoint.config.stats import StatsConfig
     from waypoint.config.tracing import Tracing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -336,12 +337,14 @@ class HttpManager:
     ratelimit_first: bool = True
     tracing: Tracing | None = None  # the connection manager's tracing (None: off)
     access_logs: tuple[AccessLogConfig, ...] = ()  # the connection manager's access_log
+    stats: StatsConfig | None = None  # an istio.stats filter (a Telemetry's metrics overrides)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TcpProxy:
     cluster: str
     stat_prefix: str = ""
+    stats: StatsConfig | None = None  # an istio.stats network filter (metrics overrides)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

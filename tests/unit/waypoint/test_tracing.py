@@ -255,7 +255,9 @@ def test_telemetry_statuses_say_where_it_is_in_force_and_what_is_refused() -> No
         telemetry("  - providers: [{name: zipkin}]\n", "zipkin"),
         telemetry("  - providers: [{name: authz}]\n", "authz"),
         telemetry("  - providers: [{name: otel}]\n", "metrics").replace(
-            "  tracing:", "  metrics:\n  - overrides: [{disabled: true}]\n  tracing:"
+            "  tracing:",
+            "  metrics:\n  - overrides: [{match: {customMetric: mine}, disabled: true}]\n"
+            "  tracing:",
         ),
         telemetry("  - providers: [{name: otel}]\n", "cel").replace(
             "  tracing:",
@@ -267,7 +269,7 @@ def test_telemetry_statuses_say_where_it_is_in_force_and_what_is_refused() -> No
     assert "no extension provider 'nope'" in got["unknown"][2]
     assert "zipkin, whose export is not implemented" in got["zipkin"][2]
     assert "envoyExtAuthzGrpc, which this mesh does not run" in got["authz"][2]
-    assert "standard metrics unchanged" in got["metrics"][2]
+    assert "not supported: custom metrics" in got["metrics"][2]
     assert "CEL filter expressions" in got["cel"][2]
 
 
