@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ TRACEPARENT, TRACESTATE = "traceparent", "tracestate"
 DEFAULT_OPERATION = "ingress"
 EXPORT_DELAY_MS = 1000
 QUEUE_SIZE = 2048  # spans waiting for export, at most; more are dropped
+MAX_EXPORTERS = 4  # collectors exported to at once (old targets are retired)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +109,9 @@ class Tracer:
         self.rng = rng
         self.node_id = node_id
         self.resolve = resolve or (lambda _: None)
-        self._tracers: dict[tuple[str, str], Any] = {}
-        self._providers: list[TracerProvider] = []
+        # Per (target, service name), oldest first: a collector whose pods changed gets a
+        # new target, and the exporter of an old one is shut down past MAX_EXPORTERS.
+        self._tracers: dict[tuple[str, str], tuple[TracerProvider, Any]] = {}
 
     def start(self, head: RequestHead, config: Tracing) -> Trace | None:
         """The request's trace (and its upstream headers rewritten), or None: no tracer, or a
@@ -199,32 +202,45 @@ class Tracer:
         if not target:
             return None
         key = (target, collector.service_name)
-        tracer = self._tracers.get(key)
-        if tracer is None:
-            provider = TracerProvider(
-                resource=Resource.create({"service.name": collector.service_name or "waypoint"})
+        found = self._tracers.get(key)
+        if found is not None:
+            return found[1]
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": collector.service_name or "waypoint"})
+        )
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=target, insecure=True),
+                max_queue_size=QUEUE_SIZE,
+                schedule_delay_millis=EXPORT_DELAY_MS,
             )
-            provider.add_span_processor(
-                BatchSpanProcessor(
-                    OTLPSpanExporter(endpoint=target, insecure=True),
-                    max_queue_size=QUEUE_SIZE,
-                    schedule_delay_millis=EXPORT_DELAY_MS,
-                )
-            )
-            self._providers.append(provider)
-            tracer = self._tracers[key] = provider.get_tracer("waypoint")
-            log.info("tracing: exporting spans of %s to %s", collector.service_name, target)
+        )
+        tracer = provider.get_tracer("waypoint")
+        self._tracers[key] = (provider, tracer)
+        log.info("tracing: exporting spans of %s to %s", collector.service_name, target)
+        while len(self._tracers) > MAX_EXPORTERS:
+            old, (retired, _) = next(iter(self._tracers.items()))
+            del self._tracers[old]
+            # Its queue is flushed and its thread ended off the loop.
+            threading.Thread(target=_shutdown, args=(retired,), daemon=True).start()
         return tracer
 
     def shutdown(self) -> None:
         """Export what is queued (bounded by the SDK's timeouts) and stop."""
-        for provider in self._providers:
-            try:
-                provider.shutdown()
-            except Exception:
-                log.exception("tracing: shutting an exporter down failed")
-        self._providers.clear()
+        for provider, _ in self._tracers.values():
+            _shutdown(provider)
         self._tracers.clear()
+
+    @property
+    def exporters(self) -> int:
+        return len(self._tracers)
+
+
+def _shutdown(provider: TracerProvider) -> None:
+    try:
+        provider.shutdown()
+    except Exception:
+        log.exception("tracing: shutting an exporter down failed")
 
 
 def _trace_state(value: str | None) -> TraceState:

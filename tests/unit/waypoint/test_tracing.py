@@ -299,3 +299,19 @@ def test_tracing_merges_down_the_levels_as_istiod_does(
     (spec,) = {s.telemetry.tracing for s in share.services if s.telemetry.tracing}
     assert spec.sampling == expected
     assert spec.provider.name == "otel"
+
+
+def test_exporters_of_old_collector_targets_are_retired() -> None:
+    """A collector whose pods change gets a new target each time: the exporters (a thread
+    each) stay bounded."""
+    from waypoint.config.tracing import Collector
+    from waypoint.tracing import MAX_EXPORTERS
+
+    tracer = Tracer(random.Random(1))
+    try:
+        for i in range(MAX_EXPORTERS + 3):
+            assert tracer._tracer(Collector(service_name="w", target=f"127.0.0.1:{40000 + i}"))
+        assert tracer.exporters == MAX_EXPORTERS
+    finally:
+        tracer.shutdown()
+    assert tracer.exporters == 0
