@@ -109,7 +109,9 @@ class WaypointRuntime:
         self.rng = rng or random.Random()
         self.telemetry = Telemetry(self._service_of, istio_formatter(log_json))
         self.upstreams = Upstreams(MeshConnector(self.hbone_pool, identity), self.rng)
-        self.tracer = Tracer(self.rng, self.node_id, self._collector_of)
+        self.tracer = Tracer(
+            self.rng, self.node_id, self._collector_of, service_name=f"{gateway}.{namespace}"
+        )
         self.router = Router(
             lambda: self.config,
             self.upstreams,
@@ -215,6 +217,7 @@ class WaypointRuntime:
         if self.server is not None:
             await self.server.close(drain_timeout_s=timeout_s)
         await drain(self.router, 1.0)
+        await self.tracer.aclose()
         await asyncio.to_thread(self.tracer.shutdown)
         accesslog.close_all()
         self.upstreams.close()

@@ -47,6 +47,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.span import TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
+from waypoint import zipkin
 from waypoint.config.tracing import MILLION, Collector, Tracing
 from waypoint.http.messages import RequestHead
 from waypoint.records import RequestRecord
@@ -105,19 +106,33 @@ Resolve = Callable[[str], str | None]  # an Envoy cluster name -> a gRPC target
 class Tracer:
     """The waypoint's tracer: per-request decisions here, export through the SDK."""
 
-    def __init__(self, rng: random.Random, node_id: str = "", resolve: Resolve | None = None):
+    def __init__(
+        self,
+        rng: random.Random,
+        node_id: str = "",
+        resolve: Resolve | None = None,
+        service_name: str = "waypoint",
+    ):
+        """``resolve``: a cluster's first endpoint (the collector of istiod's form, and the
+        zipkin tracer's); ``service_name``: the waypoint's, for Zipkin's localEndpoint."""
         self.rng = rng
         self.node_id = node_id
         self.resolve = resolve or (lambda _: None)
+        self.service_name = service_name
+        self._zipkin: dict[tuple[str, str], zipkin.Exporter] = {}
         # Per (target, service name), oldest first: a collector whose pods changed gets a
         # new target, and the exporter of an old one is shut down past MAX_EXPORTERS.
         self._tracers: dict[tuple[str, str], tuple[TracerProvider, Any]] = {}
 
-    def start(self, head: RequestHead, config: Tracing) -> Trace | None:
+    def start(self, head: RequestHead, config: Tracing) -> Trace | zipkin.ZipkinTrace | None:
         """The request's trace (and its upstream headers rewritten), or None: no tracer, or a
         traceparent that cannot be read (then passed on as it came)."""
         if config.collector is None:
             return None
+        if config.collector.zipkin:
+            t = zipkin.start(head, config, self.rng)
+            t.tags = _header_tags(head, config)
+            return t
         found = next((v for k, v in head.headers if k == TRACEPARENT), None)
         parent = None
         if found is not None:
@@ -155,47 +170,83 @@ class Tracer:
         span_id = span.get_span_context().span_id if span is not None else self.rng.getrandbits(64)
         head.headers = [h for h in head.headers if h[0] != TRACEPARENT]
         head.headers.append((TRACEPARENT, traceparent(trace_id, span_id or 1, sampled)))
-        tags = tuple(
-            (tag, next((v for k, v in head.headers if k == name), default))
-            for tag, name, default in config.header_tags
-        )
-        return Trace(trace_id, span_id, sampled, config, span, tags)
+        return Trace(trace_id, span_id, sampled, config, span, _header_tags(head, config))
 
-    def finish(self, t: Trace, rec: RequestRecord, operation: str, scheme: str) -> None:
+    def finish(
+        self, t: Trace | zipkin.ZipkinTrace, rec: RequestRecord, operation: str, scheme: str
+    ) -> None:
+        if isinstance(t, zipkin.ZipkinTrace):
+            self._finish_zipkin(t, rec, operation, scheme)
+            return
         span = t.span
         if span is None:
             return
         try:
             span.update_name(operation or DEFAULT_OPERATION)
-            url = f"{scheme}://{rec.authority}{rec.path}"[: t.config.max_path_tag_length]
-            attributes = {
-                "node_id": self.node_id,
-                "zone": "",
-                "guid:x-request-id": rec.request_id,
-                "http.url": url,
-                "http.method": rec.method,
-                "downstream_cluster": "-",
-                "user_agent": rec.user_agent or "-",
-                "http.protocol": rec.protocol,
-                "peer.address": str(rec.info.get("source_ip") or rec.info.get("peer") or ""),
-                "request_size": str(rec.bytes_received),
-                "response_size": str(rec.bytes_sent),
-                "response_flags": rec.flags,
-                "http.status_code": str(rec.status),
-                "upstream_cluster": rec.cluster or "-",
-                "upstream_cluster.name": rec.cluster or "-",
-                "upstream_address": rec.upstream_host or "-",
-                "component": "proxy",
-            }
-            attributes.update(t.config.literal_tags)
-            attributes.update(t.tags)
+            attributes = self._tags(rec, scheme, t.config, t.tags)
             if rec.status >= 500 or rec.status == 0:
-                attributes["error"] = "true"
                 span.set_status(Status(StatusCode.ERROR))
             span.set_attributes(attributes)
             span.end(end_time=int((rec.start + rec.duration_ms / 1000) * 1e9))
         except Exception:  # a span must never fail a request
             log.exception("tracing: a span could not be ended")
+
+    def _finish_zipkin(
+        self, t: zipkin.ZipkinTrace, rec: RequestRecord, operation: str, scheme: str
+    ) -> None:
+        collector = t.config.collector
+        if not t.sampled or collector is None:
+            return
+        try:
+            key = (collector.cluster, collector.path)
+            exporter = self._zipkin.get(key)
+            if exporter is None:
+                exporter = self._zipkin[key] = zipkin.Exporter(collector, self.resolve)
+            tags = self._tags(rec, scheme, t.config, t.tags)
+            exporter.add(
+                zipkin.span_json(
+                    t, operation or DEFAULT_OPERATION, rec.start, rec.duration_ms, tags,
+                    self.service_name,
+                )
+            )  # fmt: skip
+        except Exception:  # a span must never fail a request
+            log.exception("tracing: a zipkin span could not be reported")
+
+    def _tags(
+        self, rec: RequestRecord, scheme: str, config: Tracing, header: tuple[tuple[str, str], ...]
+    ) -> dict[str, str]:
+        """Envoy's span tags, then the custom ones; ``error`` for a 5xx or no response."""
+        url = f"{scheme}://{rec.authority}{rec.path}"[: config.max_path_tag_length]
+        attributes = {
+            "node_id": self.node_id,
+            "zone": "",
+            "guid:x-request-id": rec.request_id,
+            "http.url": url,
+            "http.method": rec.method,
+            "downstream_cluster": "-",
+            "user_agent": rec.user_agent or "-",
+            "http.protocol": rec.protocol,
+            "peer.address": str(rec.info.get("source_ip") or rec.info.get("peer") or ""),
+            "request_size": str(rec.bytes_received),
+            "response_size": str(rec.bytes_sent),
+            "response_flags": rec.flags,
+            "http.status_code": str(rec.status),
+            "upstream_cluster": rec.cluster or "-",
+            "upstream_cluster.name": rec.cluster or "-",
+            "upstream_address": rec.upstream_host or "-",
+            "component": "proxy",
+        }
+        attributes.update(config.literal_tags)
+        attributes.update(header)
+        if rec.status >= 500 or rec.status == 0:
+            attributes["error"] = "true"
+        return attributes
+
+    async def aclose(self) -> None:
+        """Post what the zipkin exporters hold, and stop them."""
+        for exporter in self._zipkin.values():
+            await exporter.close()
+        self._zipkin.clear()
 
     def _tracer(self, collector: Collector) -> Any:
         target = collector.target or self.resolve(collector.cluster) or ""
@@ -241,6 +292,13 @@ def _shutdown(provider: TracerProvider) -> None:
         provider.shutdown()
     except Exception:
         log.exception("tracing: shutting an exporter down failed")
+
+
+def _header_tags(head: RequestHead, config: Tracing) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (tag, next((v for k, v in head.headers if k == name), default))
+        for tag, name, default in config.header_tags
+    )
 
 
 def _trace_state(value: str | None) -> TraceState:

@@ -51,9 +51,11 @@ from controlplane.l7 import (
 )
 from controlplane.l7.binding import bind
 from controlplane.l7.clusters import Endpoints, clusters_for
+from controlplane.l7.ir import DEFAULT_POLICY
+from controlplane.l7.ir import Protocol as L7Protocol
 from controlplane.l7.port_routes import ports_of
 from controlplane.l7.route_attachment import attach, parse_routes
-from controlplane.l7.share import ServiceSpec, WaypointShare, service_key
+from controlplane.l7.share import ClusterSpec, ServiceSpec, WaypointShare, service_key
 from controlplane.l7.status import Condition, ObjectStatus, Out
 from controlplane.l7.workloads import bound_pods, workload_spec
 from controlplane.state import ServiceInfo, SourceState, WaypointInfo
@@ -183,6 +185,15 @@ def build(state: SourceState) -> L7Result:
                 )
                 continue
             workloads.append(workload_spec(state, pod, namespaces))
+        zipkin: dict[str, ClusterSpec] = {}
+        collectors = _collectors(specs, services, endpoints, zipkin)
+        for provider, cluster in collectors.items():
+            if not cluster:
+                out.reject(
+                    f"zipkin provider {provider}: its service is not a Service meshd knows: "
+                    "no spans are sent (Envoy's zipkin tracer posts to a cluster)"
+                )
+        clusters = {**clusters, **zipkin}
         shares[waypoint.key] = WaypointShare(
             waypoint=waypoint,
             trust_domain=state.trust_domain,
@@ -190,7 +201,7 @@ def build(state: SourceState) -> L7Result:
             clusters=MappingProxyType(clusters),
             workloads=tuple(workloads),
             workload_policies=tuple(own),
-            collectors=MappingProxyType(_collectors(specs, services, endpoints)),
+            collectors=MappingProxyType(collectors),
         )
     for p in authorizations:
         out.status.append(authz.status_of(p, bound_to[p.key]))
@@ -338,11 +349,20 @@ def _mesh_config(state: SourceState, out: Out) -> mesh_config.MeshConfig:
     return mesh
 
 
+def key_host(info: ServiceInfo) -> str:
+    return service_key(info.namespace, info.name).split("/", 1)[1]
+
+
 def _collectors(
-    specs: Sequence[ServiceSpec], services: Mapping[str, ServiceInfo], endpoints: Endpoints
+    specs: Sequence[ServiceSpec],
+    services: Mapping[str, ServiceInfo],
+    endpoints: Endpoints,
+    zipkin: dict[str, ClusterSpec],
 ) -> dict[str, str]:
     """Each tracing provider's collector as a gRPC target: the ready pods of the Service it
-    names (``ipv4:IP:PORT,...``), or its host by DNS when meshd does not know it."""
+    names (``ipv4:IP:PORT,...``), or its host by DNS when meshd does not know it; for a
+    zipkin provider the name of the cluster added to ``zipkin`` ("" when the Service is
+    not known: no tracer then, and a line in ``rejected``)."""
     out: dict[str, str] = {}
     for spec in specs:
         tracing = spec.telemetry.tracing
@@ -359,6 +379,25 @@ def _collectors(
             None,
         )
         target = f"dns:///{host}:{p.port}"
+        if p.kind == "zipkin":
+            # Envoy's zipkin tracer posts to a cluster: istiod's outbound cluster of the
+            # collector's Service (its pods, as any cluster's endpoints).
+            if info is None:
+                out[p.name] = ""
+                continue
+            name = f"outbound|{p.port}||{key_host(info)}"
+            zipkin[name] = ClusterSpec(
+                name=name,
+                service=service_key(info.namespace, info.name),
+                hostname=key_host(info),
+                port=p.port,
+                subset="",
+                protocol=L7Protocol.HTTP,
+                policy=DEFAULT_POLICY,
+                endpoints=endpoints.of(info, p.port, {}),
+            )
+            out[p.name] = name
+            continue
         if info is not None:
             ready = [e for e in endpoints.of(info, p.port, {}) if e.healthy]
             if ready:

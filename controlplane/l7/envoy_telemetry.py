@@ -14,7 +14,11 @@ reached:
   knows, ``dns:///HOST:PORT`` otherwise. Envoy accepts both; our waypoint's
   exporter dials that target. ``disableSpanReporting`` keeps ``tracing``
   without a provider: request ids and sampling decisions stay, no span is
-  sent, the trace headers pass through as they came.
+  sent, the trace headers pass through as they came. A ``zipkin`` provider
+  gets ``envoy.tracers.zipkin`` posting JSON v2 to ``/api/v2/spans`` of
+  istiod's cluster of the collector's Service (``outbound|PORT||host``, added
+  to the waypoint's clusters by :mod:`controlplane.l7.build`), with the
+  provider's ``traceContextOption``.
 * ``access_log``: one ``envoy.access_loggers.file`` per provider, Istio's
   text format (or the provider's ``logFormat``), or Istio's JSON fields.
 """
@@ -25,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, grpc_service_pb2, substitution_format_string_pb2
-from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2, zipkin_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -41,6 +45,7 @@ from controlplane.l7.telemetry_api import CustomTag, TelemetrySpec, TracingSpec
 from mesh.accesslog_formats import ISTIO_JSON_FORMAT, ISTIO_TEXT_FORMAT
 
 OPENTELEMETRY_TRACER = "envoy.tracers.opentelemetry"
+ZIPKIN_TRACER = "envoy.tracers.zipkin"
 FILE_ACCESS_LOG = "envoy.access_loggers.file"
 DEFAULT_MAX_PATH_TAG = 256  # istiod's default maxTagLength
 
@@ -68,12 +73,22 @@ def hcm_tracing(
         ),
         custom_tags=[_custom_tag(c) for c in t.custom_tags],
     )
-    if t.report:
+    if t.report and target(t.provider):  # a zipkin collector meshd cannot find: no tracer
         out.provider.CopyFrom(_provider(t, service_name, target))
     return out
 
 
 def _provider(t: TracingSpec, service_name: str, target: Target) -> http_tracer_pb2.Tracing.Http:
+    if t.provider.kind == "zipkin":
+        zipkin = zipkin_pb2.ZipkinConfig(
+            collector_cluster=target(t.provider),
+            collector_endpoint="/api/v2/spans",
+            collector_endpoint_version=zipkin_pb2.ZipkinConfig.HTTP_JSON,
+            trace_context_option=zipkin_pb2.ZipkinConfig.TraceContextOption.Value(
+                t.provider.trace_context or "USE_B3"
+            ),
+        )
+        return http_tracer_pb2.Tracing.Http(name=ZIPKIN_TRACER, typed_config=_any(zipkin))
     config = opentelemetry_pb2.OpenTelemetryConfig(
         grpc_service=grpc_service_pb2.GrpcService(
             google_grpc=grpc_service_pb2.GrpcService.GoogleGrpc(

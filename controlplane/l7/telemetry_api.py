@@ -194,12 +194,6 @@ def _providers(r: Reader, mesh: MeshConfig, want: str) -> tuple[str, ...] | None
         provider = mesh.provider(name)
         if provider is None:
             raise p.error(f"no extension provider {name!r} in the mesh config", "name")
-        if want == "tracing" and provider.kind == "zipkin":
-            raise p.error(
-                f"provider {name} is zipkin, whose export is not implemented here: use an "
-                "opentelemetry provider (an OpenTelemetry Collector can forward to Zipkin)",
-                "name",
-            )
         if (want == "tracing" and not provider.is_tracing) or (
             want == "accessLogging" and not provider.is_access_log
         ):

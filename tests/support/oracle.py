@@ -237,9 +237,13 @@ def oracle(
     workdir: Path,
     peer_identity: str = "",
     tracer: Tracer | None = None,
+    front: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    static_clusters: list[dict[str, Any]] | None = None,
 ) -> Iterator[Oracle]:
     """Start backends, meshd, Envoy and ours; ``state_for(backends)`` is the world; both
-    see every client as ``peer_identity`` (the HBONE peer's SPIFFE ID) when one is given."""
+    see every client as ``peer_identity`` (the HBONE peer's SPIFFE ID) when one is given.
+    ``front`` may change Envoy's front listener (as a dict), ``static_clusters`` are added
+    to its bootstrap (what a static listener needs at start, before CDS)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -270,7 +274,12 @@ def oracle(
             admin_port=admin_port,
             namespace="shop",
             gateway="waypoint",
-            static_listeners=[_front_listener(resources, authority, envoy_port, peer_identity)],
+            static_listeners=[
+                (front or (lambda doc: doc))(
+                    _front_listener(resources, authority, envoy_port, peer_identity)
+                )
+            ],
+            static_clusters=static_clusters,
         )
         envoy = Envoy(config, workdir, "oracle")
         envoy.start()

@@ -8,7 +8,9 @@ that names its collector: ``google_grpc.target_uri`` (what meshd sends) or
 ``envoy_grpc.cluster_name`` of a cluster whose endpoints are plain addresses
 (what istiod sends), resolved when spans are exported. No provider: request
 ids and sampling decisions only, the trace headers pass as they came.
-Everything else (other tracers, ``verbose``, ``spawn_upstream_span``,
+The provider ``envoy.tracers.zipkin`` with ``collector_cluster``,
+``collector_endpoint`` (JSON v2), ``shared_span_context`` and
+``trace_context_option``. Everything else (other tracers, ``verbose``, ``spawn_upstream_span``,
 ``operation``, OTLP over HTTP, samplers, resource detectors) is refused.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2, zipkin_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -25,17 +27,23 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from waypoint.config.checks import Unsupported, only, unpack
 
 OPENTELEMETRY = "envoy.tracers.opentelemetry"
+ZIPKIN = "envoy.tracers.zipkin"
 MILLION = 1_000_000
 DEFAULT_MAX_PATH_TAG = 256  # Envoy's
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Collector:
-    """Where spans go: a gRPC target, or an Envoy cluster whose first endpoint is it."""
+    """Where spans go: a gRPC target, or an Envoy cluster whose first endpoint is it.
+    ``zipkin``: Envoy's zipkin tracer (B3 headers, Zipkin v2 JSON posted to ``path``)."""
 
     service_name: str
     target: str = ""
     cluster: str = ""
+    zipkin: bool = False
+    path: str = ""
+    shared_span_context: bool = True  # Envoy's default
+    w3c: bool = False  # trace_context_option USE_B3_WITH_W3C_PROPAGATION
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,8 +105,35 @@ def tracing(t: hcm_pb2.HttpConnectionManager.Tracing, where: str) -> Tracing:
     )
 
 
+def _zipkin(p: http_tracer_pb2.Tracing.Http, where: str) -> Collector:
+    z = unpack(p.typed_config, zipkin_pb2.ZipkinConfig, where)
+    cw = f"{where}.typed_config"
+    only(
+        z,
+        {"collector_cluster", "collector_endpoint", "collector_endpoint_version",
+         "shared_span_context", "trace_context_option"},
+        cw,
+    )  # fmt: skip
+    if z.collector_endpoint_version != zipkin_pb2.ZipkinConfig.HTTP_JSON:
+        raise Unsupported(f"{cw}.collector_endpoint_version: only HTTP_JSON")
+    if not z.collector_cluster or not z.collector_endpoint:
+        raise Unsupported(f"{cw}: collector_cluster and collector_endpoint are required")
+    return Collector(
+        service_name="",
+        cluster=z.collector_cluster,
+        zipkin=True,
+        path=z.collector_endpoint,
+        shared_span_context=z.shared_span_context.value
+        if z.HasField("shared_span_context")
+        else True,
+        w3c=z.trace_context_option == zipkin_pb2.ZipkinConfig.USE_B3_WITH_W3C_PROPAGATION,
+    )
+
+
 def _provider(p: http_tracer_pb2.Tracing.Http, where: str) -> Collector:
     only(p, {"name", "typed_config"}, where)
+    if p.name == ZIPKIN:
+        return _zipkin(p, where)
     if p.name != OPENTELEMETRY:
         raise Unsupported(f"{where}.name: tracer {p.name} is not supported (only {OPENTELEMETRY})")
     config = unpack(p.typed_config, opentelemetry_pb2.OpenTelemetryConfig, where)

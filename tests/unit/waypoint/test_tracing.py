@@ -24,6 +24,7 @@ from tests.support.l7world import world
 from tests.support.otlp import OtlpReceiver
 from tests.support.waypoint_harness import Backend, config_for, request, waypoint, with_backends
 from tests.unit.hbone.conftest import run
+from waypoint.config.model import HttpManager
 from waypoint.tracing import Tracer, parse_traceparent, traceparent
 
 REVIEWS = "10.96.0.20:9080"
@@ -267,7 +268,10 @@ def test_telemetry_statuses_say_where_it_is_in_force_and_what_is_refused() -> No
     assert got["tracing"] == (True, "Accepted", "tracing in force on waypoint shop/waypoint")
     assert got["unknown"][:2] == (False, "Invalid")
     assert "no extension provider 'nope'" in got["unknown"][2]
-    assert "zipkin, whose export is not implemented" in got["zipkin"][2]
+    # A zipkin provider is accepted; one whose Service meshd does not know sends nothing,
+    # and meshd says so once (test_a_zipkin_collector_meshd_does_not_know_is_said).
+    # (Here an older Telemetry at the same level is in force: it is not Invalid, though.)
+    assert got["zipkin"][1] == "TargetNotFound"
     assert "envoyExtAuthzGrpc, which this mesh does not run" in got["authz"][2]
     assert "not supported: custom metrics" in got["metrics"][2]
     assert "CEL filter expressions" in got["cel"][2]
@@ -315,3 +319,18 @@ def test_exporters_of_old_collector_targets_are_retired() -> None:
     finally:
         tracer.shutdown()
     assert tracer.exporters == 0
+
+
+def test_a_zipkin_collector_meshd_does_not_know_is_said_and_no_tracer_is_sent() -> None:
+    state = world(telemetry("  - providers: [{name: zipkin}]\n    randomSamplingPercentage: 100\n"))
+    state = replace(state, l7=(*state.l7, mesh_config(4317)))
+    result = build(state)
+    assert any(
+        "zipkin provider zipkin" in line and "not a Service" in line for line in result.rejected
+    )
+    config = config_for(state)
+    manager = next(
+        c.handler for c in config.listeners["waypoint"].chains if c.name.startswith("reviews.")
+    )
+    assert isinstance(manager, HttpManager)
+    assert manager.tracing is not None and manager.tracing.collector is None
