@@ -11,6 +11,9 @@ What Envoy 1.40 does (seen against it, tests/interop/test_envoy_waypoint_tracing
   parent, and the upstream gets the same ids back; without it, a new span
   whose parent is the incoming span, and the upstream gets the new one;
 * without a context: a new 64-bit trace whose first span has the trace's id;
+* the sampling decision is the upstream's when it made one (``x-b3-sampled``,
+  the ``b3`` flag, ``traceparent``'s flag), else ``random_sampling``: a sampled
+  parent is reported even at 0% (the OpenTelemetry tracer would not);
 * the upstream gets the same form that came (a single ``b3`` stays single),
   plus ``traceparent`` with ``USE_B3_WITH_W3C_PROPAGATION``;
 * sampled spans are posted as Zipkin v2 JSON to the collector cluster's first
@@ -113,7 +116,9 @@ def start(head: RequestHead, config: Tracing, rng: random.Random) -> ZipkinTrace
         t = ZipkinTrace(trace, trace, "", decided, config, shared)
         single = False
     else:
-        sampled = decided and ctx.sampled is not False
+        # Unlike the OpenTelemetry tracer, Envoy's zipkin tracer takes the upstream's
+        # decision when it made one (a sampled parent is reported even at 0%).
+        sampled = ctx.sampled if ctx.sampled is not None else decided
         if shared:
             t = ZipkinTrace(ctx.trace_id, ctx.span_id, ctx.parent_id, sampled, config, shared)
         else:

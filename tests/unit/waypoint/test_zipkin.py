@@ -69,3 +69,14 @@ def test_w3c_propagation_adds_traceparent_and_a_new_trace_is_64_bits() -> None:
     unsampled = head(("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN), ("x-b3-sampled", "0"))
     t = start(unsampled, config(w3c=True), random.Random(4))
     assert not t.sampled and sent(unsampled)["traceparent"] == f"00-{TRACE}-{SPAN}-00"
+
+
+def test_the_upstream_s_decision_wins_as_envoy_s_zipkin_tracer_takes_it() -> None:
+    """Probed against Envoy 1.40 at random_sampling 0: a sampled B3 parent is reported, one
+    without a flag is not (the percentage decides)."""
+    zero = Tracing(random_ppm=0, collector=config().collector)
+    sampled = head(("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN), ("x-b3-sampled", "1"))
+    assert start(sampled, zero, random.Random(5)).sampled
+    no_flag = head(("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN))
+    t = start(no_flag, zero, random.Random(6))
+    assert not t.sampled and sent(no_flag)["x-b3-sampled"] == "0"
