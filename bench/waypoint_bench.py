@@ -66,7 +66,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import re
 import shutil
 import signal
 import statistics
@@ -79,9 +78,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.hbone_bench import machine
-from bench.mesh.load import WARMUP_S, cpu_of
+from bench.mesh.load import cpu_of, warm_up, wrk
 from bench.mesh.report import fmt, scan_logs
-from bench.mesh.shell import BenchError, Log, in_netns, wait_until
+from bench.mesh.shell import BenchError, Log, wait_until
 from bench.mesh.waypoint_configs import CONFIGS, JwtIssuer, objects, sampling_of
 from bench.mesh.waypoint_lab import BURST, WAYPOINT_PLACEMENTS, WaypointLab
 from bench.mesh_bench import _missing_tools
@@ -112,41 +111,6 @@ TITLES = {
 }
 WAYPOINTS = ("ours", "envoy")
 Add = Callable[..., None]
-
-_LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
-
-
-def wrk(lab: WaypointLab, seconds: float, *, close: bool) -> dict[str, float]:
-    """wrk from the client pod to ``lab.url``, with the lab's headers (the token)."""
-    argv = ["wrk", "-t1", "-c50", f"-d{seconds:g}s", "--latency"]
-    for header in lab.headers:
-        argv += ["-H", header]
-    if close:
-        argv += ["-H", "Connection: close"]
-    out = in_netns(lab.client_ns, [*argv, lab.url], timeout_s=seconds + 60, check=False)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if rps is None:
-        raise BenchError(f"wrk in placement {lab.mode} printed no result:\n{out}")
-    result = {"rps": float(rps.group(1))}
-    done = re.search(r"(\d+) requests in", out)
-    result["requests"] = float(done.group(1)) if done else 0.0
-    for pct, value, unit in _LATENCY.findall(out):
-        result[f"p{pct}_ms"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result["errors"] = float(non2xx.group(1)) if non2xx else 0.0
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    result["socket_errors"] = (
-        float(sum(int(n) for n in re.findall(r"\d+", socket_errors.group(1))))
-        if socket_errors
-        else 0.0
-    )
-    return result
-
-
-def warm_up(lab: WaypointLab) -> None:
-    """A second of new connections through the placement just made, not measured."""
-    with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
-        wrk(lab, WARMUP_S, close=True)
 
 
 def measure_placement(

@@ -42,6 +42,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from mesh.istio_metrics import STANDARD_LABELS, TCP_LABELS
 from waypoint.accesslog import AccessLogEntry, Formatter, istio_formatter
 from waypoint.config.stats import StatsConfig
 from waypoint.grpc_messages import grpc_status_label
@@ -58,38 +59,10 @@ UNKNOWN = "unknown"
 MAX_SERIES = 10000  # distinct label sets per metric family, beyond which they are folded
 DURATION_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000)
 BYTES_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
-LABELS = (
-    "reporter",
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "destination_service",
-    "destination_service_namespace",
-    "destination_service_name",
-    "destination_workload",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-)
+LABELS = STANDARD_LABELS
 _PROTOCOL = LABELS.index("request_protocol")
 _CODE = LABELS.index("response_code")
 _GRPC = LABELS.index("grpc_response_status")
-# Istio's TCP metrics carry no response code nor gRPC status.
-TCP_LABELS = tuple(name for i, name in enumerate(LABELS) if i not in (_CODE, _GRPC))
 
 ServiceOf = Callable[[str], Mapping[str, Any]]  # cluster name -> its istio.services[0]
 LabelKey = tuple[str, ...]  # what a label set is computed from (see Telemetry.labels)

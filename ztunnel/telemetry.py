@@ -40,6 +40,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mesh.istio_metrics import TCP_LABELS
 from mesh.model import Service, Workload
 from ztunnel.baggage import DerivedSources
 
@@ -50,31 +51,7 @@ _disable_created: Callable[[], None] = disable_created_metrics
 _disable_created()
 
 UNKNOWN = "unknown"
-LABELS = (
-    "reporter",
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "destination_service",
-    "destination_service_namespace",
-    "destination_service_name",
-    "destination_workload",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_cluster",
-    "request_protocol",
-    "response_flags",
-    "connection_security_policy",
-)
+LABELS = TCP_LABELS  # Istio's TCP metrics' labels
 
 # (bytes received from the client, bytes sent to the client), read when asked.
 Counters = Callable[[], tuple[int, int]]

@@ -45,6 +45,7 @@ class MeshLab:
     """The cluster, its two pods, the apps in the server pod and the placements."""
 
     cluster_spec = CLUSTER  # the meshlab cluster file, as a dict
+    headers: tuple[str, ...] = ()  # sent with every wrk request (the waypoint's: a token)
 
     def __init__(self, workdir: Path, log: Log, *, pin_cipher: bool = True) -> None:
         self.dir = workdir

@@ -44,8 +44,11 @@ _LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
 def wrk(lab: MeshLab, seconds: float, *, close: bool) -> dict[str, float]:
-    """wrk from the client pod to what the lab's placements serve (``lab.url``)."""
+    """wrk from the client pod to what the lab's placements serve (``lab.url``), with the
+    lab's ``headers``."""
     argv = ["wrk", "-t1", "-c50", f"-d{seconds:g}s", "--latency"]
+    for header in lab.headers:
+        argv += ["-H", header]
     if close:
         argv += ["-H", "Connection: close"]
     out = in_netns(

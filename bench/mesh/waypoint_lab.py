@@ -136,7 +136,6 @@ class WaypointLab(MeshLab):
         return f"http://{VIP}:{SERVICE_PORT}/"
 
     cluster_spec = CLUSTER
-    headers: tuple[str, ...] = ()  # sent with every request (the security token)
     collector: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

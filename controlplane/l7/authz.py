@@ -26,10 +26,11 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 from controlplane.l7.istio_object import created_of, generation_of
 from controlplane.l7.reader import InvalidObject, Reader
-from controlplane.l7.status import Condition, ObjectStatus
+from controlplane.l7.status import ObjectStatus, waypoint_accepted
 from controlplane.state import L7Object
 
 KIND = "AuthorizationPolicy"
@@ -209,16 +210,7 @@ def status_of(policy: WaypointPolicy, bound: Sequence[str]) -> ObjectStatus:
                    f"bound to {', '.join(bound)}")  # fmt: skip
 
 
-def _status(
-    namespace: str, name: str, generation: int, ok: bool, reason: str, message: str
-) -> ObjectStatus:
-    return ObjectStatus(
-        kind=KIND,
-        namespace=namespace,
-        name=name,
-        generation=generation,
-        conditions=(Condition(type="WaypointAccepted", status=ok, reason=reason, message=message),),
-    )
+_status = partial(waypoint_accepted, KIND)  # namespace, name, generation, ok, reason, message
 
 
 # ------------------------------------------------------------------ reading

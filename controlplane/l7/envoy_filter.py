@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as lrl_pb2
@@ -56,7 +57,7 @@ from google.protobuf import json_format
 from controlplane.l7.authz import Target, has_target_refs, read_targets
 from controlplane.l7.istio_object import created_of, generation_of
 from controlplane.l7.reader import InvalidObject, Reader
-from controlplane.l7.status import Condition, ObjectStatus
+from controlplane.l7.status import ObjectStatus, waypoint_accepted
 from controlplane.state import L7Object
 
 KIND = "EnvoyFilter"
@@ -327,13 +328,4 @@ def status_of(f: WaypointRateLimit, bound: Sequence[str], shadowed: Sequence[str
     return _status(f.namespace, f.name, f.generation, True, "Accepted", message)
 
 
-def _status(
-    namespace: str, name: str, generation: int, ok: bool, reason: str, message: str
-) -> ObjectStatus:
-    return ObjectStatus(
-        kind=KIND,
-        namespace=namespace,
-        name=name,
-        generation=generation,
-        conditions=(Condition(type="WaypointAccepted", status=ok, reason=reason, message=message),),
-    )
+_status = partial(waypoint_accepted, KIND)  # namespace, name, generation, ok, reason, message

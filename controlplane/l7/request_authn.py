@@ -37,13 +37,14 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from controlplane.l7.authz import Target, has_target_refs, read_targets
 from controlplane.l7.istio_object import created_of, generation_of
 from controlplane.l7.reader import InvalidObject, Reader, go_duration
-from controlplane.l7.status import Condition, ObjectStatus
+from controlplane.l7.status import Condition, ObjectStatus, waypoint_accepted
 from controlplane.state import FetchedJwks, L7Object
 
 KIND = "RequestAuthentication"
@@ -267,16 +268,7 @@ def status_of(authn: WaypointAuthentication, bound: Sequence[str]) -> ObjectStat
                    f"bound to {', '.join(bound)}" + notes)  # fmt: skip
 
 
-def _status(
-    namespace: str, name: str, generation: int, ok: bool, reason: str, message: str
-) -> ObjectStatus:
-    return ObjectStatus(
-        kind=KIND,
-        namespace=namespace,
-        name=name,
-        generation=generation,
-        conditions=(Condition(type="WaypointAccepted", status=ok, reason=reason, message=message),),
-    )
+_status = partial(waypoint_accepted, KIND)  # namespace, name, generation, ok, reason, message
 
 
 # ------------------------------------------------------------------ reading

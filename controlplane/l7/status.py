@@ -118,6 +118,20 @@ def _parent_ref(ref: ParentRef) -> dict[str, Any]:
     return out
 
 
+def waypoint_accepted(
+    kind: str, namespace: str, name: str, generation: int, ok: bool, reason: str, message: str
+) -> ObjectStatus:
+    """An Istio policy's status as meshd writes it: one ``WaypointAccepted`` condition
+    (AuthorizationPolicy, RequestAuthentication, EnvoyFilter, Telemetry)."""
+    return ObjectStatus(
+        kind=kind,
+        namespace=namespace,
+        name=name,
+        generation=generation,
+        conditions=(Condition(type="WaypointAccepted", status=ok, reason=reason, message=message),),
+    )
+
+
 def accepted(message: str = "") -> Condition:
     return Condition(type="Accepted", status=True, reason="Accepted", message=message)
 

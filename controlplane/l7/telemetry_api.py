@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 
 from controlplane.l7 import telemetry_metrics
@@ -43,7 +44,7 @@ from controlplane.l7.authz import Target, read_targets
 from controlplane.l7.istio_object import created_of, generation_of
 from controlplane.l7.mesh_config import ENVOY, MeshConfig, Provider
 from controlplane.l7.reader import InvalidObject, Reader
-from controlplane.l7.status import Condition, ObjectStatus
+from controlplane.l7.status import ObjectStatus, waypoint_accepted
 from controlplane.l7.telemetry_metrics import MetricOverride
 from controlplane.state import L7Object, WaypointInfo
 
@@ -373,13 +374,4 @@ def status_of(t: WaypointTelemetry, bound: Sequence[str]) -> ObjectStatus:
                    f"{what} in force on {', '.join(bound)}")  # fmt: skip
 
 
-def _status(
-    namespace: str, name: str, generation: int, ok: bool, reason: str, message: str
-) -> ObjectStatus:
-    return ObjectStatus(
-        kind=KIND,
-        namespace=namespace,
-        name=name,
-        generation=generation,
-        conditions=(Condition(type="WaypointAccepted", status=ok, reason=reason, message=message),),
-    )
+_status = partial(waypoint_accepted, KIND)  # namespace, name, generation, ok, reason, message

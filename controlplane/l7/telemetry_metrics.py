@@ -22,75 +22,17 @@ tag that is not one of Istio's), ``reportingInterval``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import struct_pb2
 
 from controlplane.l7.reader import Reader
+from mesh.istio_metrics import ATTRIBUTES, HEADER, LITERAL, METRICS, STANDARD_LABELS
 
 ISTIO_STATS = "istio.stats"
 PLUGIN_CONFIG = "type.googleapis.com/stats.PluginConfig"
-# Istio's MetricSelector.IstioMetric -> istio_stats' metric name.
-METRICS = {
-    "REQUEST_COUNT": "requests_total",
-    "REQUEST_DURATION": "request_duration_milliseconds",
-    "REQUEST_SIZE": "request_bytes",
-    "RESPONSE_SIZE": "response_bytes",
-    "TCP_OPENED_CONNECTIONS": "tcp_connections_opened_total",
-    "TCP_CLOSED_CONNECTIONS": "tcp_connections_closed_total",
-    "TCP_SENT_BYTES": "tcp_sent_bytes_total",
-    "TCP_RECEIVED_BYTES": "tcp_received_bytes_total",
-    "GRPC_REQUEST_MESSAGES": "request_messages_total",
-    "GRPC_RESPONSE_MESSAGES": "response_messages_total",
-}
-# Istio's standard tags (istio_stats' dimensions), all of which a waypoint reports.
-TAGS = frozenset(
-    {
-        "reporter",
-        "source_workload",
-        "source_canonical_service",
-        "source_canonical_revision",
-        "source_workload_namespace",
-        "source_principal",
-        "source_app",
-        "source_version",
-        "source_cluster",
-        "destination_service",
-        "destination_service_namespace",
-        "destination_service_name",
-        "destination_workload",
-        "destination_canonical_service",
-        "destination_canonical_revision",
-        "destination_workload_namespace",
-        "destination_principal",
-        "destination_app",
-        "destination_version",
-        "destination_cluster",
-        "request_protocol",
-        "response_code",
-        "grpc_response_status",
-        "response_flags",
-        "connection_security_policy",
-    }
-)
-ATTRIBUTES = frozenset(
-    {
-        "request.host",
-        "request.method",
-        "request.path",
-        "request.url_path",
-        "request.scheme",
-        "request.protocol",
-        "request.useragent",
-        "response.code",
-        "source.principal",
-        "destination.port",
-    }
-)
-_LITERAL = re.compile(r"""^(?:'([^'\\]*)'|"([^"\\]*)")$""")
-_HEADER = re.compile(r"""^request\.headers\[(?:'([A-Za-z0-9-]+)'|"([A-Za-z0-9-]+)")\]$""")
+TAGS = frozenset(STANDARD_LABELS)
 _MODES = ("CLIENT", "SERVER", "CLIENT_AND_SERVER")
 
 
@@ -105,7 +47,7 @@ class MetricOverride:
 def check_value(r: Reader, key: str, value: str) -> str:
     """An UPSERT's value, if it is an expression we evaluate; else refused naming it."""
     v = value.strip()
-    if v in ATTRIBUTES or _LITERAL.match(v) or _HEADER.match(v):
+    if v in ATTRIBUTES or LITERAL.match(v) or HEADER.match(v):
         return v
     raise r.error(
         f"{value!r} is not supported: a string literal, request.headers['name'], or one of "

@@ -12,7 +12,6 @@ Anything else is refused.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,67 +20,16 @@ from typing import Any
 from google.protobuf import any_pb2, json_format
 from udpa.type.v1 import typed_struct_pb2
 
+from mesh.istio_metrics import ATTRIBUTES, HEADER, LITERAL, STANDARD_LABELS
+from mesh.istio_metrics import METRICS as ISTIO_METRICS
 from waypoint.config.checks import Unsupported
 
 ISTIO_STATS = "istio.stats"
 PLUGIN_CONFIG = "type.googleapis.com/stats.PluginConfig"
-METRICS = (
-    "requests_total",
-    "request_duration_milliseconds",
-    "request_bytes",
-    "response_bytes",
-    "tcp_connections_opened_total",
-    "tcp_connections_closed_total",
-    "tcp_sent_bytes_total",
-    "tcp_received_bytes_total",
-    "request_messages_total",
-    "response_messages_total",
-)
-ATTRIBUTES = (
-    "request.host",
-    "request.method",
-    "request.path",
-    "request.url_path",
-    "request.scheme",
-    "request.protocol",
-    "request.useragent",
-    "response.code",
-    "source.principal",
-    "destination.port",
-)
-_LITERAL = re.compile(r"""^(?:'([^'\\]*)'|"([^"\\]*)")$""")
-_HEADER = re.compile(r"""^request\.headers\[(?:'([A-Za-z0-9-]+)'|"([A-Za-z0-9-]+)")\]$""")
+METRICS = tuple(ISTIO_METRICS.values())
 REMOVE = None  # a tag's value in MetricRule.tags: removed
 # Istio's standard tags, all of which the waypoint reports (waypoint.telemetry.LABELS).
-STANDARD_TAGS = frozenset(
-    {
-        "reporter",
-        "source_workload",
-        "source_canonical_service",
-        "source_canonical_revision",
-        "source_workload_namespace",
-        "source_principal",
-        "source_app",
-        "source_version",
-        "source_cluster",
-        "destination_service",
-        "destination_service_namespace",
-        "destination_service_name",
-        "destination_workload",
-        "destination_canonical_service",
-        "destination_canonical_revision",
-        "destination_workload_namespace",
-        "destination_principal",
-        "destination_app",
-        "destination_version",
-        "destination_cluster",
-        "request_protocol",
-        "response_code",
-        "grpc_response_status",
-        "response_flags",
-        "connection_security_policy",
-    }
-)
+STANDARD_TAGS = frozenset(STANDARD_LABELS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +57,9 @@ class StatsConfig:
 
 def expression(text: str, where: str) -> Expression:
     v = text.strip()
-    if (m := _LITERAL.match(v)) is not None:
+    if (m := LITERAL.match(v)) is not None:
         return Expression(literal=m.group(1) if m.group(1) is not None else m.group(2))
-    if (m := _HEADER.match(v)) is not None:
+    if (m := HEADER.match(v)) is not None:
         return Expression(header=(m.group(1) or m.group(2)).lower())
     if v in ATTRIBUTES:
         return Expression(attribute=v)
