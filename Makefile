@@ -15,7 +15,7 @@ ENVOY_DIR := .envoy
 ENVOY_VERSION := 1.40.*
 ENVOY_STAMP := $(ENVOY_DIR)/.installed-stamp
 
-.PHONY: help deps host-deps venv protos cni-plugin envoy image demo test bench lint typecheck unit integration clean
+.PHONY: help deps host-deps venv protos cni-plugin ebpf envoy image demo test bench lint typecheck unit integration clean
 
 help:
 	@echo "make demo   bring up a local meshlab cluster, show it working, tear it down"
@@ -24,7 +24,7 @@ help:
 	@echo "make bench  HBONE throughput, latency, connection rate, CPU and memory beside Envoy;"
 	@echo "            meshd at 10,000 workloads and 50 subscribers; the waypoint beside Envoy"
 
-deps: host-deps venv protos cni-plugin
+deps: host-deps venv protos cni-plugin ebpf
 
 host-deps:
 	@scripts/host-deps.sh
@@ -72,6 +72,17 @@ $(CNI_PLUGIN): $(CNI_PLUGIN_SRC) | host-deps
 
 $(VENV)/bin/ztunnel-cni: $(CNI_PLUGIN) $(STAMP)
 	@install -m 0755 $< $@
+
+# The eBPF capture's programs (ebpf/capture.bpf.c), compiled once with clang against
+# the UAPI headers and libbpf's (no kernel headers, no BTF needed); the node agent
+# loads the object with libbpf. Beside the source, so the package (and the image)
+# carries it.
+BPF_OBJECT := ebpf/capture.bpf.o
+ebpf: $(BPF_OBJECT)
+
+$(BPF_OBJECT): ebpf/capture.bpf.c | host-deps
+	@echo "ebpf: compiling $@"
+	@clang -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(gcc -dumpmachine) -c $< -o $@
 
 envoy: $(ENVOY_STAMP)
 

@@ -16,6 +16,9 @@ PACKAGES=(
     gcc                         # builds ztunnel-cni, the static CNI plugin binary
     libc6-dev                   # its static C library
     prometheus                  # examples/observability checked against a real Prometheus
+    clang                       # compiles the eBPF capture's programs (make ebpf)
+    libbpf-dev                  # their helper headers
+    libbpf1                     # loads them (the node agent, through ctypes)
 )
 
 # `host-deps.sh bench` adds what the benchmarks drive.

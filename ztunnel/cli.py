@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the pods' DNS proxy forwards names it does not own "
         "(default: the nameservers of /etc/resolv.conf)",
     )
+    p.add_argument(
+        "--bpf-dir",
+        type=Path,
+        default=Path("/sys/fs/bpf/ztunnel"),
+        help="the node's pinned eBPF capture (the node agent's --bpf-dir), read for the "
+        "pods it captures",
+    )
     p.add_argument("--drain-seconds", type=float, default=5.0)
     p.add_argument(
         "--admin-address", type=_listen, default="127.0.0.1:15000", help="HOST:PORT or 'off'"
@@ -138,6 +145,7 @@ async def run(args: argparse.Namespace) -> int:
         zds_path=str(args.zds_socket),
         trust_domain=args.trust_domain,
         dns_upstreams=_dns_upstreams(args.dns_upstream),
+        bpf_dir=args.bpf_dir,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

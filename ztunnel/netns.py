@@ -20,6 +20,12 @@ from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 INPOD_MARK = 0x539
+# ztunnel's connections to the app it delivers to (from the client's address): the
+# in-pod mark and a bit above the 0xfff the iptables rules match, so the eBPF
+# backend's routing rule can send the app's answers back to ztunnel (the accepted
+# socket takes the SYN's mark with net.ipv4.tcp_fwmark_accept).
+INPOD_DELIVER_MARK = INPOD_MARK | 0x100000
+INPOD_DELIVER_MASK = 0xFFF | 0x100000
 
 T = TypeVar("T")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ebpf.capture import NodeMaps
 from mesh.hbone.channel import Channel, PlainProtocol, reset_transport
 from mesh.hbone.errors import Refused
 from mesh.hbone.headers import connect_headers, parse_baggage
@@ -119,8 +120,13 @@ class PodProxy:
         dns_upstreams: Sequence[tuple[str, int]] = (),
         dns_tables: TableCache | None = None,
         telemetry: Telemetry | None = None,
+        bpf: NodeMaps | None = None,
     ) -> None:
         self.uid = uid
+        # Captured by the node's eBPF programs (the destination asked for is in their
+        # map, or the accepted socket's own address), else by iptables (SO_ORIGINAL_DST).
+        self.bpf = bpf
+        self.capture = "ebpf" if bpf is not None else "iptables"
         self.pod = pod
         self.key = f"{pod.namespace}/{pod.name}"
         self.telemetry = telemetry or Telemetry()
@@ -294,7 +300,7 @@ class PodProxy:
         def make() -> socket.socket:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netns.INPOD_MARK)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, netns.INPOD_DELIVER_MARK)
                 s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
                 # The port is picked at connect, by the whole 4-tuple: a bind to
                 # (ip, 0) would search for a port free for every destination, which
@@ -391,7 +397,13 @@ class PodProxy:
     # -- outbound (15001) ------------------------------------------------------------------
 
     async def _outbound(self, sock: socket.socket, peer: tuple[str, int], conn: Conn) -> None:
-        dst_ip, dst_port = original_destination(sock)
+        if self.bpf is not None:
+            asked = self.bpf.original_destination(peer, sock.getsockname())
+            if asked is None:
+                raise ConnectionRefusedError("not redirected by the capture (no destination kept)")
+            dst_ip, dst_port = asked
+        else:
+            dst_ip, dst_port = original_destination(sock)
         conn.original_dst = f"{dst_ip}:{dst_port}"
         conn.src_identity = str(self.identity)
         index = self.index()
@@ -474,7 +486,14 @@ class PodProxy:
     async def _inbound_plaintext(
         self, sock: socket.socket, peer: tuple[str, int], conn: Conn
     ) -> None:
-        dst_ip, dst_port = original_destination(sock)
+        if self.bpf is not None:
+            # bpf_sk_assign hands the connection over as TPROXY does: the accepted
+            # socket's own address is the one the client asked for.
+            dst_ip, dst_port = sock.getsockname()[:2]
+            if dst_port == INBOUND_PLAINTEXT_PORT:
+                raise ConnectionRefusedError("a connection to 15006 itself is not served")
+        else:
+            dst_ip, dst_port = original_destination(sock)
         conn.original_dst = conn.actual_dst = f"{dst_ip}:{dst_port}"
         index = self.index()
         workload = self._workload(index)

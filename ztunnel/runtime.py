@@ -18,7 +18,9 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
+from ebpf.capture import NodeMaps, netns_cookie
 from mesh.identity import SpiffeId
 from mesh.identity.store import (
     CertificateRefresher,
@@ -27,6 +29,7 @@ from mesh.identity.store import (
     WorkloadCertificate,
 )
 from mesh.xds import XdsClient, XdsState
+from ztunnel import netns
 from ztunnel.dns import TableCache
 from ztunnel.index import StateIndex
 from ztunnel.pod import PodProxy
@@ -48,8 +51,11 @@ class Ztunnel:
         zds_path: str,
         trust_domain: str = "cluster.local",
         dns_upstreams: Sequence[tuple[str, int]] = (),
+        bpf_dir: Path | None = None,
     ) -> None:
         self.xds = xds
+        self.bpf_dir = bpf_dir  # the node's pinned eBPF capture, when it has one
+        self._maps: NodeMaps | None = None
         self.trust_domain = trust_domain
         self.dns_upstreams = tuple(dns_upstreams)
         self.dns_tables = TableCache()  # one names table per snapshot, shared by the pods
@@ -146,6 +152,7 @@ class Ztunnel:
             dns_upstreams=self.dns_upstreams,
             dns_tables=self.dns_tables,
             telemetry=self.telemetry,
+            bpf=await self._bpf_capture(event.netns_fd),
         )
         try:
             await pod.start()
@@ -153,6 +160,22 @@ class Ztunnel:
             await pod.close()
             raise
         self.pods[event.uid] = pod
+
+    async def _bpf_capture(self, netns_fd: int) -> NodeMaps | None:
+        """The node's eBPF maps when they capture this pod (the node agent recorded it
+        in ``zt_pods`` before handing it over), else None: iptables captures it."""
+        if self.bpf_dir is None:
+            return None
+        if self._maps is None:
+            if not (self.bpf_dir / "zt_pods").exists():
+                return None
+            try:
+                self._maps = NodeMaps(self.bpf_dir)
+            except OSError as e:
+                log.warning("ztunnel: cannot open the eBPF capture in %s: %s", self.bpf_dir, e)
+                return None
+        cookie = await asyncio.to_thread(netns.in_netns, netns_fd, netns_cookie)
+        return self._maps if self._maps.captures(cookie) else None
 
     async def drain(self, deadline_s: float) -> None:
         """Stop accepting, let live connections finish for up to ``deadline_s``, then close."""

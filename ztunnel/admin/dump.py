@@ -83,6 +83,7 @@ def config_dump(ztunnel: Ztunnel, *, node: str = "", xds_address: str = "") -> d
                 "serviceAccount": pod.pod.service_account,
             },
             "netns": f"/proc/{os.getpid()}/fd/{pod.netns_fd}",
+            "capture": pod.capture,
             "connections": by_pod.get(pod.key, {"inbound": [], "outbound": []}),
         }
         for uid, pod in sorted(ztunnel.pods.items())
@@ -96,5 +97,6 @@ def config_dump(ztunnel: Ztunnel, *, node: str = "", xds_address: str = "") -> d
         "ready": ready,
         "readyReason": why,
         "pid": os.getpid(),
+        "bpfDir": str(ztunnel.bpf_dir) if ztunnel.bpf_dir is not None else None,
     }
     return doc

@@ -133,7 +133,7 @@ def missing(netns: Path, *, dns: bool = False) -> list[str]:
             if done.returncode != 0:
                 absent.append(f"{table}: -A {shlex.join(rule)}")
     try:
-        with _netns(netns) as ns:
+        with netlink_in(netns) as ns:
             rules = [
                 r
                 for r in ns.get_rules(family=socket.AF_INET, priority=RULE_PRIORITY)
@@ -183,7 +183,7 @@ def install(netns: Path, *, dns: bool = True) -> None:
     uninstall(netns)
     _run(netns, ["iptables-restore", "--noflush"], iptables_rules(dns=dns))
     try:
-        with _netns(netns) as ns:
+        with netlink_in(netns) as ns:
             lo = ns.link_lookup(ifname="lo")
             if not lo:
                 raise CaptureError(f"{netns} has no loopback interface")
@@ -208,7 +208,7 @@ def uninstall(netns: Path) -> None:
         dumps = {t: _run(netns, ["iptables-save", "-t", t]) for t in tables}
         _run(netns, ["iptables-restore", "--noflush"], _removal(dumps))
     try:
-        with _netns(netns) as ns:
+        with netlink_in(netns) as ns:
             for rule in ns.get_rules(family=socket.AF_INET, priority=RULE_PRIORITY):
                 if rule.get_attr("FRA_TABLE") == ROUTE_TABLE:
                     ns.rule(
@@ -234,8 +234,8 @@ def uninstall(netns: Path) -> None:
         raise CaptureError(f"removing the reply routing in {netns}: {e}") from e
 
 
-class _netns:
-    """``with _netns(path) as ns``: a netlink socket in the namespace at ``path``.
+class netlink_in:
+    """``with netlink_in(path) as ns``: a netlink socket in the namespace at ``path``.
 
     Made by a thread that steps into the namespace (not pyroute2's ``NetNS``,
     which forks a helper: unsafe in a process with gRPC's threads running).
