@@ -18,6 +18,8 @@ already inside the pod's namespace: the caller owns entering it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import socket
 import struct
@@ -75,6 +77,15 @@ def requirements(pin_parent: Path = Path("/sys/fs/bpf")) -> list[str]:
     if not OBJECT.exists():
         lacking.append(f"the compiled programs {OBJECT} (make ebpf; needs clang and libbpf-dev)")
     return lacking
+
+
+def ensure_bpffs(path: Path = Path("/sys/fs/bpf")) -> None:
+    """Mount bpffs at ``path`` when nothing is (as Cilium's agent does); a failure is
+    left for :func:`requirements` to report."""
+    if _is_bpffs(path) or not path.is_dir():
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mount(b"bpf", str(path).encode(), b"bpf", 0, None)
 
 
 def _mounts() -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
 """The ``meshlab`` command: a local cluster of network namespaces.
 
-meshlab up [-f cluster.yaml] [--name NAME] [--nodes N --pods-per-node M] [--mesh [--image IMAGE]]
+meshlab up [-f cluster.yaml] [--name NAME] [--nodes N --pods-per-node M]
+           [--mesh [--image IMAGE] [--capture iptables|ebpf]]
 meshlab down [--name NAME]
 meshlab status [--name NAME] [-o table|json|yaml]
 meshlab exec [--name NAME] POD|NODE -- CMD...
@@ -26,9 +27,10 @@ import yaml
 
 from mesh.cluster import Cluster, apply_label_edits, parse_label_edits, parse_spec
 from mesh.cluster.errors import ClusterError
+from mesh.cluster.model import CAPTURE_BACKENDS
 from mesh.cluster.statefile import list_clusters, locked, read_state, write_state
 from meshlab import apply as apply_cmd
-from meshlab import lifecycle, names, procs
+from meshlab import cgroups, lifecycle, names, procs
 from meshlab import mesh as mesh_procs
 from meshlab.errors import ClusterNotFoundError, MeshlabError
 from meshlab.status import render, status_document
@@ -93,6 +95,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     name = names.validate_cluster_name(args.name or spec.name or names.DEFAULT_CLUSTER_NAME)
     if args.mesh:
         spec = replace(spec, mesh=True)
+    if args.capture is not None:
+        if not spec.mesh:
+            raise MeshlabError("--capture is for the mesh's nodes: give --mesh too")
+        spec = replace(spec, nodes=tuple(replace(n, capture=args.capture) for n in spec.nodes))
     state = lifecycle.up(spec, name, log=_log, image=args.image)
     _log(
         f"cluster {name!r} is up: {len(state.nodes)} nodes, {len(state.pods)} pods, "
@@ -136,7 +142,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _resolve_target(
     state: Cluster, target: str, namespace: str | None
-) -> tuple[str, dict[str, str]]:
+) -> tuple[str, dict[str, str], Path | None]:
     """A pod (``ns/name``, ``name`` with ``-n``, or a unique ``name``) or a node (``node/name``)."""
     env = dict(os.environ)
     assert state.name
@@ -160,11 +166,15 @@ def _resolve_target(
         raise MeshlabError(f"{target!r} is ambiguous: {', '.join(choices)}")
     if nodes:
         assert nodes[0].netns
-        return nodes[0].netns, env
+        return nodes[0].netns, env, None
     if pods:
-        assert pods[0].netns
-        env.update(lifecycle.pod_env(state, pods[0]))
-        return pods[0].netns, env
+        pod = pods[0]
+        assert pod.netns
+        env.update(lifecycle.pod_env(state, pod))
+        cgroup = (
+            cgroups.pod_dir(state.name, pod.node, pod.container_id) if pod.container_id else None
+        )
+        return pod.netns, env, cgroup
     known = [p.key for p in state.pods] + [f"node/{n.name}" for n in state.nodes]
     raise MeshlabError(
         f"no pod or node {target!r} in cluster {state.name!r} (known: {', '.join(known)})"
@@ -179,9 +189,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise MeshlabError("no command given: meshlab exec POD|NODE -- CMD...")
     state = read_state(lifecycle.resolve_name(args.name))
-    netns, env = _resolve_target(state, args.target, args.namespace)
+    netns, env, cgroup = _resolve_target(state, args.target, args.namespace)
     sys.stdout.flush()
-    procs.exec_in(netns, command, env)
+    procs.exec_in(netns, command, env, cgroup)
     return 127  # not reached: exec replaces this process
 
 
@@ -376,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE",
         help="with --mesh: run meshd, the node agents, the ztunnels and the waypoints from "
         "this image in podman containers, with the manifests' privileges",
+    )
+    up.add_argument(
+        "--capture",
+        choices=CAPTURE_BACKENDS,
+        help="with --mesh: every node's capture backend (else each node's 'capture' in the "
+        "cluster file, iptables by default)",
     )
     up.set_defaults(func=cmd_up)
 

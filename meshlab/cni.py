@@ -120,6 +120,7 @@ class PodSandbox:
     namespace: str
     name: str
     ifname: str = "eth0"
+    pod_uid: str = ""
 
     def cni_args(self) -> str:
         # What kubelet/containerd pass; IgnoreUnknown lets plugins that do not
@@ -127,6 +128,7 @@ class PodSandbox:
         return (
             f"IgnoreUnknown=1;K8S_POD_NAMESPACE={self.namespace};K8S_POD_NAME={self.name};"
             f"K8S_POD_INFRA_CONTAINER_ID={self.container_id}"
+            + (f";K8S_POD_UID={self.pod_uid}" if self.pod_uid else "")
         )
 
 

@@ -35,7 +35,7 @@ from mesh.cluster.statefile import (
     state_path,
     write_state,
 )
-from meshlab import cni, containers, mesh, names, netlink, procs, waypoints
+from meshlab import cgroups, cni, containers, mesh, names, netlink, procs, waypoints
 from meshlab.errors import (
     ClusterExistsError,
     ClusterNotFoundError,
@@ -89,6 +89,10 @@ def leftovers(name: str) -> list[str]:
     found += [f"link {n}" for n in netlink.list_links(pfx)]
     if state_path(name).exists():
         found.append(f"state {state_path(name)}")
+    root = cgroups.cluster_root(name)
+    if root is not None and root.exists():
+        found.append(f"cgroup {root}")
+    found += [f"bpf pins {d}" for d in names.bpf_dirs(name)]
     return found
 
 
@@ -285,6 +289,7 @@ def _sandbox(pod: Pod) -> cni.PodSandbox:
         netns_path=str(procs.NETNS_DIR / pod.netns),
         namespace=pod.namespace,
         name=pod.name,
+        pod_uid=cgroups.pod_uid(pod.container_id),
     )
 
 
@@ -343,6 +348,8 @@ def start_pod(state: Cluster, planned: Pod, cni_path: str, log: Log = _quiet) ->
         else replace(state, pods=(*state.pods, pod))
     )
     netlink.create_netns(netns)
+    assert pod.container_id
+    cgroups.create(name, node.name, pod.container_id)  # as kubelet: before the sandbox
     runtime = _runtime(state, node, cni_path)
     runtime.add(cni.LOOPBACK_CONFLIST, replace(_sandbox(pod), ifname="lo"))
     conflist = cni.load_conflist(mesh.cni_conf_dir(name, node.name))
@@ -378,6 +385,8 @@ def stop_pod(state: Cluster, pod: Pod) -> None:
     if pod.netns:
         netlink.delete_netns(pod.netns)
         shutil.rmtree(ETC_NETNS / pod.netns, ignore_errors=True)
+    if pod.container_id:
+        cgroups.remove_pod(state.name, pod.node, pod.container_id)
 
 
 def issue_pod_token(name: str, pod: Pod) -> Path:
@@ -435,6 +444,16 @@ def _teardown(name: str, log: Log) -> DownReport:
 
     if state is not None:
         _cni_delete_all(state, report)
+    busy = cgroups.remove_all(name)
+    if busy:
+        report.warnings.append(f"cgroups still in use: {', '.join(busy)}")
+    for pins in names.bpf_dirs(name):
+        # The nodes' eBPF programs and maps (their pods' attachments went with the
+        # pods' cgroups and namespaces).
+        for pin in pins.iterdir():
+            pin.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            pins.rmdir()
 
     # Pods before nodes: a pod's veth peer lives in its node's namespace.
     node_ns = {n.netns for n in state.nodes} if state else set()

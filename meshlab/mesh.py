@@ -41,7 +41,7 @@ from typing import Any
 
 from mesh.cluster.model import Cluster, Node, Pod
 from mesh.cluster.statefile import cluster_dir, node_token_path, pod_token_path
-from meshlab import containers, names, procs
+from meshlab import cgroups, containers, names, procs
 from meshlab.errors import MeshlabError
 
 XDS_PORT = 15010
@@ -188,7 +188,8 @@ def _launch(
     assert state.name
     image = image_of(state.name)
     if image is None:
-        return procs.spawn(netns, argv, env=env or _env(state), log_path=log_path)
+        # The host's /sys/fs (cgroup, bpf), as the DaemonSets' hostPath mounts give.
+        return procs.spawn(netns, argv, env=env or _env(state), log_path=log_path, host_mounts=True)
     name, security = image
     container_env = {k: v for k, v in (env or _env(state)).items() if k not in ("PATH", "HOME")}
     if "MESHLAB_STATE_DIR" in os.environ:
@@ -217,7 +218,10 @@ def start_pod_process(
     assert state.name and pod.netns
     image = image_of(state.name) if waypoint else None
     if image is None:
-        return procs.spawn(pod.netns, pod.command, env=env, log_path=log_path)
+        cgroup = (
+            cgroups.pod_dir(state.name, pod.node, pod.container_id) if pod.container_id else None
+        )
+        return procs.spawn(pod.netns, pod.command, env=env, log_path=log_path, cgroup=cgroup)
     security = image[1]
     token = pod_token_path(state.name, pod.namespace, pod.name)
     if token.exists():
@@ -284,7 +288,15 @@ def start_agent(state: Cluster, node: Node, log: Log = _quiet) -> int:
         str(cni_conf_dir(state.name, node.name)),
         "--cni-bin-dir",
         str(cni_bin_dir(state.name, node.name)),
+        "--capture",
+        node.capture,
+        "--bpf-dir",
+        str(names.bpf_dir(state.name, node.name)),
     ]
+    cgroup_root = cgroups.node_root(state.name, node.name)
+    if cgroup_root is not None:
+        cgroup_root.mkdir(parents=True, exist_ok=True)
+        argv += ["--cgroup-root", str(cgroup_root)]
     log_path = _logs(state) / f"node-agent.{node.name}.log"
     where = ("node-agent", node.name)
     pid = _launch(state, "agent", where, node.netns, argv, log_path, (containers.NETNS_BIND,))
@@ -311,6 +323,8 @@ def start_ztunnel(state: Cluster, node: Node, log: Log = _quiet) -> int:
         str(node_token_path(state.name, node.name)),
         "--zds-socket",
         str(rdir / "zds.sock"),
+        "--bpf-dir",
+        str(names.bpf_dir(state.name, node.name)),
     ]
     log_path = _logs(state) / f"ztunnel.{node.name}.log"
     pid = _launch(state, "ztunnel", ("ztunnel", node.name), node.netns, argv, log_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 from meshlab.errors import MeshlabError
 
@@ -32,6 +33,21 @@ def validate_cluster_name(name: str) -> str:
 
 def prefix(cluster: str) -> str:
     return f"{cluster}-"
+
+
+BPF_FS = Path("/sys/fs/bpf")
+
+
+def bpf_dir(cluster: str, node: str) -> Path:
+    """Where a node's eBPF capture is pinned (the node agent's and ztunnel's --bpf-dir)."""
+    return BPF_FS / f"{prefix(cluster)}{node}"
+
+
+def bpf_dirs(cluster: str) -> list[Path]:
+    """The pin folders of the cluster's nodes that exist."""
+    if not BPF_FS.is_dir():
+        return []
+    return sorted(p for p in BPF_FS.glob(f"{prefix(cluster)}*") if p.is_dir())
 
 
 def bridge_name(cluster: str) -> str:

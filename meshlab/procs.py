@@ -61,9 +61,21 @@ def sysctl(netns: str, key: str, value: str) -> None:
     run_in(netns, ["sysctl", "-q", "-w", f"{key}={value}"])
 
 
-def spawn(netns: str | None, argv: Sequence[str], *, env: Mapping[str, str], log_path: Path) -> int:
+def spawn(
+    netns: str | None,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log_path: Path,
+    cgroup: Path | None = None,
+    host_mounts: bool = False,
+) -> int:
     """Start ``argv`` detached inside ``netns`` (own session, output to ``log_path``);
-    ``netns`` None is the root namespace.
+    ``netns`` None is the root namespace. With ``cgroup`` (a pod's), the process
+    starts in that cgroup v2 directory. ``ip netns exec`` gives the process a /sys
+    of the namespace (which hides the host's cgroup and bpf mounts) and the
+    namespace's /etc/netns files, as a pod has; ``host_mounts`` enters only the
+    network namespace, as a DaemonSet pod with hostPath /sys/fs mounts sees them.
 
     A short-lived launcher (``python -m meshlab.spawn``) starts the process and
     exits, so the app is re-parented to init and never lingers as our zombie.
@@ -74,7 +86,14 @@ def spawn(netns: str | None, argv: Sequence[str], *, env: Mapping[str, str], log
     if shutil.which(argv[0], path=env.get("PATH")) is None:
         raise MeshlabError(f"command {argv[0]!r} not found on PATH {env.get('PATH')!r}")
     request = json.dumps(
-        {"netns": netns, "argv": list(argv), "env": dict(env), "log": str(log_path)}
+        {
+            "netns": netns,
+            "argv": list(argv),
+            "env": dict(env),
+            "log": str(log_path),
+            "cgroup": str(cgroup) if cgroup is not None and cgroup.is_dir() else None,
+            "host_mounts": host_mounts,
+        }
     )
     done = subprocess.run(
         [sys.executable, "-m", "meshlab.spawn"],
@@ -89,9 +108,14 @@ def spawn(netns: str | None, argv: Sequence[str], *, env: Mapping[str, str], log
     return int(done.stdout.strip())
 
 
-def exec_in(netns: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
-    """Replace this process with ``argv`` inside ``netns`` (for ``meshlab exec``)."""
+def exec_in(
+    netns: str, argv: Sequence[str], env: Mapping[str, str], cgroup: Path | None = None
+) -> None:
+    """Replace this process with ``argv`` inside ``netns`` (for ``meshlab exec``), in
+    the pod's ``cgroup`` when given (as ``kubectl exec`` runs in the pod's)."""
     ip = require_tool("ip", "iproute2")
+    if cgroup is not None and cgroup.is_dir():
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     os.execve(ip, [ip, "netns", "exec", netns, *argv], dict(env))
 
 

@@ -1,14 +1,16 @@
 """Launcher used by :func:`meshlab.procs.spawn`; not a public command.
 
-Reads ``{"netns", "argv", "env", "log"}`` as JSON on stdin, starts the command
-in its own session inside the namespace (the root one when ``netns`` is
-null), prints its pid and exits at once, so the command is adopted by init
-instead of staying a child of meshlab.
+Reads ``{"netns", "argv", "env", "log", "cgroup", "host_mounts"}`` as JSON on stdin, starts the
+command in its own session inside the namespace (the root one when ``netns`` is
+null) and, when ``cgroup`` is given, in that cgroup v2 directory, prints its pid
+and exits at once, so the command is adopted by init instead of staying a child
+of meshlab.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,13 @@ def main() -> int:
         # `ip netns exec` execs the command, so the child's pid is the app's pid.
         # No netns: the root namespace (meshd, the control plane, runs there).
         prefix = [ip, "netns", "exec", request["netns"]] if request["netns"] else []
+        if request["netns"] and request.get("host_mounts"):
+            prefix = ["nsenter", f"--net=/run/netns/{request['netns']}"]
+        cgroup = request.get("cgroup")
+        if cgroup:
+            # The launcher joins first: its child is born in the pod's cgroup.
+            with open(f"{cgroup}/cgroup.procs", "w") as procs:
+                procs.write(str(os.getpid()))
         child = subprocess.Popen(
             [*prefix, *request["argv"]],
             stdin=subprocess.DEVNULL,

@@ -18,6 +18,7 @@ from typing import Any
 from mesh.cluster.labels import selector_matches
 
 API_VERSION = "meshlab/v1"
+CAPTURE_BACKENDS = ("iptables", "ebpf")  # the first is the default
 DEFAULT_NAMESPACE = "default"
 DEFAULT_SERVICE_ACCOUNT = "default"
 DEFAULT_POD_CIDR = IPv4Network("10.244.0.0/16")
@@ -60,6 +61,7 @@ class Node:
     pod_cidr: IPv4Network
     ip: IPv4Address | None = None
     netns: str | None = None
+    capture: str = "iptables"  # how the node's mesh pods are captured: CAPTURE_BACKENDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,6 +210,7 @@ class Cluster:
                     "podCIDR": str(n.pod_cidr),
                     "ip": _str_or_none(n.ip),
                     "netns": n.netns,
+                    "capture": n.capture if n.capture != CAPTURE_BACKENDS[0] else None,
                 }
             )
             for n in self.nodes

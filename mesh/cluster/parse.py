@@ -18,6 +18,7 @@ from mesh.cluster.labels import is_dns_label, is_dns_subdomain, parse_labels
 from mesh.cluster.model import (
     _FIRST_AUTO_VIP_OFFSET,
     API_VERSION,
+    CAPTURE_BACKENDS,
     DEFAULT_NAMESPACE,
     DEFAULT_POD_CIDR,
     DEFAULT_SERVICE_ACCOUNT,
@@ -324,6 +325,15 @@ def _parse_network(raw: object) -> Network:
     )
 
 
+def _capture(r: _Reader) -> str:
+    capture = r.text("capture", CAPTURE_BACKENDS[0])
+    if capture not in CAPTURE_BACKENDS:
+        raise ClusterSpecError(
+            r.at("capture"), f"{capture!r} is not a capture backend ({', '.join(CAPTURE_BACKENDS)})"
+        )
+    return capture
+
+
 def _parse_nodes(top: _Reader, network: Network) -> tuple[Node, ...]:
     raw_nodes = top.items("nodes")
     if not raw_nodes:
@@ -333,7 +343,7 @@ def _parse_nodes(top: _Reader, network: Network) -> tuple[Node, ...]:
         raise ClusterSpecError("nodes", f"at most {min(len(subnets), 200)} nodes are supported")
     nodes: list[Node] = []
     for i, raw in enumerate(raw_nodes):
-        r = _Reader(raw, f"nodes[{i}]", {"name", "podCIDR", "ip", "netns"})
+        r = _Reader(raw, f"nodes[{i}]", {"name", "podCIDR", "ip", "netns", "capture"})
         pod_cidr = r.network("podCIDR", subnets[i])
         assert pod_cidr is not None
         if not pod_cidr.subnet_of(network.pod_cidr):
@@ -344,6 +354,7 @@ def _parse_nodes(top: _Reader, network: Network) -> tuple[Node, ...]:
                 pod_cidr=pod_cidr,
                 ip=r.address("ip"),
                 netns=r.opt_str("netns"),
+                capture=_capture(r),
             )
         )
     _unique([n.name for n in nodes], "nodes", "node")

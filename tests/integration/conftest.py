@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from ebpf.capture import cgroup2_mount, ensure_bpffs, requirements
+
 MESHLAB = str(Path(sys.executable).parent / "meshlab")
 CNI_PLUGIN = Path("/usr/lib/cni/ptp")
 # The image the mesh's tests run the mesh from (`meshlab up --mesh --image`); unset,
@@ -33,6 +35,19 @@ def mesh_args() -> list[str]:
     when MESHLAB_IMAGE names one."""
     image = os.environ.get(IMAGE_ENV)
     return ["--mesh", "--image", image] if image else ["--mesh"]
+
+
+def skip_unless_backend_runs(backend: str) -> None:
+    """Skip, naming what is missing, when this host cannot run the capture ``backend``
+    (eBPF: cgroup v2, bpffs, libbpf, the compiled programs; not from the image yet)."""
+    if backend != "ebpf":
+        return
+    if os.environ.get(IMAGE_ENV):
+        pytest.skip("the eBPF capture runs from the host's programs only (not from --image)")
+    ensure_bpffs()
+    lacking = requirements()
+    if lacking:
+        pytest.skip("the eBPF capture needs " + "; ".join(lacking))
 
 
 def _missing() -> str | None:
@@ -138,6 +153,10 @@ def leftovers(name: str) -> dict[str, list[str]]:
     )  # fmt: skip
     root = Path(os.environ.get("MESHLAB_STATE_DIR", "/run/meshlab"))
     state = [str(p) for p in (root / name, root / f".{name}.lock") if p.exists()]
+    cgroup2 = cgroup2_mount()
+    cgroups = [str(p) for p in cgroup2.glob(f"{prefix}*")] if cgroup2 is not None else []
+    bpffs = Path("/sys/fs/bpf")
+    pins = [str(p) for p in bpffs.glob(f"{prefix}*")] if bpffs.is_dir() else []
     return {
         "netns": [line.split()[0] for line in netns.splitlines() if line.startswith(prefix)],
         "links": [
@@ -149,6 +168,8 @@ def leftovers(name: str) -> dict[str, list[str]]:
         "processes": procs,
         "containers": containers,
         "state": state,
+        "cgroups": cgroups,
+        "bpf pins": pins,
     }
 
 

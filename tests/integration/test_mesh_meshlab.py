@@ -7,8 +7,10 @@ into it as on Kubernetes. Everything the
 pods do goes through the real capture, ZDS, xDS, CA and HBONE paths, and the
 node underlay is sniffed to see what crosses it.
 
-One cluster serves the module (it takes a few seconds to build); each test
-leaves it as it found it.
+One cluster per capture backend serves the module (it takes a few seconds to
+build): every test runs with Istio's in-pod iptables rules and again with the
+eBPF programs (``meshlab up --capture ebpf``), where the pods must hold no
+iptables rule of ours. Each test leaves its cluster as it found it.
 """
 
 from __future__ import annotations
@@ -30,17 +32,19 @@ import yaml
 from scapy.layers.inet import TCP
 from scapy.sendrecv import AsyncSniffer
 
-from mesh.cluster.model import Pod
+from mesh.cluster.model import CAPTURE_BACKENDS, Pod
 from mesh.cluster.statefile import cluster_dir, locked, read_state, write_state
-from meshlab import cni, lifecycle, mesh, names
+from meshlab import cgroups, cni, lifecycle, mesh, names
 from tests.integration.conftest import (
     assert_nothing_left,
     http_get,
     mesh_args,
     meshlab,
+    skip_unless_backend_runs,
     unique_name,
 )
 from ztunnel.capture import inpod
+from ztunnel.capture.ebpf import EbpfCapture
 
 VIP = "10.96.0.20"
 LOCAL_VIP = "10.96.0.21"  # the same pods, internalTrafficPolicy: Local
@@ -109,13 +113,17 @@ CLUSTER: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=CAPTURE_BACKENDS)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    backend = request.param
+    skip_unless_backend_runs(backend)
     name = unique_name()
     spec = tmp_path_factory.mktemp("mesh") / "cluster.yaml"
     spec.write_text(yaml.safe_dump(CLUSTER))
     try:
-        meshlab("up", "-f", str(spec), "--name", name, *mesh_args())
+        meshlab("up", "-f", str(spec), "--name", name, *mesh_args(), "--capture", backend)
         yield name
     finally:
         meshlab("down", "--name", name, check=False)
@@ -136,16 +144,36 @@ def curl(name: str, pod: str, url: str, *, data: str | None = None) -> tuple[int
     return done.returncode, done.stdout
 
 
+def backend_of(name: str, key: str) -> str:
+    state = read_state(name)
+    pod = next(p for p in state.pods if p.key == key)
+    return state.node(pod.node).capture
+
+
 def captured(name: str, key: str) -> bool:
-    """Whether the pod's namespace holds the in-pod capture chains."""
+    """Whether the pod is captured by its node's backend: the in-pod iptables chains,
+    or the eBPF tc filter on its eth0 (and then not one iptables rule of ours)."""
     ns, pod = key.split("/")
-    out = subprocess.run(
-        ["ip", "netns", "exec", names.pod_netns(name, ns, pod), "iptables-save", "-t", "nat"],
+    netns = names.pod_netns(name, ns, pod)
+    rules = (
+        ":ISTIO_OUTPUT"
+        in subprocess.run(
+            ["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    if backend_of(name, key) == "iptables":
+        return rules
+    assert not rules, f"{key} holds iptables capture rules on an eBPF node"
+    tc = subprocess.run(
+        ["ip", "netns", "exec", netns, "tc", "filter", "show", "dev", "eth0", "ingress"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return ":ISTIO_OUTPUT" in out
+    return "zt_ingress" in tc
 
 
 def wait_for(what: str, check: Any, timeout_s: float = 15.0) -> None:
@@ -196,6 +224,9 @@ def test_pods_talk_over_hbone_across_and_within_nodes_payload_never_in_clear(
     assert {min(p[TCP].sport, p[TCP].dport) for p in wire} == {15008}
     assert not any(marker.encode() in bytes(p[TCP].payload) for p in wire)
     assert any(bytes(p[TCP].payload)[:1] == b"\x17" for p in wire)  # TLS application data
+    # Each mesh pod is captured by its node's backend, and only by it.
+    for key in ("client/sleep", "server/echo-1", "server/echo-2", "server/echo-3"):
+        assert captured(cluster, key), key
 
 
 def test_a_service_vip_spreads_over_its_three_endpoints(cluster: str) -> None:
@@ -522,15 +553,33 @@ def test_ztunnel_ctl_reads_a_live_node_and_verify_finds_drift(cluster: str) -> N
     # Everything in place: verify is quiet and says so in its exit code.
     ok = ctl(cluster, "node1", "verify")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    # Capture lost in one pod (someone flushed its nat table): verify names it and the fix.
-    netns = f"/run/netns/{names.pod_netns(cluster, 'client', 'sleep')}"
-    subprocess.run(["nsenter", f"--net={netns}", "iptables", "-t", "nat", "-F"], check=True)
+    assert f"client/sleep ({backend_of(cluster, 'client/sleep')}, netns" in ok.stdout
+    # Capture lost in one pod (someone flushed its nat table, or took its tc filter
+    # off): verify names it and the fix.
+    netns = Path(f"/run/netns/{names.pod_netns(cluster, 'client', 'sleep')}")
+    ebpf = backend_of(cluster, "client/sleep") == "ebpf"
+    if ebpf:
+        loss = ["tc", "filter", "del", "dev", "eth0", "ingress", "pref", "1337"]
+    else:
+        loss = ["iptables", "-t", "nat", "-F"]
+    subprocess.run(["nsenter", f"--net={netns}", *loss], check=True)
     try:
         drift = ctl(cluster, "node1", "verify")
         assert drift.returncode == 1
         assert "client/sleep" in drift.stdout and "node agent" in drift.stdout
+        if ebpf:
+            assert "tc ingress filter zt_ingress on eth0" in drift.stdout
     finally:
-        inpod.install(Path(netns))
+        if ebpf:
+            sleep = next(p for p in read_state(cluster).pods if p.key == "client/sleep")
+            assert sleep.container_id
+            root = cgroups.node_root(cluster, "node1")
+            assert root is not None
+            backend = EbpfCapture(names.bpf_dir(cluster, "node1"), root)
+            backend.install(netns, cgroups.pod_uid(sleep.container_id))
+            backend.programs.close()
+        else:
+            inpod.install(netns)
     assert ctl(cluster, "node1", "verify").returncode == 0
 
 

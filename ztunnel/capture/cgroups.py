@@ -10,6 +10,7 @@ the pod's network namespace is taken.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -101,6 +102,17 @@ def _mount_of(root: Path) -> Path | None:
             if inside and (best is None or len(point.parts) > len(best.parts)):
                 best = point
     return best
+
+
+def find_by_id(root: Path, wanted: int) -> Path | None:
+    """The cgroup directory under ``root`` whose id is ``wanted`` (a walk: for
+    diagnostics, not for every connection)."""
+    for here, _dirs, _ in os.walk(root):
+        path = Path(here)
+        with contextlib.suppress(OSError):
+            if path.stat().st_ino == wanted:
+                return path
+    return None
 
 
 def cgroup_id(path: Path) -> int:

@@ -33,7 +33,7 @@ from pyroute2 import NetlinkError
 
 from ebpf import capture as bpf
 from ztunnel.capture import inpod
-from ztunnel.capture.cgroups import CgroupNotFound, cgroup_id, find_pod_cgroup
+from ztunnel.capture.cgroups import CgroupNotFound, cgroup_id, find_by_id, find_pod_cgroup
 from ztunnel.netns import INPOD_DELIVER_MARK, INPOD_DELIVER_MASK, in_netns
 
 log = logging.getLogger("ztunnel.capture")
@@ -150,20 +150,30 @@ class EbpfCapture:
         except (bpf.CaptureError, NetlinkError, OSError) as e:
             raise CaptureError(f"removing the eBPF capture of {netns}: {e}") from e
 
+    def holds(self, netns: Path) -> bool:
+        """Whether ``netns``'s pod has an entry in ``zt_pods`` (some of it is captured)."""
+        self.prepare()
+        return _in(netns, lambda: self.programs.pod(bpf.netns_cookie()) is not None)
+
     def installed(self, netns: Path, pod_uid: str) -> bool:
         try:
             return not self.missing(netns, pod_uid)
         except CaptureError:
             return False
 
-    def missing(self, netns: Path, pod_uid: str) -> list[str]:
-        """What of the capture is not in place for the pod (empty: all of it is)."""
+    def missing(self, netns: Path, pod_uid: str | None) -> list[str]:
+        """What of the capture is not in place for the pod (empty: all of it is). With
+        ``pod_uid`` None (``ztunnel-ctl verify``, which knows only the netns), the
+        cgroup is the one the pod's ``zt_pods`` entry names."""
         self.prepare()
         absent: list[str] = []
+        entries: list[bpf.PodEntry] = []
 
         def netns_part() -> None:
             cookie = bpf.netns_cookie()
             entry = self.programs.pod(cookie)
+            if entry is not None:
+                entries.append(entry)
             if entry is None:
                 absent.append("its entry in zt_pods (the pod's address and flags)")
             elif self.dns and not entry.flags & bpf.POD_DNS_CAPTURE:
@@ -179,7 +189,18 @@ class EbpfCapture:
 
         try:
             _in(netns, netns_part)
-            absent.extend(self.programs.cgroup_missing(self.cgroup(netns, pod_uid)))
+            if pod_uid is not None:
+                cgroup: Path | None = self.cgroup(netns, pod_uid)
+            elif entries:
+                cgroup = find_by_id(self.cgroup_root, entries[0].cgroup_id)
+                if cgroup is None:
+                    absent.append(
+                        f"the pod's cgroup (id {entries[0].cgroup_id}) under {self.cgroup_root}"
+                    )
+            else:
+                cgroup = None
+            if cgroup is not None:
+                absent.extend(self.programs.cgroup_missing(cgroup))
         except (bpf.CaptureError, NetlinkError, OSError) as e:
             raise CaptureError(f"reading the eBPF capture of {netns}: {e}") from e
         return absent

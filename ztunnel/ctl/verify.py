@@ -6,7 +6,11 @@ the pod's network namespace (the ``netns`` path the admin server gives,
 
 * every capture rule is in place (each checked with ``iptables -C``) and
   the reply routing too (:func:`ztunnel.capture.inpod.missing`), else the
-  node agent must reinstall them;
+  node agent must reinstall them; for a pod the node's eBPF programs capture
+  (the dump's ``capture``), its entry in ``zt_pods``, the tc filter on each of
+  its interfaces, the programs on its cgroup and the reply routing
+  (:meth:`ztunnel.capture.ebpf.EbpfCapture.missing`, the pins in the dump's
+  ``bpfDir``);
 * ztunnel listens on 15001, 15006 and 15008 (TCP), and 15053 (DNS; a
   warning only, as DNS capture may be off), read from the namespace's
   ``/proc/thread-self/net/{tcp,udp}`` (connecting would be a connection);
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ebpf.capture import cgroup2_mount
+from ztunnel.capture.ebpf import EbpfCapture
 from ztunnel.capture.inpod import CaptureError, missing
 from ztunnel.ctl.document import Dump, Entry
 from ztunnel.ctl.tables import cert_valid
@@ -61,6 +67,14 @@ def _sockets_here() -> set[tuple[str, int]]:
     return found
 
 
+def ebpf_missing(netns: Path, bpf_dir: Path) -> list[str]:
+    """What of a pod's eBPF capture is absent (the node's pins under ``bpf_dir``)."""
+    root = cgroup2_mount()
+    if root is None:
+        raise CaptureError("this host has no cgroup v2 mount to check the pod's cgroup in")
+    return EbpfCapture(bpf_dir, root).missing(netns, None)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -70,6 +84,7 @@ class Probes:
     """How the node is inspected; tests pass fakes."""
 
     capture: Callable[[Path], list[str]] = missing  # what of the capture is absent
+    ebpf_capture: Callable[[Path, Path], list[str]] = ebpf_missing  # (netns, bpf dir)
     sockets: Callable[[Path], set[tuple[str, int]]] = listening
     now: Callable[[], datetime.datetime] = _now
     exists: Callable[[Path], bool] = Path.exists
@@ -107,8 +122,10 @@ def verify(dump: Dump, probes: Probes | None = None) -> Doc:
         dump.workload_state().items(),
         key=lambda kv: (_info(kv[1]).get("namespace", ""), _info(kv[1]).get("name", "")),
     )
+    bpf_dir = dump.config.get("bpfDir") or "/sys/fs/bpf/ztunnel"
     for uid, state in states:
         info = _info(state)
+        capture = str(state.get("capture") or "iptables")
         checks = []
         if state.get("state", "Up") != "Up":
             checks.append(
@@ -142,13 +159,14 @@ def verify(dump: Dump, probes: Probes | None = None) -> Doc:
                 )
             )
         else:
-            checks += _netns_checks(Path(netns), probes)
+            checks += _netns_checks(Path(netns), probes, capture, bpf_dir)
         checks.append(_cert_check(info, certs, now))
         pods.append(
             {
                 "pod": f"{info.get('namespace', '')}/{info.get('name', '')}",
                 "uid": uid,
                 "netns": netns,
+                "capture": capture,
                 "ok": all(c["ok"] or c["severity"] != "error" for c in checks),
                 "checks": checks,
             }
@@ -162,13 +180,17 @@ def _info(state: Entry) -> Entry:
     return info if isinstance(info, dict) else {}
 
 
-def _netns_checks(netns: Path, probes: Probes) -> list[Doc]:
+def _netns_checks(netns: Path, probes: Probes, capture: str, bpf_dir: str) -> list[Doc]:
     checks = []
     try:
-        gone = probes.capture(netns)
+        if capture == "ebpf":
+            gone = probes.ebpf_capture(netns, Path(bpf_dir))
+        else:
+            gone = probes.capture(netns)
     except (CaptureError, OSError) as e:
+        what = "the eBPF capture" if capture == "ebpf" else "iptables"
         checks.append(
-            _check("capture", False, f"cannot read iptables in {netns}: {e}", "run as root")
+            _check("capture", False, f"cannot read {what} in {netns}: {e}", "run as root")
         )
     else:
         shown = "; ".join(gone[:3]) + (f"; and {len(gone) - 3} more" if len(gone) > 3 else "")
@@ -176,7 +198,11 @@ def _netns_checks(netns: Path, probes: Probes) -> list[Doc]:
             _check(
                 "capture",
                 not gone,
-                "every capture rule and the reply routing in place"
+                (
+                    "the eBPF programs, maps and the reply routing in place"
+                    if capture == "ebpf"
+                    else "every capture rule and the reply routing in place"
+                )
                 if not gone
                 else f"missing: {shown}",
                 "restart the node agent to reinstall capture",
@@ -247,7 +273,7 @@ def render(result: Doc) -> str:
     for check in result["checks"]:
         show(check, "  ")
     for pod in result["pods"]:
-        lines.append(f"  {pod['pod']} (netns {pod['netns'] or '?'})")
+        lines.append(f"  {pod['pod']} ({pod['capture']}, netns {pod['netns'] or '?'})")
         for check in pod["checks"]:
             show(check, "    ")
     problems = sum(not c["ok"] for c in result["checks"]) + sum(

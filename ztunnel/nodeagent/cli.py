@@ -22,6 +22,7 @@ from pathlib import Path
 
 import uvloop
 
+from ztunnel.capture.backend import BACKENDS, DEFAULT_BPF_DIR, choose
 from ztunnel.nodeagent.discover import ProcFinder
 from ztunnel.nodeagent.health import DEFAULT_ADDRESS, HealthServer
 from ztunnel.nodeagent.install import CniInstaller
@@ -67,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="redirect the pods' DNS to ztunnel's proxy on 15053",
+    )
+    p.add_argument(
+        "--capture",
+        choices=BACKENDS,
+        default=os.environ.get("CAPTURE_BACKEND") or "iptables",
+        help="how pods' traffic is sent to ztunnel: Istio's in-pod iptables rules, or eBPF "
+        "programs on each pod's cgroup and interfaces (a node that cannot run them is "
+        "refused with the reason and stays on iptables)",
+    )
+    p.add_argument(
+        "--bpf-dir",
+        type=Path,
+        default=DEFAULT_BPF_DIR,
+        help="with --capture ebpf: where the node's programs and maps are pinned (bpffs; "
+        "ztunnel's --bpf-dir)",
+    )
+    p.add_argument(
+        "--cgroup-root",
+        type=Path,
+        help="with --capture ebpf: the cgroup v2 tree the pods' cgroups are found in "
+        "(default: where cgroup2 is mounted)",
     )
     p.add_argument("--poll-seconds", type=float, default=0.5)
     p.add_argument(
@@ -185,6 +207,13 @@ async def run(args: argparse.Namespace) -> int:
         dns_capture=args.dns_capture,
         poll_s=args.poll_seconds,
         installer=installer,
+        capture=await asyncio.to_thread(
+            choose,
+            args.capture,
+            dns=args.dns_capture,
+            bpf_dir=args.bpf_dir,
+            cgroup_root=args.cgroup_root,
+        ),
     )
     health = HealthServer(agent.ready)
     if args.readiness_address is not None:

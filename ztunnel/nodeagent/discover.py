@@ -154,4 +154,4 @@ def record_for(facts: PodFacts, found: Found | None) -> PodRecord | None:
         check_uid(uid)
     except RecordError:
         return None
-    return PodRecord(uid, facts.namespace, facts.name, netns, tuple(facts.ips))
+    return PodRecord(uid, facts.namespace, facts.name, netns, tuple(facts.ips), facts.uid or "")

@@ -132,7 +132,7 @@ def prepare(env: Mapping[str, str], config: Mapping[str, Any]) -> Call:
     if not netns:
         raise PluginError(ERR_INVALID_ENV, "CNI_NETNS is not set")
     try:
-        record = PodRecord(uid, namespace, name, netns, _ips(prev))
+        record = PodRecord(uid, namespace, name, netns, _ips(prev), args.get("K8S_POD_UID", ""))
         check_uid(uid)
     except RecordError as e:
         raise PluginError(ERR_ENROLL, f"cannot record pod {namespace}/{name}", str(e)) from e

@@ -30,6 +30,7 @@ class PodRecord:
     name: str
     netns: str  # path to the pod's network namespace
     ips: tuple[str, ...] = ()
+    pod_uid: str = ""  # Kubernetes' pod UID (CNI_ARGS K8S_POD_UID): names its cgroup
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -52,7 +53,10 @@ class PodRecord:
         if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
             raise RecordError("'ips' must be a list of strings")
         check_uid(data["uid"])
-        return cls(data["uid"], data["namespace"], data["name"], data["netns"], tuple(ips))
+        pod_uid = data.get("pod_uid", "")
+        if not isinstance(pod_uid, str):
+            raise RecordError("'pod_uid' must be a string")
+        return cls(data["uid"], data["namespace"], data["name"], data["netns"], tuple(ips), pod_uid)
 
 
 def check_uid(uid: str) -> str:
@@ -76,6 +80,13 @@ class RecordStore:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(record.to_json() + "\n")
         tmp.replace(path)
+
+    def get(self, uid: str) -> PodRecord | None:
+        """The record of ``uid``, or None when there is none."""
+        try:
+            return PodRecord.from_json(self.path(uid).read_text())
+        except FileNotFoundError:
+            return None
 
     def remove(self, uid: str) -> None:
         self.path(uid).unlink(missing_ok=True)

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from mesh.ambient import in_ambient
 from ztunnel.capture import inpod
+from ztunnel.capture.backend import Capture, Choice, IptablesCapture
 from ztunnel.nodeagent import discover, plugin, reconcile
 from ztunnel.nodeagent.install import CniInstaller, InstallError
 from ztunnel.nodeagent.records import PodRecord, RecordError, RecordStore
@@ -65,10 +66,6 @@ class EnrollError(Exception):
     """A pod could not be enrolled; the message says why."""
 
 
-def _installed(netns: Path) -> bool:
-    return inpod.installed_tables(netns) == ["mangle", "nat"]
-
-
 class NodeAgent:
     def __init__(
         self,
@@ -82,7 +79,12 @@ class NodeAgent:
         installer: CniInstaller | None = None,
         node: str | None = None,
         finder: discover.ProcFinder | None = None,
+        capture: Choice | None = None,
     ) -> None:
+        # The node's capture backend (iptables unless eBPF was asked for and the node
+        # can run it; why not, when it cannot).
+        self.choice = capture or Choice(IptablesCapture(dns=dns_capture), "iptables")
+        self.capture: Capture = self.choice.backend
         self.installer = installer
         self.node = node  # with it, pods of this node ztunnel-cni did not record are found
         self.finder = finder
@@ -351,12 +353,18 @@ class NodeAgent:
         """Capture the pod, then hand it to ztunnel (call with the lock held)."""
         netns = Path(record.netns)
         try:
-            if not await asyncio.to_thread(_installed, netns):
-                await asyncio.to_thread(inpod.install, netns, dns=self.dns_capture)
+            if not await asyncio.to_thread(self.capture.installed, netns, record.pod_uid):
+                await asyncio.to_thread(self.capture.install, netns, record.pod_uid)
         except (inpod.CaptureError, OSError) as e:
             raise EnrollError(f"capture: {e}") from e
         self.enrolled[record.uid] = info
-        log.info("node agent: %s/%s captured (%s)", record.namespace, record.name, record.uid[:12])
+        log.info(
+            "node agent: %s/%s captured (%s, %s)",
+            record.namespace,
+            record.name,
+            self.capture.name,
+            record.uid[:12],
+        )
         await self._hand_over(record, info, wait_for_proxy=wait_for_proxy)
 
     async def _hand_over(self, record: PodRecord, info: PodInfo, *, wait_for_proxy: bool) -> None:
@@ -387,7 +395,7 @@ class NodeAgent:
         self._capture_retry.pop(uid, None)
         if record is not None and self.netns_exists(record.netns):
             try:
-                await asyncio.to_thread(inpod.uninstall, Path(record.netns))
+                await asyncio.to_thread(self.capture.uninstall, Path(record.netns), record.pod_uid)
             except (inpod.CaptureError, OSError) as e:
                 log.warning("node agent: removing capture of %s: %s", uid, e)
         try:
@@ -430,10 +438,13 @@ class NodeAgent:
                     self._report()
         return {"ok": True, "enrolled": True}
 
-    async def handle_del(self, uid: str) -> dict[str, Any]:
+    async def handle_del(self, uid: str, record: PodRecord | None = None) -> dict[str, Any]:
         async with self._lock:
             if uid in self.enrolled:
-                await self._unenroll(uid, None)  # the netns is being torn down with its rules
+                # iptables rules go with the netns being torn down; the eBPF entry in the
+                # node's zt_pods map would not, so that capture is removed now.
+                keep = record if self.capture.name == "ebpf" else None
+                await self._unenroll(uid, keep)
         return {"ok": True}
 
     def status(self) -> dict[str, Any]:
@@ -444,6 +455,11 @@ class NodeAgent:
             "view": self.source.read().version,
             "enrolled": sorted(self.enrolled),
             "failed": {uid: why for uid, (_, why) in self.failed.items()},
+            "capture": {
+                "backend": self.capture.name,
+                "requested": self.choice.requested,
+                "refused": self.choice.refused,
+            },
         }
 
     async def _serve_plugin(
@@ -474,9 +490,11 @@ class NodeAgent:
                 out = {"cniVersion": version, "supportedVersions": plugin.SUPPORTED_VERSIONS}
                 return 0, json.dumps(out) + "\n"
             if call.command == "DEL":
+                record = None
                 with contextlib.suppress(RecordError, OSError):
+                    record = self.records.get(call.uid)
                     self.records.remove(call.uid)
-                await self.handle_del(call.uid)
+                await self.handle_del(call.uid, record)
                 return 0, ""
             if call.command != "ADD":
                 return 0, ""  # CHECK, GC, STATUS: nothing to check or collect here

@@ -83,12 +83,12 @@ def test_no_drift_when_every_pod_has_its_capture_listeners_and_certificate() -> 
     assert render(result) == (
         "node node1: 2 enrolled pod(s)\n"
         "  ok    xds          synced with meshd\n"
-        "  client/sleep (netns /proc/1234/fd/7)\n"
+        "  client/sleep (iptables, netns /proc/1234/fd/7)\n"
         "    ok    capture      every capture rule and the reply routing in place\n"
         "    ok    listeners    listening on 15001, 15006, 15008\n"
         "    ok    dns          DNS proxy on 15053\n"
         f"    ok    certificate  {SLEEP_ID}, valid until 2099-01-02T00:00:00Z\n"
-        "  server/echo-1 (netns /proc/1234/fd/8)\n"
+        "  server/echo-1 (iptables, netns /proc/1234/fd/8)\n"
         "    ok    capture      every capture rule and the reply routing in place\n"
         "    ok    listeners    listening on 15001, 15006, 15008\n"
         "    ok    dns          DNS proxy on 15053\n"
@@ -130,6 +130,40 @@ def test_drift_is_reported_with_the_fix() -> None:
         ],
     }
     assert render(result).endswith("drift: 3 problem(s)\n")
+
+
+def test_a_pod_the_ebpf_programs_capture_is_checked_for_them_not_for_iptables() -> None:
+    doc = healthy_dump()
+    doc["config"]["bpfDir"] = "/sys/fs/bpf/node1"
+    sleep_uid = next(u for u, s in doc["workloadState"].items() if s["info"]["name"] == "sleep")
+    doc["workloadState"][sleep_uid]["capture"] = "ebpf"
+    asked: list[tuple[str, str]] = []
+
+    def ebpf(netns: Path, pins: Path) -> list[str]:
+        asked.append((str(netns), str(pins)))
+        return ["tc ingress filter zt_ingress on eth0"]
+
+    checks = Probes(
+        capture=lambda p: pytest.fail(f"iptables checked for {p}"),
+        ebpf_capture=ebpf,
+        sockets=lambda _: ALL_LISTENERS,
+        now=lambda: NOW,
+        exists=lambda _: True,
+    )
+    only_sleep = {uid: s for uid, s in doc["workloadState"].items() if uid == sleep_uid}
+    doc["workloadState"] = only_sleep
+    result = verify(Dump(doc, "dump"), checks)
+    assert asked == [("/proc/1234/fd/7", "/sys/fs/bpf/node1")]
+    assert failing(result) == {
+        "client/sleep": [
+            (
+                "capture",
+                "missing: tc ingress filter zt_ingress on eth0",
+                "restart the node agent to reinstall capture",
+            )
+        ]
+    }
+    assert "client/sleep (ebpf, netns /proc/1234/fd/7)" in render(result)
 
 
 def test_a_missing_listener_an_expired_certificate_and_an_unsynced_ztunnel() -> None:

@@ -101,10 +101,12 @@ def test_only_pods_with_an_address_and_no_record_are_looked_for() -> None:
 def test_a_record_is_what_ztunnel_cni_would_have_written() -> None:
     a = facts("a", uid=UID_A, ips=("10.244.1.5",))
     made = record_for(a, Found("/var/run/netns/cni-1", PAUSE))
-    assert made == PodRecord(PAUSE, "shop", "a", "/var/run/netns/cni-1", ("10.244.1.5",))
+    assert made == PodRecord(
+        PAUSE, "shop", "a", "/var/run/netns/cni-1", ("10.244.1.5",), pod_uid=UID_A
+    )
     # No pause process seen: a uid of its own, from the pod's.
     assert record_for(a, Found("/host/proc/9/ns/net", None)) == PodRecord(
-        f"pod-{UID_A}", "shop", "a", "/host/proc/9/ns/net", ("10.244.1.5",)
+        f"pod-{UID_A}", "shop", "a", "/host/proc/9/ns/net", ("10.244.1.5",), pod_uid=UID_A
     )
     assert record_for(a, None) is None
     # meshlab's state names the sandbox and its namespace: no /proc needed.

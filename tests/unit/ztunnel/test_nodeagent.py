@@ -300,3 +300,33 @@ def test_plugin_asks_the_agent_which_answers_for_pods_outside_the_mesh(tmp_path:
             await agent.close()
 
     run(body, timeout_s=20)
+
+
+def test_the_record_keeps_the_pod_uid_the_runtime_passed_for_finding_its_cgroup(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c0ffee",
+        "CNI_NETNS": "/run/netns/x",
+        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=a;K8S_POD_NAME=x;"
+        "K8S_POD_UID=0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+    }
+    call = plugin.prepare(env, conf(tmp_path, prevResult=PREV))
+    assert call.record is not None
+    assert call.record.pod_uid == "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    store = RecordStore(tmp_path / "pods")
+    store.put(call.record)
+    assert store.get("c0ffee") == call.record
+    assert store.get("other") is None
+    # A record written before the field existed still reads, without it.
+    (tmp_path / "pods" / "old.json").write_text(
+        json.dumps({"uid": "old", "namespace": "a", "name": "y", "netns": "/run/netns/y"})
+    )
+    old = store.get("old")
+    assert old is not None and old.pod_uid == ""
+    (tmp_path / "pods" / "bad.json").write_text(
+        json.dumps({"uid": "bad", "namespace": "a", "name": "y", "netns": "/n", "pod_uid": 7})
+    )
+    with pytest.raises(RecordError, match="pod_uid"):
+        store.get("bad")
