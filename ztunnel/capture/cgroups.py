@@ -45,7 +45,8 @@ def _search(root: Path, names: set[str]) -> Path | None:
         below: list[Path] = []
         for directory in level:
             try:
-                entries = list(os.scandir(directory))
+                with os.scandir(directory) as found:
+                    entries = list(found)
             except OSError:
                 continue
             for entry in entries:
@@ -68,14 +69,14 @@ def cgroup_of_netns(netns: Path, root: Path) -> Path | None:
     mount = _mount_of(root)
     if mount is None:
         return None
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    with os.scandir("/proc") as entries:
+        pids = [e.name for e in entries if e.name.isdigit()]
+    for pid in pids:
         try:
-            ns = Path(f"/proc/{entry.name}/ns/net").stat()
+            ns = Path(f"/proc/{pid}/ns/net").stat()
             if (ns.st_dev, ns.st_ino) != (want.st_dev, want.st_ino):
                 continue
-            text = Path(f"/proc/{entry.name}/cgroup").read_text()
+            text = Path(f"/proc/{pid}/cgroup").read_text()
         except OSError:
             continue
         for line in text.splitlines():

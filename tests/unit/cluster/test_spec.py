@@ -142,6 +142,11 @@ def test_runtime_fields_survive_a_round_trip() -> None:
         (lambda d: d.update(network={"podCIDR": "10.244.0.1/16"}), "network.podCIDR", "CIDR form"),
         (lambda d: d.update(apiVersion="v2"), "apiVersion", "meshlab/v1"),
         (lambda d: d["namespaces"].append({"name": "a.b"}), "namespaces[1].name", "DNS label"),
+        (
+            lambda d: d["nodes"][0].update(capture="nftables"),
+            "nodes[0].capture",
+            "not a capture backend (iptables, ebpf)",
+        ),
     ],
 )
 def test_each_mistake_is_refused_naming_the_field(change: Any, path: str, words: str) -> None:
@@ -156,3 +161,13 @@ def test_each_mistake_is_refused_naming_the_field(change: Any, path: str, words:
 def test_not_a_mapping_is_refused() -> None:
     with pytest.raises(ClusterSpecError, match="must be a mapping"):
         parse_spec(["nodes"])
+
+
+def test_a_node_names_its_capture_backend_iptables_by_default() -> None:
+    d = doc()
+    d["nodes"][1]["capture"] = "ebpf"
+    cluster = parse_spec(d)
+    assert [n.capture for n in cluster.nodes] == ["iptables", "ebpf"]
+    again = parse_spec(cluster.to_dict())
+    assert [n.capture for n in again.nodes] == ["iptables", "ebpf"]
+    assert "capture" not in cluster.to_dict()["nodes"][0]
