@@ -100,9 +100,9 @@ $(ENVOY_STAMP): | venv
 IMAGE ?= ambient-mesh:0.1.0
 BASE_IMAGE ?= localhost/ambient-mesh-base:bookworm
 IMAGE_STAMP := build/image.stamp
-IMAGE_INPUTS := deploy/Containerfile pyproject.toml \
+IMAGE_INPUTS := deploy/Containerfile pyproject.toml $(BPF_OBJECT) \
 	$(shell find mesh controlplane ztunnel waypoint ebpf meshlab -name '*.py' -o -name '*.proto' 2>/dev/null)
-image: venv protos cni-plugin
+image: venv protos cni-plugin ebpf
 	@scripts/host-deps.sh image
 	@podman image exists $(IMAGE) || rm -f $(IMAGE_STAMP)
 	@$(MAKE) --no-print-directory $(IMAGE_STAMP)

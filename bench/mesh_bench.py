@@ -1,23 +1,35 @@
-"""Pod to pod across two meshlab nodes: no mesh, our ztunnels, an Envoy HBONE pair.
+"""Pod to pod across two meshlab nodes: no mesh, our ztunnels (iptables or eBPF capture),
+an Envoy HBONE pair.
 
     python -m bench.mesh_bench [--seconds 8] [--rounds 3] [--json out.json]
                                [--record RESULTS.md] [--logs DIR] [--default-cipher]
 
 Needs root, the CNI plugins meshlab uses, iperf3, wrk, nginx-light and
-Envoy (`make bench` installs them). The defaults take about 4 minutes.
+Envoy (`make bench` installs them). The defaults take about 5 to 6 minutes (a
+third more than with three placements: each round has four).
 
 A 2-node meshlab cluster with the mesh (meshd, and on each node the node
 agent and ztunnel); a client pod on node1 and a server pod on node2, each in
 a namespace of its own, running ``sleep infinity``. In the server pod's
-network namespace this tool starts iperf3 (port 5201) and nginx (8080); the
-clients (iperf3, wrk) run in the client pod's. The same two pods are
-measured in three placements, one after the other in every round:
+network namespace and cgroup this tool starts iperf3 (port 5201) and nginx
+(8080); the clients (iperf3, wrk, curl) run in the client pod's (every process
+the tool starts in a pod joins the pod's cgroup first, as a container's would:
+the eBPF capture only acts on those). The same two pods are measured in four
+placements, one after the other in every round:
 
 * ``floor``: the namespaces are not ambient: plain pod-to-pod across the
   underlay, nothing in between;
 * ``ours``: both namespaces labelled ``istio.io/dataplane-mode=ambient``: the
   node agents capture the pods (in-pod iptables), the client node's ztunnel
   carries each connection over HBONE to the server node's ztunnel;
+* ``ebpf``: the same ztunnels, the node agents running ``--capture ebpf``:
+  no iptables rule in the pods; cgroup connect4/sockops programs on each
+  pod's cgroup send its outbound connections to ztunnel's 15001 in the pod,
+  a tc ingress filter (``zt_ingress``, bpf_sk_assign) on its eth0 hands
+  inbound to ztunnel's 15006/15008. Switching between ``ours`` and ``ebpf``
+  restarts both node agents with the other backend (the node's ``capture``
+  in the cluster state changed too) while no pod is enrolled: every change
+  of placement releases the pods first, as for the floor;
 * ``envoy``: the namespaces not ambient again; instead an iptables REDIRECT
   in the client pod sends its outbound TCP (except Envoy's own, marked
   ``0x539``) to an Envoy in the client pod (``original_dst`` listener,
@@ -28,19 +40,22 @@ measured in three placements, one after the other in every round:
   X25519, the same HTTP/2 windows as ours).
 
 Before each placement is measured, the tool checks that the traffic takes
-the intended path: capture rules and listeners present or absent, and a
-request that succeeds with an established connection to the server pod's
-15008 held by the right process (the client node's ztunnel, or the client
-Envoy). ztunnel negotiates OpenSSL's default TLS 1.3 suite
-(TLS_AES_256_GCM_SHA384) where Envoy's BoringSSL picks TLS_AES_128_GCM_SHA256;
-so the ciphers match, as in ``bench.hbone_bench``, each node's ztunnel is
-restarted once, before any pod is enrolled, with an OpenSSL config pinning
-TLS_AES_128_GCM_SHA256 / X25519 (``--default-cipher`` keeps them as meshlab
-started them).
+the intended path: capture rules (the pods' iptables chains, the tc filter)
+and listeners present or absent, the node agents on the intended backend
+(an agent that refused eBPF stops the run with its reason), and a request
+that succeeds with an established connection to the server pod's 15008 held
+by the right process (the client node's ztunnel, or the client Envoy).
+ztunnel negotiates OpenSSL's default TLS 1.3 suite (TLS_AES_256_GCM_SHA384)
+where Envoy's BoringSSL picks TLS_AES_128_GCM_SHA256; so the ciphers match,
+as in ``bench.hbone_bench``, each node's ztunnel is restarted once, before
+any pod is enrolled, with an OpenSSL config pinning TLS_AES_128_GCM_SHA256 /
+X25519 (``--default-cipher`` keeps them as meshlab
+started them); like meshlab's, the restarted ztunnels see the host's /sys/fs
+(the eBPF maps).
 
-Figures, each the median over ``--rounds`` rounds of the three placements
-in turn (floor, ours, envoy), each placement warmed up by one second of
-new connections first:
+Figures, each the median over ``--rounds`` rounds of the four placements
+in turn (floor, ours, ebpf, envoy; the order turning each round), each
+placement warmed up by one second of new connections first:
 
 * iperf3 throughput, one stream, client pod -> server pod, ``--seconds``;
 * wrk keep-alive (1 thread, 50 connections) requests/s, p50 and p99 latency
@@ -51,11 +66,16 @@ new connections first:
   (both ztunnels, or both Envoys, all threads) per GB during iperf3 and per
   new connection during the ``Connection: close`` run.
 
+Both backends of ours are reported against Envoy (``ratios``: iptables/envoy,
+``ratios_ebpf``: eBPF/envoy, each judged against the same targets) and
+against each other (``ebpf_vs_iptables``, no target).
+
 The logs of the cluster (meshd, node agents, ztunnels) and of the Envoys are
 kept (``--logs``) and ztunnel's, the node agents' and meshd's warnings and
 errors are counted at the end. Expected there: one refused handshake in the
 server node's ztunnel (the cipher probe above) and, with the cipher pinned,
-one "proxy disconnected" per node agent.
+one "proxy disconnected" per node agent (each backend switch starts the node
+agents again: their logs go on in the same files).
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from pathlib import Path
 
 from ebpf.capture import cgroup2_mount
+from mesh.cluster.model import Pod
 from meshlab import names
 
 
@@ -31,8 +31,8 @@ def node_root(cluster: str, node: str) -> Path | None:
 
 
 def pod_uid(container_id: str) -> str:
-    """The pod's uid, stable for its sandbox: a UUID made of the sandbox id."""
-    return str(uuid.UUID(container_id[:32]))
+    """The pod's uid, stable for its sandbox (:attr:`mesh.cluster.model.Pod.uid`)."""
+    return Pod(name="", namespace="", node="", container_id=container_id).uid
 
 
 def pod_dir(cluster: str, node: str, container_id: str) -> Path | None:

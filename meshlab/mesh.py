@@ -39,11 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ebpf.capture import cgroup2_mount, ensure_bpffs
 from mesh.cluster.model import Cluster, Node, Pod
 from mesh.cluster.statefile import cluster_dir, node_token_path, pod_token_path
 from meshlab import cgroups, containers, names, procs
 from meshlab.errors import MeshlabError
 
+BPF_FS = names.BPF_FS
+HOST_CGROUP = Path("/host/sys/fs/cgroup")  # where the eBPF overlay mounts the node's
 XDS_PORT = 15010
 XDS_TLS_PORT = 15012
 STATUS_PORT = 15014
@@ -293,13 +296,23 @@ def start_agent(state: Cluster, node: Node, log: Log = _quiet) -> int:
         "--bpf-dir",
         str(names.bpf_dir(state.name, node.name)),
     ]
+    binds: tuple[str, ...] = (containers.NETNS_BIND,)
     cgroup_root = cgroups.node_root(state.name, node.name)
     if cgroup_root is not None:
         cgroup_root.mkdir(parents=True, exist_ok=True)
+        mount = cgroup2_mount()
+        if node.capture == "ebpf" and image_of(state.name) is not None and mount is not None:
+            # As the eBPF overlay's hostPaths: the node's bpffs, and its cgroup v2
+            # tree at /host/sys/fs/cgroup (the container's own /sys/fs/cgroup is
+            # its cgroup namespace's).
+            binds += (f"{BPF_FS}:{BPF_FS}", f"{mount}:{HOST_CGROUP}")
+            cgroup_root = HOST_CGROUP / cgroup_root.relative_to(mount)
         argv += ["--cgroup-root", str(cgroup_root)]
+    if node.capture == "ebpf":
+        ensure_bpffs(BPF_FS)  # the node's, which a container cannot mount for the host
     log_path = _logs(state) / f"node-agent.{node.name}.log"
     where = ("node-agent", node.name)
-    pid = _launch(state, "agent", where, node.netns, argv, log_path, (containers.NETNS_BIND,))
+    pid = _launch(state, "agent", where, node.netns, argv, log_path, binds)
     _record(
         state.name,
         lambda d: d.setdefault("nodes", {}).setdefault(node.name, {}).__setitem__("agent", pid),
@@ -327,7 +340,8 @@ def start_ztunnel(state: Cluster, node: Node, log: Log = _quiet) -> int:
         str(names.bpf_dir(state.name, node.name)),
     ]
     log_path = _logs(state) / f"ztunnel.{node.name}.log"
-    pid = _launch(state, "ztunnel", ("ztunnel", node.name), node.netns, argv, log_path)
+    binds = (f"{BPF_FS}:{BPF_FS}",) if node.capture == "ebpf" else ()
+    pid = _launch(state, "ztunnel", ("ztunnel", node.name), node.netns, argv, log_path, binds)
     _record(
         state.name,
         lambda d: d.setdefault("nodes", {}).setdefault(node.name, {}).__setitem__("ztunnel", pid),

@@ -85,8 +85,17 @@ def render_table(doc: Mapping[str, Any]) -> str:
         "",
     ]
     out += _table(
-        ["NODE", "IP", "POD CIDR", "NETNS"],
-        [[n["name"], n.get("ip", ""), n["podCIDR"], n.get("netns", "")] for n in doc["nodes"]],
+        ["NODE", "IP", "POD CIDR", "NETNS", "CAPTURE"],
+        [
+            [
+                n["name"],
+                n.get("ip", ""),
+                n["podCIDR"],
+                n.get("netns", ""),
+                n.get("capture", "iptables"),
+            ]
+            for n in doc["nodes"]
+        ],
     )
     out.append("")
     out += _table(

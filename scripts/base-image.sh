@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Debian bookworm base image with Python 3.11, venv, iptables and iproute2,
+# A Debian bookworm base image with Python 3.11, venv, iptables, iproute2 and libbpf,
 # made from Debian's packages (debootstrap) and imported into the local image
 # store, for machines that reach no container registry. Safe to run twice: an
 # existing image of that name is kept.
@@ -15,7 +15,7 @@ fi
 root=$(mktemp -d /var/tmp/ambient-mesh-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT
 echo "base image $image: debootstrap bookworm from $mirror"
-debootstrap --variant=minbase --include=python3,python3-venv,iptables,iproute2,ca-certificates \
+debootstrap --variant=minbase --include=python3,python3-venv,iptables,iproute2,libbpf1,ca-certificates \
     bookworm "$root" "$mirror" > "$root.log" 2>&1 || { tail -20 "$root.log"; exit 1; }
 rm -f "$root.log"
 # What a container never needs: caches, documentation, locales but C.

@@ -18,7 +18,7 @@ from bench.envoy import (
     parse_stats,
     server_config,
 )
-from bench.mesh.shell import BenchError
+from bench.mesh.shell import BenchError, pod_argv
 from bench.mesh.topology import (
     CLIENT_SAN,
     ENVOY_MARK,
@@ -140,16 +140,25 @@ def envoy_server_config(
 
 
 class PodEnvoy:
-    """One Envoy inside a pod's network namespace, its admin on a unix socket."""
+    """One Envoy inside a pod's network namespace (and its cgroup, when given), its admin on a
+    unix socket."""
 
     def __init__(
-        self, netns: str, config: dict[str, Any], workdir: Path, name: str, env: dict[str, str]
+        self,
+        netns: str,
+        config: dict[str, Any],
+        workdir: Path,
+        name: str,
+        env: dict[str, str],
+        *,
+        cgroup: Path | None = None,
     ) -> None:
         binary = envoy_binary()
         if binary is None:
             raise FileNotFoundError("envoy is not installed (`make envoy` installs it)")
         self.binary, self.netns, self.config = binary, netns, config
         self.workdir, self.name, self.env = workdir, name, env
+        self.cgroup = cgroup
         self.admin = Path(config["admin"]["address"]["pipe"]["path"])
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -164,25 +173,25 @@ class PodEnvoy:
         path.write_text(json.dumps(self.config, indent=1))
         self.admin.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
-            # `ip netns exec` execs Envoy: the pid is Envoy's.
+            # The cgroup's shell and `ip netns exec` exec Envoy: the pid is Envoy's.
             self.process = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
+                pod_argv(
                     self.netns,
-                    str(self.binary),
-                    "-c",
-                    str(path),
-                    "--concurrency",
-                    "1",
-                    "--base-id-path",
-                    str(self.workdir / f"{self.name}.baseid"),
-                    "--use-dynamic-base-id",
-                    "-l",
-                    "warning",
-                    "--disable-hot-restart",
-                ],
+                    self.cgroup,
+                    [
+                        str(self.binary),
+                        "-c",
+                        str(path),
+                        "--concurrency",
+                        "1",
+                        "--base-id-path",
+                        str(self.workdir / f"{self.name}.baseid"),
+                        "--use-dynamic-base-id",
+                        "-l",
+                        "warning",
+                        "--disable-hot-restart",
+                    ],
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

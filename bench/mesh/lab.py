@@ -1,8 +1,9 @@
-"""The meshlab cluster of the bench, its pods and apps, and the placements floor/ours/envoy."""
+"""The meshlab cluster of the bench, its pods and apps, and the placements floor/ours/ebpf/envoy."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -22,7 +23,7 @@ from bench.mesh.envoy_pair import (
     envoy_client_config,
     envoy_server_config,
 )
-from bench.mesh.shell import BenchError, Log, in_netns, run, venv_bin, wait_until
+from bench.mesh.shell import BenchError, Log, in_netns, in_pod, pod_argv, run, venv_bin, wait_until
 from bench.mesh.topology import (
     AMBIENT,
     BENCH_CHAIN,
@@ -34,15 +35,21 @@ from bench.mesh.topology import (
     HTTP_PORT,
     IPERF_PORT,
     MARK_MASK,
+    MESH_CAPTURE,
     OUTBOUND_PORT,
+    POD_IFACE,
     SERVER_POD,
     SERVER_SAN,
+    TC_PROGRAM,
     ZTUNNEL_PORTS,
 )
 
 
 class MeshLab:
-    """The cluster, its two pods, the apps in the server pod and the placements."""
+    """The cluster, its two pods, the apps in the server pod and the placements.
+
+    Every process the lab starts in a pod runs in the pod's cgroup too (:meth:`pod_cgroup`),
+    as a container's would: the eBPF capture only sees the sockets of those."""
 
     cluster_spec = CLUSTER  # the meshlab cluster file, as a dict
     headers: tuple[str, ...] = ()  # sent with every wrk request (the waypoint's: a token)
@@ -120,9 +127,24 @@ class MeshLab:
         """For the processes started in the pods: ours, marked as the cluster's."""
         return {**os.environ, "MESHLAB_CLUSTER": self.name}
 
+    def pod_cgroup(self, netns: str) -> Path | None:
+        """The cgroup (v2) directory of the pod whose network namespace is ``netns``; None
+        when it is no pod's or has none (a host without cgroup v2)."""
+        from meshlab import cgroups
+
+        pod = next((p for p in self.state.pods if p.netns == netns), None)
+        if pod is None or pod.container_id is None:
+            return None
+        path = cgroups.pod_dir(self.name, pod.node, pod.container_id)
+        return path if path is not None and path.is_dir() else None
+
+    def in_pod(self, netns: str, argv: list[str], timeout_s: float = 60, check: bool = True) -> str:
+        """Run ``argv`` as a process of the pod of ``netns`` (its netns and cgroup)."""
+        return in_pod(netns, self.pod_cgroup(netns), argv, timeout_s, check)
+
     def proxy_pids(self) -> list[int]:
         """The proxies carrying the current placement's traffic: both ends."""
-        if self.mode == "ours":
+        if self.mode in MESH_CAPTURE:
             return [self.ztunnel_pid(self.client_node), self.ztunnel_pid(self.server_node)]
         if self.mode == "envoy":
             return [envoy.pid for envoy in self.envoys]
@@ -155,7 +177,8 @@ class MeshLab:
         env["OPENSSL_CONF"] = str(self.dir / "openssl.cnf")
         procs.terminate([old], grace_s=10.0)
         log_path = cluster_dir(self.name) / "logs" / f"ztunnel.{node_name}.log"
-        pid = procs.spawn(node.netns, argv, env=env, log_path=log_path)
+        # As meshlab starts it: only the netns entered, the host's /sys/fs (bpf, cgroup) seen.
+        pid = procs.spawn(node.netns, argv, env=env, log_path=log_path, host_mounts=True)
         path = cluster_dir(self.name) / "mesh.json"
         data = json.loads(path.read_text())
         data["nodes"][node_name]["ztunnel"] = pid
@@ -166,7 +189,7 @@ class MeshLab:
     def spawn(self, netns: str, argv: list[str], name: str) -> subprocess.Popen[bytes]:
         with (self.dir / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
-                ["ip", "netns", "exec", netns, *argv],
+                pod_argv(netns, self.pod_cgroup(netns), argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -211,6 +234,32 @@ class MeshLab:
     def nat(self, netns: str) -> str:
         return in_netns(netns, ["iptables-save", "-t", "nat"])
 
+    def tc_ingress(self, netns: str) -> str:
+        """The tc filters on the pod's eth0 ingress (the eBPF capture's ``zt_ingress``)."""
+        return in_netns(netns, ["tc", "filter", "show", "dev", POD_IFACE, "ingress"], check=False)
+
+    def capture_wrong(self, backend: str) -> str | None:
+        """Whether both nodes' agents capture with ``backend``: None, or what they say.
+
+        An agent that was asked for eBPF and refused it (it stays on iptables) raises
+        :class:`BenchError` with its reason: waiting would not change it."""
+        from meshlab import mesh
+
+        for node in (self.client_node, self.server_node):
+            try:
+                capture = mesh.agent_status(self.name, node).get("capture") or {}
+            except (OSError, ValueError) as e:
+                return f"node agent of {node}: {e}"
+            if capture.get("backend") == backend:
+                continue
+            if capture.get("refused"):
+                raise BenchError(
+                    f"node {node}: the node agent refused the {capture.get('requested')} "
+                    f"capture and runs {capture.get('backend')}: {capture['refused']}"
+                )
+            return f"node agent of {node}: capture {capture or '?'}, not {backend}"
+        return None
+
     def enrolled(self) -> set[str] | str:
         """The pods (uids) the node agents enrolled, or why they did not answer."""
         from meshlab import mesh
@@ -230,22 +279,9 @@ class MeshLab:
 
     def request(self) -> str | None:
         """One GET from the client pod to ``url``: None when it answered 200."""
+        argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]
         done = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.client_ns,
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "5",
-                self.url,
-            ],
+            pod_argv(self.client_ns, self.pod_cgroup(self.client_ns), [*argv, self.url]),
             capture_output=True,
             text=True,
             timeout=30,
@@ -275,9 +311,14 @@ class MeshLab:
         # looked for.
         self._stop_envoys()
         self._redirect(False)
-        self._label(mode == "ours")
-        if mode == "ours":
-            self._check_ours()
+        # Every change passes through the floor: the pods released (not ambient, not
+        # captured, not enrolled), so a node agent can change its backend holding no pod.
+        self._label(False)
+        backend = MESH_CAPTURE.get(mode)
+        if backend is not None:
+            self._use_backend(backend)
+            self._label(True)
+            self._check_ours(backend)
         elif mode == "envoy":
             self._start_envoys()
             self._check_envoy()
@@ -285,6 +326,42 @@ class MeshLab:
             self._check_floor()
         self.mode = mode
         self.log(f"   {mode} in place after {time.monotonic() - started:.1f} s")
+
+    def _use_backend(self, backend: str) -> None:
+        """Both nodes' agents on the capture ``backend``: each one that runs another is
+        stopped, its node's ``capture`` changed in the cluster's state and started again
+        (no pod is enrolled: :meth:`place` released them)."""
+        from mesh.cluster.statefile import locked, read_state, write_state
+        from meshlab import mesh, procs
+
+        nodes = (self.client_node, self.server_node)
+        change = [n for n in nodes if read_state(self.name).node(n).capture != backend]
+        if not change:
+            return
+        started = time.monotonic()
+        agents = mesh.pids(self.name)["nodes"]
+        procs.terminate([int(agents[n]["agent"]) for n in change], grace_s=10.0)
+        with locked(self.name):
+            state = read_state(self.name)
+            state = write_state(
+                dataclasses.replace(
+                    state,
+                    nodes=tuple(
+                        dataclasses.replace(n, capture=backend) if n.name in change else n
+                        for n in state.nodes
+                    ),
+                )
+            )
+        self.state = state
+        for name in change:
+            mesh.start_agent(state, state.node(name))
+        for name in change:
+            mesh.wait_node(state, state.node(name))
+        wait_until(f"the node agents on {backend}", lambda: self.capture_wrong(backend), 15)
+        self.log(
+            f"   node agents of {', '.join(change)} restarted with --capture {backend} "
+            f"({time.monotonic() - started:.1f} s)"
+        )
 
     def _label(self, ambient: bool) -> None:
         edit = f"{AMBIENT}=ambient" if ambient else f"{AMBIENT}-"
@@ -297,6 +374,8 @@ class MeshLab:
             for netns in (self.client_ns, self.server_ns):
                 if ":ISTIO_OUTPUT" in self.nat(netns):
                     return f"{netns} still captured"
+                if TC_PROGRAM in self.tc_ingress(netns):
+                    return f"{netns} still captured (tc filter {TC_PROGRAM})"
                 left = self.listening(netns) & set(ZTUNNEL_PORTS)
                 if left:
                     return f"{netns} still has ztunnel's listeners {sorted(left)}"
@@ -309,11 +388,27 @@ class MeshLab:
 
         wait_until("pods released from the mesh", released)
 
-    def _check_ours(self) -> None:
-        def captured() -> str | None:
+    def _check_ours(self, backend: str = "iptables") -> None:
+        """The pods captured by our ztunnels through ``backend`` (and not the other), and a
+        request through the client node's ztunnel."""
+        if backend == "ebpf":
             for netns in (self.client_ns, self.server_ns):
-                if ":ISTIO_OUTPUT" not in self.nat(netns):
-                    return f"{netns} not captured"
+                if self.pod_cgroup(netns) is None:
+                    raise BenchError(f"the pod of {netns} has no cgroup: eBPF cannot capture it")
+
+        def captured() -> str | None:
+            wrong = self.capture_wrong(backend)
+            if wrong is not None:
+                return wrong
+            for netns in (self.client_ns, self.server_ns):
+                rules = ":ISTIO_OUTPUT" in self.nat(netns)
+                tc = TC_PROGRAM in self.tc_ingress(netns)
+                if backend == "ebpf" and rules:
+                    return f"{netns} holds iptables capture rules with the eBPF backend"
+                if backend != "ebpf" and tc:
+                    return f"{netns} has the tc filter {TC_PROGRAM} with the iptables backend"
+                if not (tc if backend == "ebpf" else rules):
+                    return f"{netns} not captured ({backend})"
                 missing = set(ZTUNNEL_PORTS) - self.listening(netns)
                 if missing:
                     return f"{netns}: no listener on {sorted(missing)}"
@@ -325,7 +420,7 @@ class MeshLab:
                 return f"{len(missing_uids)} pod(s) not enrolled"
             return None
 
-        wait_until("pods captured", captured)
+        wait_until(f"pods captured ({backend})", captured)
         ztunnel = self.ztunnel_pid(self.client_node)
         self._check_tunnel(f"pid={ztunnel},", f"the client node's ztunnel (pid {ztunnel})")
         if "ours" not in self.ciphers:
@@ -446,6 +541,7 @@ class MeshLab:
             self.dir,
             "envoy-server",
             self._env(),
+            cgroup=self.pod_cgroup(self.server_ns),
         )
         client = PodEnvoy(
             self.client_ns,
@@ -455,6 +551,7 @@ class MeshLab:
             self.dir,
             "envoy-client",
             self._env(),
+            cgroup=self.pod_cgroup(self.client_ns),
         )
         self.envoys = [server, client]
         server.start()

@@ -1,4 +1,6 @@
-"""The loads on a placement: iperf3, wrk, the warm-up, one placement measured, its CPU."""
+"""The loads on a placement: iperf3, wrk, the warm-up, one placement measured, its CPU.
+
+The clients run as processes of the client pod (its network namespace and cgroup)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections.abc import Callable
 
 from bench.hbone_bench import cpu_seconds
 from bench.mesh.lab import MeshLab
-from bench.mesh.shell import BenchError, in_netns
+from bench.mesh.shell import BenchError
 from bench.mesh.topology import IPERF_PORT
 
 WARMUP_S = 1.0
@@ -22,7 +24,7 @@ def iperf(lab: MeshLab, seconds: float) -> tuple[float, int]:
     last = ""
     for attempt in range(2):
         try:
-            out = in_netns(
+            out = lab.in_pod(
                 lab.client_ns,
                 ["iperf3", "-c", lab.server_ip, "-p", str(IPERF_PORT), "-t", duration, "-J"],
                 timeout_s=seconds + 60,
@@ -51,7 +53,7 @@ def wrk(lab: MeshLab, seconds: float, *, close: bool) -> dict[str, float]:
         argv += ["-H", header]
     if close:
         argv += ["-H", "Connection: close"]
-    out = in_netns(
+    out = lab.in_pod(
         lab.client_ns,
         [*argv, lab.url],
         timeout_s=seconds + 60,

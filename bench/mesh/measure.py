@@ -1,4 +1,4 @@
-"""A whole run: the cluster up, rounds of the three placements, medians, ratios, logs kept."""
+"""A whole run: the cluster up, rounds of the four placements, medians, ratios, logs kept."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def _adder(figures: dict[str, list[float]]) -> Callable[[str, float], None]:
         figures.setdefault(figure, []).append(value)
 
     return add
+
+
+def _ratios(figures: dict[str, dict[str, float]], over: str, under: str) -> dict[str, float]:
+    """``over``'s figures / ``under``'s, those with a target and the informational ones."""
+    ratios: dict[str, float] = {}
+    for figure in [*TARGETS, *INFORMATIONAL]:
+        a, b = figures[over].get(figure), figures[under].get(figure)
+        if a is not None and b is not None and b > 0:
+            ratios[figure] = a / b
+    return ratios
 
 
 def measure(
@@ -73,20 +83,18 @@ def measure(
         for p, by in samples.items()
     }
     floor_p99 = figures["floor"].get("keepalive_p99_ms")
-    for placement in ("ours", "envoy"):
+    for placement in ("ours", "ebpf", "envoy"):
         p99 = figures[placement].get("keepalive_p99_ms")
         if p99 is not None and floor_p99 is not None:
             figures[placement]["added_p99_ms"] = p99 - floor_p99
-    ratios: dict[str, float] = {}
-    for figure in [*TARGETS, *INFORMATIONAL]:
-        ours, envoy = figures["ours"].get(figure), figures["envoy"].get(figure)
-        if ours is not None and envoy is not None and envoy > 0:
-            ratios[figure] = ours / envoy
     errors = {p: sum(samples[p].get("errors", [])) for p in PLACEMENTS}
     return {
         "cluster": lab.name,
         "figures": figures,
-        "ratios": ratios,
+        # ours (iptables) / envoy under its old name; ebpf / envoy; ebpf / ours.
+        "ratios": _ratios(figures, "ours", "envoy"),
+        "ratios_ebpf": _ratios(figures, "ebpf", "envoy"),
+        "ebpf_vs_iptables": _ratios(figures, "ebpf", "ours"),
         "errors": errors,
         "failures": failures,
         "ciphers": {

@@ -1,4 +1,5 @@
-"""Running commands (from the venv, in the pods' network namespaces), waiting, the bench's error."""
+"""Running commands (from the venv, in the pods' network namespaces and cgroups), waiting,
+the bench's error."""
 
 from __future__ import annotations
 
@@ -32,6 +33,33 @@ def run(argv: list[str], timeout_s: float = 60, check: bool = True) -> str:
 
 def in_netns(netns: str, argv: list[str], timeout_s: float = 60, check: bool = True) -> str:
     return run(["ip", "netns", "exec", netns, *argv], timeout_s, check)
+
+
+# `sh -c SCRIPT CGROUP ARGV...`: the shell joins the cgroup ($0), then becomes ARGV (so the
+# pid of what is started is the pid of ARGV's program, as with a plain `ip netns exec`).
+_JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+
+
+def pod_argv(netns: str, cgroup: Path | None, argv: list[str]) -> list[str]:
+    """``argv`` as a process of the pod: in its network namespace and, when it has one, in
+    its cgroup (v2) from the start, as a container's process is. The eBPF capture acts on
+    the sockets of the processes in the pod's cgroup only: one started by a bare ``ip
+    netns exec`` would pass uncaptured."""
+    inside = ["ip", "netns", "exec", netns, *argv]
+    if cgroup is None:
+        return inside
+    return ["sh", "-c", _JOIN_CGROUP, str(cgroup), *inside]
+
+
+def in_pod(
+    netns: str,
+    cgroup: Path | None,
+    argv: list[str],
+    timeout_s: float = 60,
+    check: bool = True,
+) -> str:
+    """Run ``argv`` as a process of the pod (:func:`pod_argv`); its output."""
+    return run(pod_argv(netns, cgroup, argv), timeout_s, check)
 
 
 def wait_until(what: str, check: Callable[[], str | None], timeout_s: float = WAIT_S) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-PLACEMENTS = ("floor", "ours", "envoy")
+PLACEMENTS = ("floor", "ours", "ebpf", "envoy")
+# The placements through our ztunnels, and the capture backend of the node agents in each.
+MESH_CAPTURE = {"ours": "iptables", "ebpf": "ebpf"}
+TC_PROGRAM = "zt_ingress"  # the eBPF capture's tc ingress filter on a pod's eth0 (ebpf.capture)
+POD_IFACE = "eth0"
 IPERF_PORT = 5201
 HTTP_PORT = 8080
 OUTBOUND_PORT = 15001  # the client Envoy's listener, as ztunnel's outbound

@@ -255,7 +255,14 @@ class WaypointLab(MeshLab):
         bootstrap = envoy_waypoint_config(
             dump, files, self.dir / "envoy-waypoint.admin", node_id=node_id
         )
-        envoy = PodEnvoy(self.wp_ns[ENVOY], bootstrap, self.dir, "envoy-waypoint", self._env())
+        envoy = PodEnvoy(
+            self.wp_ns[ENVOY],
+            bootstrap,
+            self.dir,
+            "envoy-waypoint",
+            self._env(),
+            cgroup=self.pod_cgroup(self.wp_ns[ENVOY]),
+        )
         self.envoys = [envoy]
         envoy.start()
         self.log(f"waypoint {ENVOY}: Envoy (pid {envoy.pid}) with {OURS}'s resources ({config})")

@@ -9,6 +9,7 @@ a typo in a 200-line file is reported as ``pods[12].serviceAccount: ...``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
@@ -93,6 +94,18 @@ class Pod:
     def key(self) -> str:
         """``namespace/name``, the way kubectl names a pod across namespaces."""
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def uid(self) -> str:
+        """The pod's UID (Kubernetes' metadata.uid): a UUID made of its sandbox's id,
+        stable for that sandbox; empty before it has one. meshlab names the pod's
+        cgroup after it and passes it in CNI_ARGS, as kubelet does."""
+        if not self.container_id or len(self.container_id) < 32:
+            return ""
+        try:
+            return str(uuid.UUID(self.container_id[:32]))
+        except ValueError:
+            return ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

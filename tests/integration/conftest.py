@@ -39,11 +39,9 @@ def mesh_args() -> list[str]:
 
 def skip_unless_backend_runs(backend: str) -> None:
     """Skip, naming what is missing, when this host cannot run the capture ``backend``
-    (eBPF: cgroup v2, bpffs, libbpf, the compiled programs; not from the image yet)."""
+    (eBPF: cgroup v2, bpffs, libbpf, the compiled programs)."""
     if backend != "ebpf":
         return
-    if os.environ.get(IMAGE_ENV):
-        pytest.skip("the eBPF capture runs from the host's programs only (not from --image)")
     ensure_bpffs()
     lacking = requirements()
     if lacking:

@@ -22,6 +22,9 @@ out first: never both.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import logging
 import os
 import socket
@@ -54,13 +57,38 @@ def _in(netns: Path, fn: Callable[[], T]) -> T:
         os.close(fd)
 
 
+_own_proc: Path | None = None
+
+
+def _writable_proc() -> Path:
+    """A procfs whose /proc/sys can be written. A container's /proc/sys is mounted
+    read-only (the runtime's readonlyPaths); a procfs of our own, mounted once in
+    this process's mount namespace (the agent has CAP_SYS_ADMIN), is not."""
+    global _own_proc
+    if _own_proc is None:
+        path = Path(f"/run/ztunnel-node-agent-proc-{os.getpid()}")
+        path.mkdir(mode=0o700, exist_ok=True)
+        if not os.path.ismount(path):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            if libc.mount(b"proc", str(path).encode(), b"proc", 0, None) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mounting a procfs at {path}: {os.strerror(err)}")
+        _own_proc = path
+    return _own_proc
+
+
 def _fwmark_accept(value: str | None = None) -> str:
     """Read (and with ``value``, set) tcp_fwmark_accept of the calling thread's netns."""
     # /proc/sys/net shows the namespace of the thread that opens it.
     path = Path(FWMARK_ACCEPT)
     before = path.read_text().strip()
     if value is not None:
-        path.write_text(value)
+        try:
+            path.write_text(value)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            (_writable_proc() / "sys/net/ipv4/tcp_fwmark_accept").write_text(value)
     return before
 
 

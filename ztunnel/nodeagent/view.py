@@ -76,6 +76,7 @@ class ClusterView:
                         ips=(str(p.ip),) if p.ip is not None else (),
                         sandbox=p.container_id,
                         netns=f"{NETNS_DIR}/{p.netns}" if p.netns else None,
+                        uid=p.uid,
                     )
                     for p in cluster.pods
                 }

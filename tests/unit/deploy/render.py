@@ -20,7 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("default", "dev")
+OVERLAYS = ("default", "dev", "ebpf")
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # The Kubernetes versions the objects are validated against (schemas shipped by
 # kubernetes-validate): 1.30 is the oldest the manifests can target

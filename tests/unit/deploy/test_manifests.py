@@ -246,3 +246,31 @@ def test_node_agent_has_istio_cnis_shape() -> None:
     assert by_path["/host/proc"]["readOnly"] is True
     assert by_path["/var/run/netns"]["mountPropagation"] == "HostToContainer"
     assert spec["priorityClassName"] == "system-node-critical"
+
+
+def test_ebpf_overlay_runs_the_ebpf_capture_with_the_nodes_bpffs_and_cgroups() -> None:
+    objects = {c["name"]: (pod, c) for pod, c in containers(render("ebpf"))}
+    agent_pod, agent = objects["node-agent"]
+    assert agent["args"][-3:] == [
+        "--capture=ebpf",
+        "--bpf-dir=/sys/fs/bpf/ztunnel",
+        "--cgroup-root=/host/sys/fs/cgroup",
+    ]
+    ztunnel_pod, ztunnel = objects["ztunnel"]
+    assert "--bpf-dir=/sys/fs/bpf/ztunnel" in ztunnel["args"]
+
+    def host_paths(workload: Obj, container: Obj) -> dict[str, str]:
+        volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+        return {
+            m["mountPath"]: volumes[m["name"]]["hostPath"]["path"]
+            for m in container["volumeMounts"]
+            if "hostPath" in volumes[m["name"]]
+        }
+
+    assert host_paths(agent_pod, agent)["/sys/fs/bpf"] == "/sys/fs/bpf"
+    assert host_paths(agent_pod, agent)["/host/sys/fs/cgroup"] == "/sys/fs/cgroup"
+    assert host_paths(ztunnel_pod, ztunnel)["/sys/fs/bpf"] == "/sys/fs/bpf"
+    # The same privileges as the default overlay: nothing more for eBPF.
+    default = {c["name"]: c for _, c in containers(render("default"))}
+    for name in ("node-agent", "ztunnel"):
+        assert objects[name][1]["securityContext"] == default[name]["securityContext"]

@@ -60,13 +60,15 @@ STATE = parse_spec(
 
 
 def test_exec_targets_resolve_to_the_right_namespace() -> None:
-    netns, env = cli._resolve_target(STATE, "a/x", None)
+    netns, env, cgroup = cli._resolve_target(STATE, "a/x", None)
     assert netns == "c1-pod-a-x"
+    assert cgroup is None  # the pod has no sandbox (container id) recorded: no cgroup
     assert env["POD_NAME"] == "x" and env["POD_NAMESPACE"] == "a" and env["POD_IP"] == "10.244.0.9"
     assert env[names.PROCESS_MARKER_ENV] == "c1"
     assert cli._resolve_target(STATE, "x", "b")[0] == "c1-pod-b-x"
     assert cli._resolve_target(STATE, "node1", None)[0] == "c1-node-node1"
     assert cli._resolve_target(STATE, "node/web", None)[0] == "c1-node-web"
+    assert cli._resolve_target(STATE, "node/web", None)[2] is None  # a node has no pod cgroup
 
 
 def test_ambiguous_and_unknown_targets_are_refused_with_choices() -> None:
