@@ -19,6 +19,7 @@ PACKAGES=(
     clang                       # compiles the eBPF capture's programs (make ebpf)
     libbpf-dev                  # their helper headers
     libbpf1                     # loads them (the node agent, through ctypes)
+    bpftool                     # the tests read the pods' cgroup attachments with it
 )
 
 # `host-deps.sh bench` adds what the benchmarks drive.

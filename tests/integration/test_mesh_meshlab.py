@@ -389,6 +389,59 @@ def test_a_restarted_ztunnel_readopts_its_pods_and_nothing_bypasses_it_meanwhile
     assert http_get(cluster, "outside/web", echo2)["pod"] == "echo-2"
 
 
+def capture_state(cluster: str, key: str) -> str:
+    """What the pod's capture consists of, as text: the iptables rules, or the tc
+    filters (with their program ids) and the cgroup's attached programs."""
+    ns, pod = key.split("/")
+    netns = names.pod_netns(cluster, ns, pod)
+    if backend_of(cluster, key) == "iptables":
+        dump = subprocess.run(
+            ["ip", "netns", "exec", netns, "iptables-save"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        # The rules and chains, without the dump's timestamps and counters.
+        return "\n".join(
+            line.split(" [", 1)[0]
+            for line in dump.splitlines()
+            if line.startswith(("-A", ":", "*"))
+        )
+    started = next(p for p in read_state(cluster).pods if p.key == key)
+    assert started.container_id
+    cgroup = cgroups.pod_dir(cluster, started.node, started.container_id)
+    tc = subprocess.run(
+        ["ip", "netns", "exec", netns, "tc", "filter", "show", "dev", "eth0", "ingress"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    progs = subprocess.run(
+        ["bpftool", "cgroup", "show", str(cgroup)], capture_output=True, text=True, check=True
+    ).stdout
+    return tc + progs
+
+
+def test_a_restarted_node_agent_keeps_the_capture_and_adds_nothing(cluster: str) -> None:
+    """The capture outlives the agent; the new one finds it (eBPF: the pinned
+    programs, not loaded again) and leaves it as it was."""
+    state = read_state(cluster)
+    node2 = state.node("node2")
+    key = "server/echo-2"
+    before = capture_state(cluster, key)
+    old = mesh.pids(cluster)["nodes"]["node2"]["agent"]
+    subprocess.run(["kill", "-KILL", str(old)], check=True)
+    wait_for("the agent to die", lambda: not Path(f"/proc/{old}").exists(), 5)
+    echo2 = f"http://{pod_ip(cluster, key)}:8080/"
+    assert http_get(cluster, "client/sleep", echo2)["pod"] == "echo-2"  # ztunnel still serves
+    assert capture_state(cluster, key) == before
+    mesh.start_agent(state, node2)
+    mesh.wait_node(state, node2)
+    assert mesh.agent_status(cluster, "node2")["capture"]["backend"] == backend_of(cluster, key)
+    assert capture_state(cluster, key) == before
+    assert http_get(cluster, "client/sleep", echo2)["pod"] == "echo-2"
+
+
 def chain_of(cluster: str, node: str) -> list[str]:
     conf = json.loads((mesh.cni_conf_dir(cluster, node) / cni.NETWORK_FILE).read_text())
     return [p["type"] for p in conf["plugins"]]
