@@ -2,7 +2,7 @@
 # The demo behind `make demo`: the mesh on a two-node local cluster, end to end.
 # Traffic flows from client/sleep to the echo service; the server namespace joins
 # the mesh while it flows and the flows become mTLS without restarting a pod;
-# ztunnel-ctl shows the node; a DENY policy refuses the next request; the
+# node1 captures its pods with iptables, node2 with eBPF; ztunnel-ctl shows the node; a DENY policy refuses the next request; the
 # metrics count what happened; a capture of the underlay shows TLS only; all is
 # torn down. Then the waypoint (examples/waypoint-demo.sh): a canary split,
 # routing by User-Agent, and a waypoint that cannot be bypassed.
@@ -66,6 +66,15 @@ sleep 3
 printf '$ tcpdump -i %s  (pod traffic only, 2 s)\n' "$BRIDGE"
 timeout 2 tcpdump -i "$BRIDGE" -nn -q 'tcp and net 10.244.0.0/16' 2>/dev/null | head -n 4 || true
 echo "(only port 15008 now: HBONE, mTLS; the request text no longer appears on the wire)"
+
+step "Two capture backends: node1 with Istio's in-pod iptables rules, node2 with eBPF programs"
+printf '$ meshlab exec client/sleep -- iptables-save -t nat | grep -c ISTIO   (node1)\n'
+meshlab exec --name "$NAME" client/sleep -- iptables-save -t nat | grep -c ISTIO || true
+printf '$ meshlab exec server/echo-2 -- iptables-save -t nat | grep -c ISTIO  (node2)\n'
+meshlab exec --name "$NAME" server/echo-2 -- iptables-save -t nat | grep -c ISTIO || true
+run meshlab exec --name "$NAME" server/echo-2 -- tc filter show dev eth0 ingress
+printf '$ ztunnel-ctl --node node2 verify\n'
+ztunnel-ctl --cluster "$NAME" --node node2 verify | grep -E "^  [a-z]|capture|drift" || true
 
 step "What node1's ztunnel holds (a slow upload keeps one connection open meanwhile)"
 ( head -c 6000 /dev/zero | meshlab exec --name "$NAME" client/sleep -- \
