@@ -23,11 +23,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mesh.cluster.model import CAPTURE_BACKENDS
 from tests.integration.conftest import (
     MESHLAB,
     assert_nothing_left,
     mesh_args,
     meshlab,
+    skip_unless_backend_runs,
     unique_name,
 )
 
@@ -91,11 +93,23 @@ def eventually(check: Any, timeout_s: float = 30.0) -> Any:
         time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def books() -> Iterator[str]:
+@pytest.fixture(scope="module", params=CAPTURE_BACKENDS)
+def books(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The bookstore with each capture backend: every hop to and from the waypoint is
+    captured by the nodes' iptables rules, then by their eBPF programs."""
+    skip_unless_backend_runs(request.param)
     name = unique_name()
     try:
-        meshlab("up", "-f", str(EXAMPLES / "bookstore.yaml"), "--name", name, *mesh_args())
+        meshlab(
+            "up",
+            "-f",
+            str(EXAMPLES / "bookstore.yaml"),
+            "--name",
+            name,
+            *mesh_args(),
+            "--capture",
+            request.param,
+        )
         for ns in ("shop", "client"):
             meshlab("label", "--name", name, "namespace", ns, "istio.io/dataplane-mode=ambient")
         meshlab("apply", "--name", name, "-f", str(EXAMPLES / "waypoint.yaml"))
