@@ -1,9 +1,13 @@
-"""The eBPF capture backend: BPF C programs and their bcc loader.
+"""The eBPF capture backend's BPF half: the programs and their loader.
 
-Owns: the programs that steer pod traffic to ztunnel without iptables, and
-the code that compiles, attaches and detaches them. Empty until the eBPF
-capture issue lands.
+Owns: ``capture.bpf.c`` (cgroup connect4/sockops/sendmsg4/recvmsg4 and a tc
+ingress program, compiled by ``make ebpf`` into ``capture.bpf.o``), the ctypes
+binding of the libbpf calls it needs (:mod:`ebpf.libbpf`), and the node's
+pinned programs and maps with what one pod gets of them (:mod:`ebpf.capture`).
+The rest of the backend (cgroups, routing, the node agent's choice) is
+``ztunnel.capture``.
 
-May import: ``mesh``, ``bcc`` and the standard library. Never the programs
-(``controlplane``, ``ztunnel``, ``waypoint``, ``meshlab``).
+May import: ``mesh``, ``pyroute2`` (netlink objects passed in), ``libbpf.so.1``
+through ctypes, and the standard library. Never the programs (``controlplane``,
+``ztunnel``, ``waypoint``, ``meshlab``).
 """
