@@ -218,32 +218,29 @@ class NodePrograms:
 
     def attach_cgroup(self, cgroup: Path) -> None:
         """Attach the cgroup programs to ``cgroup`` (those already there are left)."""
+        self._each_program(cgroup, attach=True)
+
+    def detach_cgroup(self, cgroup: Path) -> None:
+        """Detach ours from ``cgroup`` (those not there are skipped)."""
+        try:
+            self._each_program(cgroup, attach=False)
+        except CaptureError:
+            if cgroup.exists():
+                raise
+            # the cgroup is gone, and its attachments with it
+
+    def _each_program(self, cgroup: Path, *, attach: bool) -> None:
         self.load()
         fd = _open_dir(cgroup)
         try:
             for name, kind in CGROUP_PROGRAMS.items():
-                if self._attached(fd, name, kind, cgroup):
+                if self._attached(fd, name, kind, cgroup) == attach:
                     continue
                 try:
-                    libbpf.attach(self.fds[name], fd, kind, f"{name} to {cgroup}")
-                except libbpf.BpfError as e:
-                    raise CaptureError(str(e)) from e
-        finally:
-            os.close(fd)
-
-    def detach_cgroup(self, cgroup: Path) -> None:
-        """Detach ours from ``cgroup`` (those not there are skipped)."""
-        self.load()
-        try:
-            fd = _open_dir(cgroup)
-        except CaptureError:
-            return  # the cgroup is gone, and its attachments with it
-        try:
-            for name, kind in CGROUP_PROGRAMS.items():
-                if not self._attached(fd, name, kind, cgroup):
-                    continue
-                try:
-                    libbpf.detach(self.fds[name], fd, kind, f"{name} from {cgroup}")
+                    if attach:
+                        libbpf.attach(self.fds[name], fd, kind, f"{name} to {cgroup}")
+                    else:
+                        libbpf.detach(self.fds[name], fd, kind, f"{name} from {cgroup}")
                 except libbpf.BpfError as e:
                     raise CaptureError(str(e)) from e
         finally:

@@ -157,8 +157,15 @@ class EbpfCapture:
     def uninstall(self, netns: Path, pod_uid: str) -> None:
         """Remove exactly what :meth:`install` added (whatever part of it is there)."""
         self.prepare()
-        with contextlib.suppress(CaptureError):
-            self.programs.detach_cgroup(self.cgroup(netns, pod_uid))
+        try:
+            cgroup: Path | None = self.cgroup(netns, pod_uid)
+        except CaptureError:
+            cgroup = None  # gone with the pod, or never found: nothing of ours is on it
+        if cgroup is not None:
+            try:
+                self.programs.detach_cgroup(cgroup)
+            except bpf.CaptureError as e:
+                raise CaptureError(f"removing the eBPF capture of {netns}: {e}") from e
 
         def netns_part() -> None:
             cookie = bpf.netns_cookie()
@@ -255,16 +262,20 @@ def _our_rules(ns: Any) -> list[Any]:
     ]
 
 
+def _rule(ns: Any, op: str) -> None:
+    ns.rule(
+        op,
+        family=socket.AF_INET,
+        fwmark=INPOD_DELIVER_MARK,
+        fwmask=INPOD_DELIVER_MASK,
+        table=inpod.ROUTE_TABLE,
+        priority=inpod.RULE_PRIORITY,
+    )
+
+
 def _add_reply_routing(ns: Any) -> None:
     if not _our_rules(ns):
-        ns.rule(
-            "add",
-            family=socket.AF_INET,
-            fwmark=INPOD_DELIVER_MARK,
-            fwmask=INPOD_DELIVER_MASK,
-            table=inpod.ROUTE_TABLE,
-            priority=inpod.RULE_PRIORITY,
-        )
+        _rule(ns, "add")
     routes = ns.get_routes(family=socket.AF_INET, table=inpod.ROUTE_TABLE)
     if not any(r.get_attr("RTA_TABLE") == inpod.ROUTE_TABLE for r in routes):
         lo = ns.link_lookup(ifname="lo")
@@ -277,14 +288,7 @@ def _add_reply_routing(ns: Any) -> None:
 
 def _remove_reply_routing(ns: Any) -> None:
     for _ in _our_rules(ns):
-        ns.rule(
-            "del",
-            family=socket.AF_INET,
-            fwmark=INPOD_DELIVER_MARK,
-            fwmask=INPOD_DELIVER_MASK,
-            table=inpod.ROUTE_TABLE,
-            priority=inpod.RULE_PRIORITY,
-        )
+        _rule(ns, "del")
     for route in ns.get_routes(family=socket.AF_INET, table=inpod.ROUTE_TABLE):
         if route.get_attr("RTA_TABLE") == inpod.ROUTE_TABLE:
             ns.route(
