@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import os
 import socket
 import struct
@@ -123,48 +124,72 @@ def netns_cookie() -> int:
 class NodePrograms:
     """The node's programs and maps, pinned under ``pin_dir`` (one folder per node)."""
 
-    def __init__(self, pin_dir: Path, *, obj: Path = OBJECT) -> None:
+    def __init__(self, pin_dir: Path, *, obj: Path | None = OBJECT) -> None:
+        """``obj`` None: only what is pinned is opened, never loaded (for diagnostics,
+        which must not replace the agent's build with their own)."""
         self.pin_dir = pin_dir
         self.obj = obj
         self.fds: dict[str, int] = {}
         self.pods: libbpf.Map | None = None
 
-    def _pins(self) -> list[Path]:
-        return [self.pin_dir / n for n in (*CGROUP_PROGRAMS, TC_PROGRAM, *MAPS)]
+    def programs_dir(self) -> Path:
+        """Where this build's programs are pinned: ``progs-<hash of the object>``, so an
+        agent of another build loads and pins its own (the maps are shared). Without
+        an object: the newest build pinned."""
+        if self.obj is None:
+            pinned = sorted(self.pin_dir.glob("progs-*"), key=lambda p: p.stat().st_mtime)
+            if not pinned:
+                raise CaptureError(f"no programs are pinned in {self.pin_dir}")
+            return pinned[-1]
+        try:
+            digest = hashlib.sha256(self.obj.read_bytes()).hexdigest()[:12]
+        except OSError as e:
+            raise CaptureError(f"the compiled programs {self.obj}: {e.strerror}") from e
+        return self.pin_dir / f"progs-{digest}"
 
     def load(self) -> None:
         """Open the pinned programs, or load and pin them when any is missing."""
         if self.fds:
             return
-        if not all(p.exists() for p in self._pins()):
-            self._load_and_pin()
+        progs = self.programs_dir()
+        pins = [progs / n for n in (*CGROUP_PROGRAMS, TC_PROGRAM)]
+        pins += [self.pin_dir / n for n in MAPS]
+        if not all(p.exists() for p in pins):
+            if self.obj is None:
+                raise CaptureError(f"the node's programs are not all pinned in {progs}")
+            self._load_and_pin(progs)
         try:
             for name in (*CGROUP_PROGRAMS, TC_PROGRAM):
-                self.fds[name] = libbpf.get_pinned(self.pin_dir / name)
+                self.fds[name] = libbpf.get_pinned(progs / name)
             self.pods = libbpf.Map.pinned(self.pin_dir / "zt_pods", 8, _POD.size)
         except libbpf.BpfError as e:
             self.close()
-            raise CaptureError(f"opening the pinned programs in {self.pin_dir}: {e}") from e
+            raise CaptureError(f"opening the pinned programs in {progs}: {e}") from e
 
-    def _load_and_pin(self) -> None:
+    def _load_and_pin(self, progs: Path) -> None:
+        assert self.obj is not None
         try:
-            self.pin_dir.mkdir(parents=True, exist_ok=True)
+            progs.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CaptureError(f"cannot make {self.pin_dir}: {e}") from e
-        for stale in (*CGROUP_PROGRAMS, TC_PROGRAM):
-            with contextlib.suppress(FileNotFoundError):
-                (self.pin_dir / stale).unlink()  # programs only: maps are kept and reused
+            raise CaptureError(f"cannot make {progs}: {e}") from e
         try:
-            loaded = libbpf.BpfObject(self.obj, self.pin_dir)
+            loaded = libbpf.BpfObject(self.obj, self.pin_dir)  # maps: kept and reused
         except libbpf.BpfError as e:
             raise CaptureError(f"loading {self.obj}: {e}") from e
         try:
             for name in (*CGROUP_PROGRAMS, TC_PROGRAM):
-                libbpf.pin(loaded.program_fd(name), self.pin_dir / name)
+                with contextlib.suppress(FileNotFoundError):
+                    (progs / name).unlink()  # half a pinning, interrupted
+                libbpf.pin(loaded.program_fd(name), progs / name)
         except libbpf.BpfError as e:
-            raise CaptureError(f"pinning the programs under {self.pin_dir}: {e}") from e
+            raise CaptureError(f"pinning the programs under {progs}: {e}") from e
         finally:
             loaded.close()
+        # Other builds' pins: their programs live on where still attached (the pods
+        # enrolled by that build, until they are enrolled again or leave).
+        for old in self.pin_dir.glob("progs-*"):
+            if old != progs:
+                _unpin_tree(old)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -177,11 +202,7 @@ class NodePrograms:
     def remove(self) -> None:
         """Unpin everything of the node (the last pod has gone; or the cluster is torn down)."""
         self.close()
-        for path in self._pins():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            self.pin_dir.rmdir()
+        _unpin_tree(self.pin_dir)
 
     def ids(self) -> dict[str, int]:
         self.load()
@@ -230,16 +251,23 @@ class NodePrograms:
             # the cgroup is gone, and its attachments with it
 
     def _each_program(self, cgroup: Path, *, attach: bool) -> None:
+        """Attach (or detach) ours; an older build's of the same name is detached either
+        way (an upgraded agent replaces them as it enrolls the pods again)."""
         self.load()
         fd = _open_dir(cgroup)
         try:
             for name, kind in CGROUP_PROGRAMS.items():
-                if self._attached(fd, name, kind, cgroup) == attach:
-                    continue
+                mine, older = self._attached(fd, name, kind, cgroup)
                 try:
-                    if attach:
+                    for prog in older:
+                        old = libbpf.prog_by_id(prog)
+                        try:
+                            libbpf.detach(old, fd, kind, f"an older {name} from {cgroup}")
+                        finally:
+                            os.close(old)
+                    if attach and not mine:
                         libbpf.attach(self.fds[name], fd, kind, f"{name} to {cgroup}")
-                    else:
+                    elif not attach and mine:
                         libbpf.detach(self.fds[name], fd, kind, f"{name} from {cgroup}")
                 except libbpf.BpfError as e:
                     raise CaptureError(str(e)) from e
@@ -250,21 +278,40 @@ class NodePrograms:
         """Which of our programs are not attached to ``cgroup``."""
         self.load()
         fd = _open_dir(cgroup)
+        absent = []
         try:
-            return [
-                f"{name} attached to {cgroup}"
-                for name, kind in CGROUP_PROGRAMS.items()
-                if not self._attached(fd, name, kind, cgroup)
-            ]
+            for name, kind in CGROUP_PROGRAMS.items():
+                mine, older = self._attached(fd, name, kind, cgroup)
+                if not mine:
+                    absent.append(f"{name} attached to {cgroup}")
+                absent += [
+                    f"this build's {name} instead of an older one (program {prog}) on {cgroup}"
+                    for prog in older
+                ]
         finally:
             os.close(fd)
+        return absent
 
-    def _attached(self, cgroup_fd: int, name: str, kind: int, cgroup: Path) -> bool:
+    def _attached(
+        self, cgroup_fd: int, name: str, kind: int, cgroup: Path
+    ) -> tuple[bool, list[int]]:
+        """Whether ours is attached, and the ids of other builds' programs of that name."""
         try:
             ids = libbpf.attached(cgroup_fd, kind, str(cgroup))
+            mine = libbpf.prog_id(self.fds[name])
+            older = []
+            for prog in ids:
+                if prog == mine:
+                    continue
+                fd = libbpf.prog_by_id(prog)
+                try:
+                    if libbpf.prog_name(fd) == name:
+                        older.append(prog)
+                finally:
+                    os.close(fd)
         except libbpf.BpfError as e:
             raise CaptureError(str(e)) from e
-        return libbpf.prog_id(self.fds[name]) in ids
+        return mine in ids, older
 
     # -- a pod's interfaces (call inside the pod's netns) ----------------------------------
 
@@ -275,19 +322,19 @@ class NodePrograms:
         if not _has_clsact(ns, ifindex):
             ns.tc("add", "clsact", ifindex)
             made = True
-        if not _our_filters(ns, ifindex):
-            ns.tc(
-                "add-filter",
-                "bpf",
-                ifindex,
-                ":1",
-                fd=self.fds[TC_PROGRAM],
-                name=TC_PROGRAM,
-                parent=TC_INGRESS,
-                classid=1,
-                direct_action=True,
-                prio=TC_PRIO,
-            )
+        # Replaced when there (atomically: an older build's program gives way at once).
+        ns.tc(
+            "replace-filter" if _our_filters(ns, ifindex) else "add-filter",
+            "bpf",
+            ifindex,
+            ":1",
+            fd=self.fds[TC_PROGRAM],
+            name=TC_PROGRAM,
+            parent=TC_INGRESS,
+            classid=1,
+            direct_action=True,
+            prio=TC_PRIO,
+        )
         return made
 
 
@@ -323,6 +370,21 @@ def _our_filters(ns: Any, ifindex: int) -> list[Any]:
         for f in _filters(ns, ifindex, TC_INGRESS)
         if f.get("info", 0) >> 16 == TC_PRIO and f.get_attr("TCA_KIND") == "bpf"
     ]
+
+
+def _unpin_tree(root: Path) -> None:
+    """Unpin everything under ``root`` in bpffs, and its folders."""
+    if not root.exists():
+        return
+    for here, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                (Path(here) / name).unlink()
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                (Path(here) / name).rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def _open_dir(path: Path) -> int:

@@ -75,6 +75,7 @@ def library() -> ctypes.CDLL:
                     ],
                 ),
                 "bpf_obj_get_info_by_fd": (i, [i, vp, ctypes.POINTER(u32)]),
+                "bpf_prog_get_fd_by_id": (i, [u32]),
                 "bpf_map_lookup_elem": (i, [i, vp, vp]),
                 "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
                 "bpf_map_delete_elem": (i, [i, vp]),
@@ -164,13 +165,29 @@ def attached(target_fd: int, attach_type: int, what: str) -> list[int]:
     return list(ids[: count.value])
 
 
-def prog_id(fd: int) -> int:
-    """The kernel's id of the program (or map) behind ``fd``."""
-    info = (ctypes.c_uint32 * 2)()  # struct bpf_prog_info: type, id, ...
-    size = ctypes.c_uint32(ctypes.sizeof(info))
+def _prog_info(fd: int) -> bytes:
+    # struct bpf_prog_info, up to its name: type, id, tag[8], ..., name[16] at 64.
+    info = ctypes.create_string_buffer(80)
+    size = ctypes.c_uint32(80)
     ctypes.set_errno(0)
     _check(library().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)), "bpf_obj_get_info", fd)
-    return int(info[1])
+    return info.raw
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of the program behind ``fd``."""
+    return int.from_bytes(_prog_info(fd)[4:8], "little")
+
+
+def prog_name(fd: int) -> str:
+    """The program's name (as loaded, at most 15 characters)."""
+    return _prog_info(fd)[64:80].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def prog_by_id(prog: int) -> int:
+    """A new descriptor of the program with kernel id ``prog``."""
+    ctypes.set_errno(0)
+    return _check(library().bpf_prog_get_fd_by_id(prog), "bpf_prog_get_fd_by_id", prog)
 
 
 class Map:

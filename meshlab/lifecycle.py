@@ -450,10 +450,7 @@ def _teardown(name: str, log: Log) -> DownReport:
     for pins in names.bpf_dirs(name):
         # The nodes' eBPF programs and maps (their pods' attachments went with the
         # pods' cgroups and namespaces).
-        for pin in pins.iterdir():
-            pin.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            pins.rmdir()
+        shutil.rmtree(pins, ignore_errors=True)
 
     # Pods before nodes: a pod's veth peer lives in its node's namespace.
     node_ns = {n.netns for n in state.nodes} if state else set()

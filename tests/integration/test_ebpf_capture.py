@@ -26,6 +26,7 @@ import pytest
 from pyroute2 import NetNS
 
 from ebpf import capture as bpf
+from ebpf import libbpf
 from tests.integration.conftest import unique_name
 from tests.integration.test_inpod_capture import (
     PEER_IP,
@@ -249,3 +250,48 @@ def test_install_twice_leaves_one_copy_and_replaces_iptables() -> None:
             assert backend.programs.cgroup_missing(cgroup) == []
         finally:
             backend.uninstall(path, uid)
+
+
+def test_an_agent_of_another_build_replaces_the_programs_and_keeps_the_pods(
+    tmp_path: Path,
+) -> None:
+    """An upgrade: the new build's programs are pinned beside the maps (which stay),
+    the older build's pins go, and enrolling the pod again swaps its cgroup programs
+    and tc filter for the new ones, while the pod stays captured."""
+    with ebpf_pod() as (pod, _peer, cgroup, backend, uid):
+        path = Path(f"/run/netns/{pod}")
+        backend.install(path, uid)
+        old_dir, old_ids = backend.programs.programs_dir(), backend.programs.ids()
+        newer = tmp_path / "capture.bpf.o"
+        newer.write_bytes(bpf.OBJECT.read_bytes() + b"another build")
+        upgraded = EbpfCapture(backend.programs.pin_dir, backend.cgroup_root)
+        upgraded.programs = bpf.NodePrograms(backend.programs.pin_dir, obj=newer)
+        backend.programs.close()
+        try:
+            new_ids = upgraded.programs.ids()
+            assert not set(new_ids.values()) & set(old_ids.values())
+            assert not old_dir.exists() and upgraded.programs.programs_dir().exists()
+            stale = upgraded.missing(path, uid)
+            assert any("instead of an older one" in m for m in stale), stale
+            assert upgraded.programs.pod_count() == 1  # the maps were kept
+            upgraded.install(path, uid)
+            assert upgraded.missing(path, uid) == []
+            # What ztunnel-ctl verify sees: the pinned build, the cgroup by its id.
+            seen = EbpfCapture(backend.programs.pin_dir, backend.cgroup_root, load=False)
+            assert seen.missing(path, None) == []
+            assert seen.programs.ids() == new_ids
+            seen.programs.close()
+            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for name, kind in bpf.CGROUP_PROGRAMS.items():
+                    assert libbpf.attached(fd, kind, str(cgroup)) == [new_ids[name]]
+            finally:
+                os.close(fd)
+            with NetNS(pod) as ns:
+                eth = ns.link_lookup(ifname="eth0")[0]
+                assert len(bpf._our_filters(ns, eth)) == 1
+            with listener(pod, "0.0.0.0", 15001) as outbound, app_socket(cgroup, pod) as app:
+                assert lands_on({"outbound": outbound}, app, (PEER_IP, 80))[0] == "outbound"
+        finally:
+            upgraded.uninstall(path, uid)
+            upgraded.programs.close()

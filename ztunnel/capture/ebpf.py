@@ -98,8 +98,11 @@ class EbpfCapture:
 
     name = "ebpf"
 
-    def __init__(self, pin_dir: Path, cgroup_root: Path, *, dns: bool = True) -> None:
-        self.programs = bpf.NodePrograms(pin_dir)
+    def __init__(
+        self, pin_dir: Path, cgroup_root: Path, *, dns: bool = True, load: bool = True
+    ) -> None:
+        # Without ``load``, only what the node agent pinned is used (ztunnel-ctl verify).
+        self.programs = bpf.NodePrograms(pin_dir, obj=bpf.OBJECT if load else None)
         self.cgroup_root = cgroup_root
         self.dns = dns
 

@@ -72,7 +72,9 @@ def ebpf_missing(netns: Path, bpf_dir: Path) -> list[str]:
     root = cgroup2_mount()
     if root is None:
         raise CaptureError("this host has no cgroup v2 mount to check the pod's cgroup in")
-    return EbpfCapture(bpf_dir, root).missing(netns, None)
+    # Read-only: what the agent pinned, never this build's programs loaded instead.
+    # (DNS capture may be off on the node: the listener check says what matters.)
+    return EbpfCapture(bpf_dir, root, dns=False, load=False).missing(netns, None)
 
 
 def _now() -> datetime.datetime:
