@@ -417,6 +417,9 @@ class NodeMaps:
         raw = self.orig.get(key)
         if raw is None:
             return None
+        # Taken, so that a later connection of the same 4-tuple made straight to 15001
+        # (not redirected: the pod's own address is not captured) finds nothing.
+        self.orig.delete(key)
         ip, port, _ = _ORIG.unpack(raw)
         return socket.inet_ntoa(ip), socket.ntohs(port)
 

@@ -134,6 +134,8 @@ def test_ebpf_sends_each_kind_of_traffic_to_its_listener_and_removal_is_exact() 
                             PEER_IP,
                             80,
                         )
+                        # Read once: the entry is gone, so nothing can reuse it.
+                        assert maps.original_destination(peer_addr, conn.getsockname()) is None
                 # The pod's own addresses stay local, as `-o lo -j ACCEPT` does.
                 with listener(pod, POD_IP, 9000) as own_port, app_socket(cgroup, pod) as app:
                     assert lands_on({"own": own_port}, app, (POD_IP, 9000))[0] == "own"
