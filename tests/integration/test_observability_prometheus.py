@@ -39,11 +39,11 @@ import yaml
 
 from tests.integration.conftest import MESHLAB, meshlab, status
 
-# The bookstore cluster fixture and its helpers (`books` is used by name, below).
-from tests.integration.test_waypoint_meshlab import (  # noqa: F401
+# The bookstore cluster and its helpers.
+from tests.integration.test_waypoint_meshlab import (
     EXAMPLES,
     REVIEWS,
-    books,
+    bookstore,
     count,
     eventually,
 )
@@ -222,6 +222,13 @@ class Prometheus:
 
     def query(self, expr: str) -> dict[str, Any]:
         return dict(self.api("query", {"query": expr}))
+
+
+@pytest.fixture(scope="module")
+def books() -> Iterator[str]:
+    """The bookstore (its capture is not what is watched here: iptables, the default)."""
+    with bookstore("iptables") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

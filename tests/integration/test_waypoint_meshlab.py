@@ -97,7 +97,15 @@ def eventually(check: Any, timeout_s: float = 30.0) -> Any:
 def books(request: pytest.FixtureRequest) -> Iterator[str]:
     """The bookstore with each capture backend: every hop to and from the waypoint is
     captured by the nodes' iptables rules, then by their eBPF programs."""
-    skip_unless_backend_runs(request.param)
+    with bookstore(request.param) as name:
+        yield name
+
+
+@contextlib.contextmanager
+def bookstore(backend: str) -> Iterator[str]:
+    """The bookstore cluster, its nodes capturing with ``backend``, the waypoint and the
+    canary in force; down (and checked clean) afterwards."""
+    skip_unless_backend_runs(backend)
     name = unique_name()
     try:
         meshlab(
@@ -108,7 +116,7 @@ def books(request: pytest.FixtureRequest) -> Iterator[str]:
             name,
             *mesh_args(),
             "--capture",
-            request.param,
+            backend,
         )
         for ns in ("shop", "client"):
             meshlab("label", "--name", name, "namespace", ns, "istio.io/dataplane-mode=ambient")
