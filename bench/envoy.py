@@ -249,6 +249,24 @@ def server_config(
     }
 
 
+def envoy_argv(binary: Path, config: Path, base_id: Path, concurrency: int) -> list[str]:
+    """How the benches run Envoy: ``concurrency`` workers, a base id of its own (several
+    run at once), warnings only, no hot restart."""
+    return [
+        str(binary),
+        "-c",
+        str(config),
+        "--concurrency",
+        str(concurrency),
+        "--base-id-path",
+        str(base_id),
+        "--use-dynamic-base-id",
+        "-l",
+        "warning",
+        "--disable-hot-restart",
+    ]
+
+
 class Envoy:
     """One Envoy process: ``start()`` waits until it is ready, ``stop()`` ends it."""
 
@@ -272,19 +290,7 @@ class Envoy:
         path.write_text(json.dumps(self.config, indent=1))
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [
-                str(self.binary),
-                "-c",
-                str(path),
-                "--concurrency",
-                str(self.concurrency),
-                "--base-id-path",
-                str(self.workdir / f"{self.name}.baseid"),
-                "--use-dynamic-base-id",
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-            ],
+            envoy_argv(self.binary, path, self.workdir / f"{self.name}.baseid", self.concurrency),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -414,12 +414,11 @@ class NodeMaps:
         self, peer: tuple[str, int], local: tuple[str, int]
     ) -> tuple[str, int] | None:
         key = _TUPLE.pack(socket.inet_aton(peer[0]), socket.inet_aton(local[0]), peer[1], local[1])
-        raw = self.orig.get(key)
-        if raw is None:
-            return None
         # Taken, so that a later connection of the same 4-tuple made straight to 15001
         # (not redirected: the pod's own address is not captured) finds nothing.
-        self.orig.delete(key)
+        raw = self.orig.take(key)
+        if raw is None:
+            return None
         ip, port, _ = _ORIG.unpack(raw)
         return socket.inet_ntoa(ip), socket.ntohs(port)
 

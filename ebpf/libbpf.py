@@ -211,6 +211,15 @@ class Map:
             return None
         return self._value.raw
 
+    def take(self, key: bytes) -> bytes | None:
+        """The value under ``key``, removed from the map; None when there was none. One
+        lookup and one delete, on the map's own buffers (a connection's hot path)."""
+        ctypes.memmove(self._key, key, self.key_size)
+        if self._lib.bpf_map_lookup_elem(self.fd, self._key, self._value) < 0:
+            return None
+        self._lib.bpf_map_delete_elem(self.fd, self._key)
+        return self._value.raw
+
     def put(self, key: bytes, value: bytes) -> None:
         k = ctypes.create_string_buffer(key, self.key_size)
         v = ctypes.create_string_buffer(value, self.value_size)

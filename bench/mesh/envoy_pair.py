@@ -14,6 +14,7 @@ from typing import Any
 
 from bench.envoy import (
     client_config,
+    envoy_argv,
     envoy_binary,
     parse_stats,
     server_config,
@@ -178,19 +179,7 @@ class PodEnvoy:
                 pod_argv(
                     self.netns,
                     self.cgroup,
-                    [
-                        str(self.binary),
-                        "-c",
-                        str(path),
-                        "--concurrency",
-                        "1",
-                        "--base-id-path",
-                        str(self.workdir / f"{self.name}.baseid"),
-                        "--use-dynamic-base-id",
-                        "-l",
-                        "warning",
-                        "--disable-hot-restart",
-                    ],
+                    envoy_argv(self.binary, path, self.workdir / f"{self.name}.baseid", 1),
                 ),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -23,7 +23,7 @@ from tests.integration.conftest import (
     skip_unless_backend_runs,
     unique_name,
 )
-from tests.integration.test_mesh_meshlab import backend_of, captured, curl, pod_ip, seen, sniff
+from tests.integration.meshlab_pods import backend_of, captured, curl, pod_ip, seen, sniff
 
 CLUSTER = {
     "nodes": [{"name": "node1", "capture": "ebpf"}, {"name": "node2", "capture": "iptables"}],

@@ -21,7 +21,6 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,6 @@ from typing import Any
 import pytest
 import yaml
 from scapy.layers.inet import TCP
-from scapy.sendrecv import AsyncSniffer
 
 from mesh.cluster.model import CAPTURE_BACKENDS, Pod
 from mesh.cluster.statefile import cluster_dir, locked, read_state, write_state
@@ -42,6 +40,16 @@ from tests.integration.conftest import (
     meshlab,
     skip_unless_backend_runs,
     unique_name,
+)
+from tests.integration.meshlab_pods import (
+    backend_of,
+    capture_state,
+    captured,
+    curl,
+    pod_ip,
+    seen,
+    sniff,
+    wait_for,
 )
 from ztunnel.capture import inpod
 from ztunnel.capture.ebpf import EbpfCapture
@@ -128,78 +136,6 @@ def cluster(
     finally:
         meshlab("down", "--name", name, check=False)
         assert_nothing_left(name)
-
-
-def pod_ip(name: str, key: str) -> str:
-    state = read_state(name)
-    return next(str(p.ip) for p in state.pods if p.key == key)
-
-
-def curl(name: str, pod: str, url: str, *, data: str | None = None) -> tuple[int, str]:
-    """One attempt, no retries: (curl's exit code, body)."""
-    args = ["exec", "--name", name, pod, "--", "curl", "-sS", "--max-time", "5"]
-    if data is not None:
-        args += ["--data-binary", data]
-    done = meshlab(*args, url, check=False, timeout=30)
-    return done.returncode, done.stdout
-
-
-def backend_of(name: str, key: str) -> str:
-    state = read_state(name)
-    pod = next(p for p in state.pods if p.key == key)
-    return state.node(pod.node).capture
-
-
-def captured(name: str, key: str) -> bool:
-    """Whether the pod is captured by its node's backend: the in-pod iptables chains,
-    or the eBPF tc filter on its eth0 (and then not one iptables rule of ours)."""
-    ns, pod = key.split("/")
-    netns = names.pod_netns(name, ns, pod)
-    rules = (
-        ":ISTIO_OUTPUT"
-        in subprocess.run(
-            ["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    if backend_of(name, key) == "iptables":
-        return rules
-    assert not rules, f"{key} holds iptables capture rules on an eBPF node"
-    tc = subprocess.run(
-        ["ip", "netns", "exec", netns, "tc", "filter", "show", "dev", "eth0", "ingress"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return "zt_ingress" in tc
-
-
-def wait_for(what: str, check: Any, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def sniff(name: str) -> AsyncSniffer:
-    """Pod traffic on the node underlay (meshd's, between node addresses, is left out)."""
-    pods = str(read_state(name).network.pod_cidr)
-    sniffer = AsyncSniffer(
-        iface=names.bridge_name(name),
-        store=True,
-        filter=f"tcp and src net {pods} and dst net {pods}",
-    )
-    sniffer.start()
-    time.sleep(0.3)
-    return sniffer
-
-
-def seen(sniffer: AsyncSniffer) -> list[Any]:
-    time.sleep(0.3)
-    return [p for p in (sniffer.stop() or ()) if TCP in p]
 
 
 def test_pods_talk_over_hbone_across_and_within_nodes_payload_never_in_clear(
@@ -387,39 +323,6 @@ def test_a_restarted_ztunnel_readopts_its_pods_and_nothing_bypasses_it_meanwhile
     assert new != old
     assert http_get(cluster, "client/sleep", echo2)["pod"] == "echo-2"
     assert http_get(cluster, "outside/web", echo2)["pod"] == "echo-2"
-
-
-def capture_state(cluster: str, key: str) -> str:
-    """What the pod's capture consists of, as text: the iptables rules, or the tc
-    filters (with their program ids) and the cgroup's attached programs."""
-    ns, pod = key.split("/")
-    netns = names.pod_netns(cluster, ns, pod)
-    if backend_of(cluster, key) == "iptables":
-        dump = subprocess.run(
-            ["ip", "netns", "exec", netns, "iptables-save"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        # The rules and chains, without the dump's timestamps and counters.
-        return "\n".join(
-            line.split(" [", 1)[0]
-            for line in dump.splitlines()
-            if line.startswith(("-A", ":", "*"))
-        )
-    started = next(p for p in read_state(cluster).pods if p.key == key)
-    assert started.container_id
-    cgroup = cgroups.pod_dir(cluster, started.node, started.container_id)
-    tc = subprocess.run(
-        ["ip", "netns", "exec", netns, "tc", "filter", "show", "dev", "eth0", "ingress"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    progs = subprocess.run(
-        ["bpftool", "cgroup", "show", str(cgroup)], capture_output=True, text=True, check=True
-    ).stdout
-    return tc + progs
 
 
 def test_a_restarted_node_agent_keeps_the_capture_and_adds_nothing(cluster: str) -> None:

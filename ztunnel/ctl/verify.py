@@ -74,7 +74,11 @@ def ebpf_missing(netns: Path, bpf_dir: Path) -> list[str]:
         raise CaptureError("this host has no cgroup v2 mount to check the pod's cgroup in")
     # Read-only: what the agent pinned, never this build's programs loaded instead.
     # (DNS capture may be off on the node: the listener check says what matters.)
-    return EbpfCapture(bpf_dir, root, dns=False, load=False).missing(netns, None)
+    capture = EbpfCapture(bpf_dir, root, dns=False, load=False)
+    try:
+        return capture.missing(netns, None)
+    finally:
+        capture.programs.close()
 
 
 def _now() -> datetime.datetime:
