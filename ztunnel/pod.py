@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ebpf.capture import NodeMaps
+from mesh import netio
 from mesh.hbone.channel import Channel, PlainProtocol, reset_transport
 from mesh.hbone.errors import Refused
 from mesh.hbone.headers import connect_headers, parse_baggage
@@ -317,7 +318,7 @@ class PodProxy:
         sock = self._in_pod_now(make)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+                await netio.connect(sock, (host, port))
         except BaseException:
             sock.close()
             raise
@@ -422,7 +423,7 @@ class PodProxy:
             upstream.setblocking(False)
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    await loop.sock_connect(upstream, (route.connect_ip, route.connect_port))
+                    await netio.connect(upstream, (route.connect_ip, route.connect_port))
             except BaseException:
                 upstream.close()
                 raise

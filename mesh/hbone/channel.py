@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 import time
@@ -31,6 +32,9 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # encrypted (or copied aside) before the callback returns, so no two reads
 # ever need it at once, and a thousand idle connections cost no memory.
 _SHARED_READ_BUFFER = memoryview(bytearray(256 * 1024))
+_READ_SIZE = len(_SHARED_READ_BUFFER)
+_READ_INTO = (_SHARED_READ_BUFFER,)
+_MORE_READS = 4  # then the loop's next turn: other sockets wait meanwhile
 
 
 def reset_transport(transport: asyncio.BaseTransport) -> None:
@@ -52,6 +56,17 @@ class PlainProtocol(asyncio.BufferedProtocol):
     Until a channel is attached it holds what arrives (with reading paused),
     so a server that speaks first loses nothing while the CONNECT is in
     flight.
+
+    A read that did not fill the buffer is followed by one more at the end
+    of the loop iteration, just before the tunnel writes what the iteration
+    produced (as Envoy reads a socket until it would block): libuv stops at a
+    short read, so an app's last bytes and its FIN (an HTTP server answering
+    ``Connection: close`` closes some microseconds after its answer) would
+    leave as two HBONE writes; the far app would read the bytes, close first
+    and keep the TIME_WAIT in its pod, where it holds an ephemeral port for
+    60 s (at 2,000 connections/s the client pod's ports ran out within 15 s
+    and its connects slowed to a crawl). Read together, the bytes and
+    END_STREAM cross in one write and reach the far app with its FIN queued.
     """
 
     def __init__(self) -> None:
@@ -60,11 +75,15 @@ class PlainProtocol(asyncio.BufferedProtocol):
         self._early: list[bytes] = []
         self._early_eof = False
         self._lost: BaseException | bool | None = False  # False: still connected
+        self._fd = -1  # the socket's descriptor, for the read after a short one
         self.connected = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
         if not self.connected.done():
             self.connected.set_result(None)
 
@@ -85,12 +104,55 @@ class PlainProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         channel = self.channel
-        if channel is not None:
-            channel.plain_data(_SHARED_READ_BUFFER[:nbytes])
-        else:
+        if channel is None:
             self._early.append(bytes(_SHARED_READ_BUFFER[:nbytes]))
             assert self.transport is not None
             self.transport.pause_reading()
+            return
+        if nbytes < _READ_SIZE and self._fd >= 0 and not channel.plain_ended:
+            channel.tunnel.read_again(channel)
+        channel.plain_data(_SHARED_READ_BUFFER[:nbytes])
+
+    def read_on(self, channel: Channel) -> None:
+        """Read again after a short read, until the socket would block (bounded)."""
+        for _ in range(_MORE_READS):
+            fd, transport = self._fd, self.transport
+            if fd < 0 or transport is None or transport.is_closing():
+                return  # (a closed transport's descriptor may already be another's)
+            if channel.closed or channel.plain_ended or channel.reading_paused():
+                return
+            try:
+                n = os.readv(fd, _READ_INTO)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # the transport's own read reports it
+            if n == 0:
+                self.eof_received()
+                return
+            channel.plain_data(_SHARED_READ_BUFFER[:n])
+
+    def shut_write(self) -> bool:
+        """Send our FIN now, if the socket has nothing queued (False: not done).
+
+        uvloop's ``write_eof`` leaves the shutdown to the loop's next turn,
+        after everything else this turn does: the app would read the last
+        bytes, close first and keep the TIME_WAIT. Right after the bytes,
+        the FIN is queued before the app can read them.
+        """
+        fd, transport = self._fd, self.transport
+        if fd < 0 or transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size():
+            return False
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        finally:
+            sock.detach()  # the descriptor stays the transport's
+        return True
 
     def eof_received(self) -> bool:
         if self.channel is not None:
@@ -100,6 +162,7 @@ class PlainProtocol(asyncio.BufferedProtocol):
         return True  # keep our writing side open: a half-close, not a close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fd = -1
         if not self.connected.done():
             self.connected.set_exception(exc or ConnectionError("connection closed"))
         if self.channel is not None:
@@ -318,7 +381,12 @@ class Channel:
         plain = self.plain
         assert plain is not None
         transport = plain.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and transport.can_write_eof()
+            and not plain.shut_write()
+        ):
             transport.write_eof()
 
     def peer_reset(self, error_code: int, remote: bool) -> None:

@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from mesh import netio
 from mesh.hbone import connection as core
 from mesh.hbone.channel import Channel, PlainProtocol
 from mesh.hbone.errors import (
@@ -394,7 +395,7 @@ class HboneClientPool:
                     sock = await self.socket_factory()
                     try:
                         sock.setblocking(False)
-                        await loop.sock_connect(sock, (host, port))
+                        await netio.connect(sock, (host, port))
                     except BaseException:
                         sock.close()
                         raise

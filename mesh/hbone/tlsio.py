@@ -67,6 +67,9 @@ class TlsTransport(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
         self.peer = "?"
+        # Called at the end of a loop iteration, just before its ciphertext is written:
+        # the last chance to add to that write (the tunnel reads its short-read sockets).
+        self.before_flush: Callable[[], None] | None = None
 
     # ------------------------------------------------- raw transport side
 
@@ -244,8 +247,16 @@ class TlsTransport(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
 
+    def flush_soon(self) -> None:
+        """Make sure a write (and ``before_flush``) happens at the end of this iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
+        if self.before_flush is not None and not self._closing:
+            self.before_flush()
         self._flush()
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> None:

@@ -63,12 +63,15 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         self._last_received = self.loop.time()
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_count = 0
+        self._read_again: list[Channel] = []
 
     # --------------------------------------------------------- transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        if hasattr(transport, "before_flush"):
+            transport.before_flush = self._before_flush
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
@@ -238,6 +241,25 @@ class TunnelProtocol(asyncio.BufferedProtocol):
             self.transport.writelines(out)
 
     # ------------------------------------------------------------ events
+
+    def read_again(self, channel: Channel) -> None:
+        """``channel``'s socket gave a short read: read it once more just before this
+        iteration's write (see :class:`~mesh.hbone.channel.PlainProtocol`)."""
+        if not self._read_again:
+            flush_soon = getattr(self.transport, "flush_soon", None)
+            if flush_soon is None:
+                return
+            flush_soon()
+        self._read_again.append(channel)
+
+    def _before_flush(self) -> None:
+        channels, self._read_again = self._read_again, []
+        for channel in channels:
+            plain = channel.plain
+            if plain is not None:
+                plain.read_on(channel)
+        if channels:
+            self.flush()
 
     def handle_event(self, ev: core.Event) -> None:
         kind = type(ev)

@@ -22,6 +22,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from mesh import netio
 from ztunnel.dns.decide import Action, Drop, Forward, Outcome, Reply, answer, is_answer_to
 from ztunnel.dns.table import U16, Snapshot, SocketFactory, TableCache, domain_labels
 
@@ -176,7 +177,7 @@ class DnsProxy:
         upstream_id: int,
     ) -> bytes | None:
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, upstream)  # a connected socket hears only the upstream
+        await netio.connect(sock, upstream)  # a connected socket hears only the upstream
         await loop.sock_sendall(sock, out)
         while True:
             wire = await loop.sock_recv(sock, 65535)
@@ -193,7 +194,7 @@ class DnsProxy:
         upstream_id: int,
     ) -> bytes | None:
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, upstream)
+        await netio.connect(sock, upstream)
         await loop.sock_sendall(sock, U16.pack(len(out)) + out)
         (length,) = U16.unpack(await _recv_exactly(loop, sock, 2))
         wire = await _recv_exactly(loop, sock, length)

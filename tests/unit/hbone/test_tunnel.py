@@ -332,6 +332,52 @@ def test_keepalive_pings_keep_a_quiet_connection_and_drop_a_silent_peer(
     assert any("peer silent for" in r.getMessage() for r in caplog.records)
 
 
+def test_an_answer_and_the_fin_right_behind_it_reach_the_client_together(pki: Pki) -> None:
+    """An HTTP server answering ``Connection: close`` writes its answer and closes at once.
+
+    The client must find the FIN behind the answer when it reads it: if the
+    FIN came later, the client would close first and keep the TIME_WAIT, one
+    of its pod's ephemeral ports held for 60 s per connection (the mesh bench
+    ran out of them within seconds). Here the app's bytes and FIN are in the
+    kernel before the tunnel reads them, and the client reads the answer
+    without giving the loop another turn.
+    """
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+
+        async def app() -> None:
+            conn, _ = await loop.sock_accept(listener)
+            with conn:
+                await loop.sock_recv(conn, 1024)
+                conn.send(answer)  # both into the kernel before the loop turns
+                conn.shutdown(socket.SHUT_WR)
+                await loop.sock_recv(conn, 1024)  # the client's FIN
+
+        serving = asyncio.ensure_future(app())
+        async with mesh(pki) as m:
+            _, port = await m.forwarder(f"127.0.0.1:{listener.getsockname()[1]}")
+            client = socket.socket()
+            client.setblocking(False)
+            with client:
+                await loop.sock_connect(client, ("127.0.0.1", port))
+                await loop.sock_sendall(client, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                received = b""
+                while len(received) < len(answer):
+                    received += await loop.sock_recv(client, 1024)
+                assert received == answer
+                assert client.recv(1, socket.MSG_DONTWAIT) == b"", "the FIN came after the answer"
+            await asyncio.wait_for(serving, 3)
+        listener.close()
+
+    run(body)
+
+
 def test_a_reset_crosses_the_tunnel_as_a_reset(pki: Pki) -> None:
     async def body() -> None:
         reset_seen = asyncio.Event()
