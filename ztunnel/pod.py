@@ -33,8 +33,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ebpf.capture import NodeMaps
 from mesh import netio
@@ -52,6 +51,17 @@ from ztunnel.authz import Connection, Decision, authorize, revoked
 from ztunnel.baggage import SourceBaggage, inbound_service
 from ztunnel.dns import DNS_PORT, DnsProxy, TableCache
 from ztunnel.index import StateIndex
+from ztunnel.podconns import (
+    REFUSED_KIND,
+    AppSide,
+    Inbound,
+    NoRoute,
+    Outbound,
+    addr,
+    original_destination,
+    refusal_kind,
+    why,
+)
 from ztunnel.route import Kind, route_outbound
 from ztunnel.splice import Half, splice
 from ztunnel.telemetry import Conn, Telemetry
@@ -61,51 +71,8 @@ log = logging.getLogger("ztunnel")
 T = TypeVar("T")
 
 OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT = 15001, 15006, 15008
-SO_ORIGINAL_DST = 80
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
 CONNECT_TIMEOUT_S = 10.0
-
-
-def original_destination(sock: socket.socket) -> tuple[str, int]:
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, packed = struct.unpack("!2xH4s8x", raw)
-    return socket.inet_ntoa(packed), port
-
-
-@dataclass(eq=False, slots=True)
-class Inbound:
-    """A live inbound connection: the facts authorization allowed it on, and how to end it."""
-
-    kind: str  # "HBONE" (15008) or "plaintext" (15006)
-    facts: Connection
-    close: Callable[[str], None]  # ends it, abruptly, saying why
-
-    def __str__(self) -> str:
-        facts = self.facts
-        who = f" ({facts.source_identity})" if facts.source_identity is not None else ""
-        return (
-            f"{self.kind} {facts.source_ip}{who} -> {facts.destination_ip}:{facts.destination_port}"
-        )
-
-
-class _AppSide(PlainProtocol):
-    """The socket to the app of an inbound HBONE stream. It lives as long as the
-    stream (the stream's end closes it), so its end takes the stream out of the
-    registry."""
-
-    def __init__(self, registry: set[Inbound], ended: Callable[[], None]) -> None:
-        super().__init__()
-        self.registry = registry
-        self.live: Inbound | None = None
-        self.lost = False
-        self.ended = ended
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        super().connection_lost(exc)
-        if self.live is not None:
-            self.registry.discard(self.live)
-        self.ended()
 
 
 class PodProxy:
@@ -153,6 +120,7 @@ class PodProxy:
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._listeners: list[socket.socket] = []
+        self._outbound_server: asyncio.AbstractServer | None = None
         self.inbound: set[Inbound] = set()  # live, allowed inbound connections
         self._passthrough: set[Half] = set()  # live outbound plain TCP (one Half each)
         self.dns = DnsProxy(
@@ -184,8 +152,10 @@ class PodProxy:
         outbound, plaintext, hbone, dns_udp, dns_tcp = made
         self._listeners = made
         await self.hbone.listen(sock=hbone)
+        self._outbound_server = await asyncio.get_running_loop().create_server(
+            lambda: Outbound(self), sock=outbound
+        )
         self._tasks = [
-            asyncio.ensure_future(self._accept_loop(outbound, self._outbound, "outbound")),
             asyncio.ensure_future(self._accept_loop(plaintext, self._inbound_plaintext, "inbound")),
             asyncio.ensure_future(self.dns.serve_udp(dns_udp)),
             asyncio.ensure_future(self.dns.serve_tcp(dns_tcp)),
@@ -211,8 +181,7 @@ class PodProxy:
         """
         for task in self._tasks:
             task.cancel()
-        for sock in self._listeners:
-            sock.close()
+        self._stop_listening()
         closing = asyncio.ensure_future(self.hbone.close(drain_timeout_s=deadline_s))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
@@ -236,8 +205,7 @@ class PodProxy:
                 await task
         await self.hbone.close(drain_timeout_s=1.0)
         await self.pool.close()
-        for sock in self._listeners:
-            sock.close()
+        self._stop_listening()
         for conn in list(self.inbound):
             conn.close("the pod left ztunnel")
         self.inbound.clear()
@@ -246,6 +214,14 @@ class PodProxy:
                 half.transport.close()
         self._executor.shutdown(wait=False)
         os.close(self._fd)
+
+    def _stop_listening(self) -> None:
+        """No new connections on any of the pod's ports (the live ones go on)."""
+        if self._outbound_server is not None:
+            self._outbound_server.close()
+        self.hbone.stop_listening()
+        for sock in self._listeners:
+            sock.close()
 
     async def _follow_certificate(self, every_s: float = 30.0) -> None:
         """Take renewed certificates (renewal is at half life: a check every 30 s is
@@ -257,8 +233,7 @@ class PodProxy:
                 log.error(
                     "ztunnel: %s has no valid certificate: closing its listeners", self.identity
                 )
-                for sock in self._listeners:
-                    sock.close()
+                self._stop_listening()
                 return
             if cert is not self._cert:
                 self._cert, self.tls = cert, _tls(cert)
@@ -295,8 +270,14 @@ class PodProxy:
 
         return self._in_pod_now(make)
 
-    async def _upstream(self, source_ip: str, host: str, port: int) -> socket.socket:
-        """A connection to the app, from the client's own address (IP_TRANSPARENT)."""
+    async def _upstream(
+        self, source_ip: str, host: str, port: int, *, bounded: bool = True
+    ) -> socket.socket:
+        """A connection to the app, from the client's own address (IP_TRANSPARENT).
+
+        ``bounded``: within :data:`CONNECT_TIMEOUT_S` (off where the caller is bounded
+        already: the HBONE server cancels a handler that has not connected in time).
+        """
 
         def make() -> socket.socket:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -317,7 +298,10 @@ class PodProxy:
 
         sock = self._in_pod_now(make)
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            if bounded:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await netio.connect(sock, (host, port))
+            else:
                 await netio.connect(sock, (host, port))
         except BaseException:
             sock.close()
@@ -345,13 +329,13 @@ class PodProxy:
     ) -> None:
         # The handler fills in what it learns (destination, identities) as it goes,
         # so a refusal is logged with all that was known.
-        conn = Conn(self.key, direction, "TCP", _addr(peer), "-", "-")
+        conn = Conn(self.key, direction, "TCP", addr(peer), "-", "-")
         try:
             await handle(sock, peer, conn)
         except Exception as e:
             self.refused += 1
             log.debug("ztunnel: %s: connection from %s refused: %s", self.key, peer, e)
-            self.telemetry.refuse(conn, str(e), _kind(e))
+            self.telemetry.refuse(conn, str(e), refusal_kind(e))
             _reset(sock)
 
     def _workload(self, index: StateIndex) -> Workload | None:
@@ -372,15 +356,15 @@ class PodProxy:
         for conn, decision in closing:
             self.inbound.discard(conn)
             self.revoked += 1
-            why = _why(decision)
+            reason = why(decision)
             log.warning(
                 "ztunnel: %s/%s: closing live %s: %s",
                 self.pod.namespace,
                 self.pod.name,
                 conn,
-                why,
+                reason,
             )
-            conn.close(f"no longer authorized: {why}")
+            conn.close(f"no longer authorized: {reason}")
         return len(closing)
 
     def _denied_now(self, facts: Connection, decided: StateIndex) -> Decision | None:
@@ -397,7 +381,26 @@ class PodProxy:
 
     # -- outbound (15001) ------------------------------------------------------------------
 
-    async def _outbound(self, sock: socket.socket, peer: tuple[str, int], conn: Conn) -> None:
+    def outbound_made(self, plain: Outbound) -> None:
+        """A connection the pod made, accepted on 15001 (uvloop accepts in C and makes the
+        transport): decided at once, no task and no await on the way to HBONE."""
+        transport = plain.transport
+        assert transport is not None
+        peer = transport.get_extra_info("peername")
+        self.connections += 1
+        conn = Conn(self.key, "outbound", "TCP", addr(peer), "-", "-")
+        try:
+            self._outbound(plain, transport.get_extra_info("socket"), peer, conn)
+        except Exception as e:
+            self._refused(conn, peer, e)
+            reset_transport(transport)
+
+    def _refused(self, conn: Conn, peer: tuple[str, int], e: Exception) -> None:
+        self.refused += 1
+        log.debug("ztunnel: %s: connection from %s refused: %s", self.key, peer, e)
+        self.telemetry.refuse(conn, str(e), refusal_kind(e))
+
+    def _outbound(self, plain: Outbound, sock: Any, peer: tuple[str, int], conn: Conn) -> None:
         if self.bpf is not None:
             asked = self.bpf.original_destination(peer, sock.getsockname())
             if asked is None:
@@ -414,33 +417,15 @@ class PodProxy:
         conn.src_workload = source
         route = route_outbound(index, dst_ip, dst_port, random.choice, source=source)
         conn.dst_service, conn.dst_workload = route.service, route.destination
-        loop = asyncio.get_running_loop()
         if route.kind is Kind.REFUSE:
             raise NoRoute(route.reason)
         conn.actual_dst = f"{route.connect_ip}:{route.connect_port}"
         if route.kind is Kind.PASSTHROUGH:
-            upstream = await self._dial_socket()
-            upstream.setblocking(False)
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    await netio.connect(upstream, (route.connect_ip, route.connect_port))
-            except BaseException:
-                upstream.close()
-                raise
-            _, a = await loop.connect_accepted_socket(Half, sock)
-            _, b = await loop.create_connection(Half, sock=upstream)
-            splice(a, b)
-            self._passthrough.add(a)
-            conn.counters = lambda: (a.received, b.received)
-            self.telemetry.open(conn)
-
-            def passed(_: object) -> None:
-                if a.closed.done() and b.closed.done():
-                    self._passthrough.discard(a)
-                    self.telemetry.close(conn)
-
-            a.closed.add_done_callback(passed)
-            b.closed.add_done_callback(passed)
+            task = asyncio.ensure_future(
+                self._pass_through(plain, peer, (route.connect_ip, route.connect_port), conn)
+            )
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
             return
         assert route.expected_identity is not None
         conn.protocol, conn.dst_identity = "HBONE", str(route.expected_identity)
@@ -449,13 +434,11 @@ class PodProxy:
             destination=(route.connect_ip, route.connect_port),
             destination_identities=(route.expected_identity,),
         )
-        _, plain = await loop.connect_accepted_socket(PlainProtocol, sock)
         # baggage: who the source is (Istio's members) and the service it asked for
         # (ours), so the destination can label the connection (ztunnel.baggage).
         headers = connect_headers(
             client=peer, source_baggage=self.baggage.header(source, route.service)
         )
-        done: asyncio.Future[None] = loop.create_future()
 
         def bound(channel: Channel | None, error: BaseException | None) -> None:
             if error is not None:
@@ -476,11 +459,49 @@ class PodProxy:
                 conn.counters = lambda: (stream.bytes_to_peer, stream.bytes_from_peer)
                 self.telemetry.open(conn)
                 stream.on_close(lambda _: self.telemetry.close(conn))
-            if not done.done():
-                done.set_result(None)
 
         self.pool.open_bound(key, route.authority, headers, plain, bound)
-        await done
+
+    async def _pass_through(
+        self, plain: Outbound, peer: tuple[str, int], address: tuple[str, int], conn: Conn
+    ) -> None:
+        """Plain TCP to a destination outside the mesh: the accepted socket's bytes so
+        far (``plain`` holds them, reading paused) go on through a splice."""
+        transport = plain.transport
+        assert transport is not None
+        try:
+            upstream = await self._dial_socket()
+            upstream.setblocking(False)
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await netio.connect(upstream, address)
+            except BaseException:
+                upstream.close()
+                raise
+        except Exception as e:
+            self._refused(conn, peer, e)
+            if not transport.is_closing():
+                reset_transport(transport)
+            return
+        if transport.is_closing():  # the client gave up meanwhile
+            upstream.close()
+            return
+        a = plain.hand_over()
+        transport.set_protocol(a)
+        a.connection_made(transport)
+        _, b = await asyncio.get_running_loop().create_connection(Half, sock=upstream)
+        splice(a, b)
+        self._passthrough.add(a)
+        conn.counters = lambda: (a.received, b.received)
+        self.telemetry.open(conn)
+
+        def passed(_: object) -> None:
+            if a.closed.done() and b.closed.done():
+                self._passthrough.discard(a)
+                self.telemetry.close(conn)
+
+        a.closed.add_done_callback(passed)
+        b.closed.add_done_callback(passed)
 
     # -- inbound plaintext (15006) ---------------------------------------------------------
 
@@ -511,7 +532,7 @@ class PodProxy:
         )
         decision = authorize(index, workload, facts)
         if not decision:
-            raise PermissionError(_why(decision))
+            raise PermissionError(why(decision))
         upstream = await self._upstream(peer[0], dst_ip, dst_port)
         loop = asyncio.get_running_loop()
         _, a = await loop.connect_accepted_socket(Half, sock)
@@ -556,7 +577,7 @@ class PodProxy:
         try:
             return await self._inbound_hbone_conn(request, conn)
         except Refused as e:
-            self.telemetry.refuse(conn, str(e), _REFUSED_KIND.get(e.status, "refused"))
+            self.telemetry.refuse(conn, str(e), REFUSED_KIND.get(e.status, "refused"))
             raise
 
     async def _inbound_hbone_conn(self, request: ConnectRequest, conn: Conn) -> PlainProtocol:
@@ -582,13 +603,13 @@ class PodProxy:
         )
         decision = authorize(index, workload, facts)
         if not decision:
-            raise Refused(401, _why(decision))
+            raise Refused(401, why(decision))
         try:
-            upstream = await self._upstream(source, request.host, request.port)
+            upstream = await self._upstream(source, request.host, request.port, bounded=False)
         except (OSError, TimeoutError) as e:
             raise Refused(503, f"the app at {request.host}:{request.port}: {e}") from e
         _, plain = await asyncio.get_running_loop().create_connection(
-            lambda: _AppSide(self.inbound, lambda: self.telemetry.close(conn)), sock=upstream
+            lambda: AppSide(self.inbound, lambda: self.telemetry.close(conn)), sock=upstream
         )
         # A snapshot may have come while the app was being connected: it decides.
         # (No await from here until the server answers 200 and binds the stream.)
@@ -596,7 +617,7 @@ class PodProxy:
         if denied is not None:
             assert plain.transport is not None
             reset_transport(plain.transport)
-            raise Refused(401, _why(denied))
+            raise Refused(401, why(denied))
 
         def close(reason: str) -> None:
             channel = plain.channel
@@ -617,8 +638,7 @@ class PodProxy:
         return plain
 
 
-def _why(decision: Decision) -> str:
-    return f"{decision.reason} ({decision.policy or 'no policy'})"
+Handler = Callable[[socket.socket, tuple[str, int], Conn], Awaitable[None]]
 
 
 def _tls(cert: WorkloadCertificate) -> TlsIdentity:
@@ -629,26 +649,3 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-class NoRoute(ConnectionRefusedError):
-    """The snapshot gives the destination no way through (no healthy endpoint, ...)."""
-
-
-Handler = Callable[[socket.socket, tuple[str, int], Conn], Awaitable[None]]
-_REFUSED_KIND = {400: "bad_request", 401: "policy", 503: "upstream"}
-
-
-def _addr(peer: tuple[str, int]) -> str:
-    return f"{peer[0]}:{peer[1]}"
-
-
-def _kind(error: BaseException) -> str:
-    """The ``reason`` label of a refusal."""
-    if isinstance(error, PermissionError):
-        return "policy"
-    if isinstance(error, NoRoute):
-        return "no_route"
-    if isinstance(error, ConnectionRefusedError):
-        return "not_ready"
-    return "upstream"

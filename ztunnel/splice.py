@@ -28,6 +28,16 @@ class Half(asyncio.Protocol):
         self.received = 0  # bytes read from this socket
         self.closed = asyncio.get_running_loop().create_future()
 
+    @classmethod
+    def taking_over(cls, early: list[bytes], eof: bool) -> Half:
+        """A half for a connection another protocol already read ``early`` (and, with
+        ``eof``, the end) from."""
+        half = cls()
+        half._early = early
+        half._eof = eof
+        half.received = sum(len(data) for data in early)
+        return half
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 

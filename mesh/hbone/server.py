@@ -282,6 +282,12 @@ class HboneServer:
         self.handshakes_failed += 1
         self.log.warning("hbone: TLS handshake with %s failed: %s", tls.peer, reason)
 
+    def stop_listening(self) -> None:
+        """Accept no more connections; the live ones go on. (Closing the listening
+        socket object would not do: the loop's server holds a reference to it.)"""
+        for server in self._servers:
+            server.close()
+
     async def close(self, *, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, GOAWAY every connection, wait for streams, then close."""
         for server in self._servers:

@@ -378,6 +378,26 @@ def test_an_answer_and_the_fin_right_behind_it_reach_the_client_together(pki: Pk
     run(body)
 
 
+def test_a_server_that_stops_listening_refuses_new_connections_and_keeps_live_ones(
+    pki: Pki,
+) -> None:
+    async def body() -> None:
+        async with Upstream(echo) as up, mesh(pki) as m:
+            _, port = await m.forwarder(up.authority)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"before")
+            assert await asyncio.wait_for(reader.readexactly(6), 3) == b"before"
+            m.server.stop_listening()
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(*m.address)
+            writer.write(b" and after")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 3) == b" and afterbye 16"
+            writer.close()
+
+    run(body)
+
+
 def test_a_reset_crosses_the_tunnel_as_a_reset(pki: Pki) -> None:
     async def body() -> None:
         reset_seen = asyncio.Event()
