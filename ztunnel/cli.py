@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 import uvloop
 
+from mesh import logs
 from mesh.caclient import CaClient
 from mesh.xds import XdsClient
 from ztunnel.admin.server import AdminServers
@@ -182,9 +183,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(args.log_level.upper())
     try:
         return uvloop.run(run(args))
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -526,8 +527,8 @@ class PodProxy:
         conn.dst_service = inbound_service(index, workload, dst_port, {})  # no baggage here
         facts = Connection(
             source_identity=None,
-            source_ip=ipaddress.ip_address(peer[0]),
-            destination_ip=ipaddress.ip_address(dst_ip),
+            source_ip=_ip(peer[0]),
+            destination_ip=_ip(dst_ip),
             destination_port=dst_port,
         )
         decision = authorize(index, workload, facts)
@@ -585,7 +586,11 @@ class PodProxy:
         workload = self._workload(index)
         if workload is None:
             raise Refused(503, f"{self.pod.namespace}/{self.pod.name} is not in the xDS state yet")
-        if all(str(a) != request.host for a in workload.addresses):
+        try:
+            host_ip = _ip(request.host)
+        except ValueError:
+            host_ip = None
+        if host_ip is None or host_ip not in workload.addresses:
             raise Refused(400, f"{request.host} is not an address of this pod")
         source = request.peer_address.rsplit(":", 1)[0].strip("[]")
         conn.dst_workload, conn.src_workload = workload, index.workload_by_ip(source)
@@ -597,8 +602,8 @@ class PodProxy:
             conn.src_workload = self.telemetry.derived_sources.derive(fields, request.peer_identity)
         facts = Connection(
             source_identity=request.peer_identity,
-            source_ip=ipaddress.ip_address(source),
-            destination_ip=ipaddress.ip_address(request.host),
+            source_ip=_ip(source),
+            destination_ip=host_ip,
             destination_port=request.port,
         )
         decision = authorize(index, workload, facts)
@@ -639,6 +644,8 @@ class PodProxy:
 
 
 Handler = Callable[[socket.socket, tuple[str, int], Conn], Awaitable[None]]
+# Peers' and pods' addresses, parsed once each (immutable; bounded).
+_ip = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
 
 
 def _tls(cert: WorkloadCertificate) -> TlsIdentity:

@@ -108,7 +108,7 @@ class Conn:
     dst_service: Service | None = None
     counters: Counters = _no_bytes
     started: float = field(default_factory=time.monotonic)
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started_wall: float = field(default_factory=time.time)  # the admin's startedAt
     series: _Series | None = None
 
     @property
@@ -128,7 +128,9 @@ class Conn:
             "dstIdentity": self.dst_identity,
             "bytesSent": sent,
             "bytesReceived": received,
-            "startedAt": self.started_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "startedAt": datetime.fromtimestamp(self.started_wall, UTC)
+            .isoformat(timespec="seconds")
+            .replace("+00:00", "Z"),
         }
 
 

@@ -18,6 +18,7 @@ sent.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import re
@@ -101,9 +102,16 @@ def parse_baggage(header: str | None) -> dict[str, str]:
     """
     if not header:
         return {}
+    return dict(_parse_baggage(header))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_baggage(header: str) -> tuple[tuple[str, str], ...]:
+    """:func:`parse_baggage`'s work, once per distinct header (a source's header is
+    the same for all its connections; at most 1,024 headers of at most 8 KiB kept)."""
     size = len(header) if header.isascii() else len(header.encode("utf-8", "surrogatepass"))
     if size > MAX_BAGGAGE_BYTES or header.count(",") >= MAX_BAGGAGE_MEMBERS:
-        return {}
+        return ()
     fields: dict[str, str] = {}
     for member in header.split(","):
         key, eq, rest = member.partition("=")
@@ -117,7 +125,7 @@ def parse_baggage(header: str | None) -> dict[str, str]:
             fields[key] = unquote_to_bytes(value).decode("utf-8") if "%" in value else value
         except UnicodeDecodeError:
             continue
-    return fields
+    return tuple(fields.items())
 
 
 def connect_headers(
