@@ -60,4 +60,3 @@ def test_a_line_outside_the_loop_is_written_at_once_and_shutdown_loses_nothing()
     uvloop.run(body())
     handler.flush()  # what logging.shutdown does at exit
     assert stream.getvalue().endswith("INFO the loop's last line\n")
-
