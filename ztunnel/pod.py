@@ -201,12 +201,12 @@ class PodProxy:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self._stop_listening()
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
         await self.hbone.close(drain_timeout_s=1.0)
         await self.pool.close()
-        self._stop_listening()
         for conn in list(self.inbound):
             conn.close("the pod left ztunnel")
         self.inbound.clear()
@@ -388,6 +388,9 @@ class PodProxy:
         transport = plain.transport
         assert transport is not None
         peer = transport.get_extra_info("peername")
+        if peer is None:  # reset by the client before we looked: nothing to carry
+            transport.abort()
+            return
         self.connections += 1
         conn = Conn(self.key, "outbound", "TCP", addr(peer), "-", "-")
         try:

@@ -176,6 +176,7 @@ class TunnelProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._read_again.clear()
         if self._keepalive is not None:
             self._keepalive.cancel()
         reason = self.close_reason or (
