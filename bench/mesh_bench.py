@@ -62,9 +62,14 @@ placement warmed up by one second of new connections first:
   to nginx;
 * wrk with ``Connection: close``: new connections per second;
 * added p99 latency: a placement's keep-alive p99 minus the floor's;
-* without a target, to read the others by: CPU-seconds of both proxies
-  (both ztunnels, or both Envoys, all threads) per GB during iperf3 and per
-  new connection during the ``Connection: close`` run.
+* CPU of both proxies (both ztunnels, or both Envoys, all threads) per new
+  connection during the ``Connection: close`` run (a target since issue 14);
+* without a target, to read the others by: their CPU-seconds per GB during
+  iperf3, and the TIME_WAITs the ``Connection: close`` run left in the client
+  pod per connection (the ones wrk closed first because the answer's FIN came
+  after it had read the answer; each holds one of the pod's ephemeral ports
+  toward the server for 60 s, and once they are all held the client's
+  connects crawl).
 
 Both backends of ours are reported against Envoy (``ratios``: iptables/envoy,
 ``ratios_ebpf``: eBPF/envoy, each judged against the same targets) and

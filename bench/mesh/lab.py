@@ -44,6 +44,11 @@ from bench.mesh.topology import (
     ZTUNNEL_PORTS,
 )
 
+TIME_WAIT_S = 60.0  # Linux's TCP_TIMEWAIT_LEN
+_TIMEWAIT = re.compile(r"timer:\(timewait,([^,]*),")  # ss -o: "timer:(timewait,51sec,0)"
+_DURATION = re.compile(r"([\d.]+)(min|sec|ms)")
+_UNIT_S = {"min": 60.0, "sec": 1.0, "ms": 0.001}
+
 
 class MeshLab:
     """The cluster, its two pods, the apps in the server pod and the placements.
@@ -230,6 +235,21 @@ class MeshLab:
     def listening(self, netns: str) -> set[int]:
         out = in_netns(netns, ["ss", "-ltnH"])
         return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line}
+
+    def client_time_waits(self, younger_than_s: float) -> int:
+        """TIME_WAITs in the client pod toward nginx that began in the last
+        ``younger_than_s`` seconds: connections the client (wrk) closed first. Each
+        holds one of the pod's ephemeral ports toward the server for 60 s; its timer
+        tells its age. (With the eBPF capture the client's sockets are connected to
+        the pod's own 15001: connect4 rewrote the address, and nothing restores it
+        for getpeername.)"""
+        toward = f"( dst {self.server_ip}:{HTTP_PORT} or dst {self.client_ip}:{OUTBOUND_PORT} )"
+        out = in_netns(self.client_ns, ["ss", "-tanoH", "state", "time-wait", toward], check=False)
+        young = 0
+        for timer in _TIMEWAIT.findall(out):
+            left = sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(timer))
+            young += left >= TIME_WAIT_S - younger_than_s
+        return young
 
     def nat(self, netns: str) -> str:
         return in_netns(netns, ["iptables-save", "-t", "nat"])

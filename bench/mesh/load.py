@@ -105,6 +105,9 @@ def measure_placement(
     new = wrk(lab, seconds, close=True)
     cpu_new = cpu_of(pids) - cpu
     add("newconn_rps", new["rps"])
+    if new["requests"]:
+        young = lab.client_time_waits(seconds + 2)
+        add("client_tw_per_conn", young / new["requests"])
     if pids:
         add("cpu_s_per_gb", cpu_iperf / (moved / 1e9) if moved else 0.0)
         add("cpu_us_per_conn", cpu_new / new["requests"] * 1e6 if new["requests"] else 0.0)

@@ -34,6 +34,9 @@ LABELS = {
 # work moves less with the load of other processes than rates do).
 INFORMATIONAL = {
     "cpu_s_per_gb": "proxies' CPU-seconds per GB (both ends)",
+    # The connections the client closed first (the answer's FIN came after it read
+    # the answer): their TIME_WAITs hold the client pod's ports toward the server.
+    "client_tw_per_conn": "client pod TIME_WAITs per new connection (wrk closed first)",
 }
 
 
