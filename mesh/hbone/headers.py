@@ -102,16 +102,17 @@ def parse_baggage(header: str | None) -> dict[str, str]:
     """
     if not header:
         return {}
+    size = len(header) if header.isascii() else len(header.encode("utf-8", "surrogatepass"))
+    if size > MAX_BAGGAGE_BYTES or header.count(",") >= MAX_BAGGAGE_MEMBERS:
+        return {}
     return dict(_parse_baggage(header))
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=512)
 def _parse_baggage(header: str) -> tuple[tuple[str, str], ...]:
     """:func:`parse_baggage`'s work, once per distinct header (a source's header is
-    the same for all its connections; at most 1,024 headers of at most 8 KiB kept)."""
-    size = len(header) if header.isascii() else len(header.encode("utf-8", "surrogatepass"))
-    if size > MAX_BAGGAGE_BYTES or header.count(",") >= MAX_BAGGAGE_MEMBERS:
-        return ()
+    the same for all its connections). Only headers within the size limit get here:
+    at most 512 of at most 8 KiB are kept."""
     fields: dict[str, str] = {}
     for member in header.split(","):
         key, eq, rest = member.partition("=")
