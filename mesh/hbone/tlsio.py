@@ -243,9 +243,8 @@ class TlsTransport(asyncio.BufferedProtocol):
         """
         if self._outgoing.pending >= _FLUSH_AT_ONCE:
             self._flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
+        else:
+            self.flush_soon()
 
     def flush_soon(self) -> None:
         """Make sure a write (and ``before_flush``) happens at the end of this iteration."""
